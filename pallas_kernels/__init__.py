@@ -1,0 +1,1 @@
+"""Pallas GPU kernels for vig-jax and the references that define them."""

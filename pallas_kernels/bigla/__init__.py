@@ -1,0 +1,77 @@
+"""Bidirectional gated linear attention (BiGLA), the token mixer of ViG.
+
+`bigla` checks its inputs once and dispatches to one of three implementations that take and return
+the same arrays:
+  reference  `lax.scan` over tokens, straight from the recurrence: the definition of correct.
+  chunked    pure-jnp chunked form (intra-chunk matmuls + inter-chunk states): runs anywhere.
+  pallas     one Pallas GPU (Triton) kernel computing both directions, with its own backward.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.bigla.reference import bigla_reference
+
+IMPLS = ("auto", "reference", "chunked", "pallas")
+_FLOATS = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
+def _check(q, k, v, gf, gb, impl, chunk_size, interpret):
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, N, H, K], got {q.shape=}")
+    for name, x in (("k", k), ("gf", gf), ("gb", gb)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name}.shape={x.shape} must equal {q.shape=}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, N, H, V] with B, N, H of q; got {v.shape=}, {q.shape=}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("gf", gf), ("gb", gb)):
+        if x.dtype not in _FLOATS:
+            raise ValueError(f"{name}.dtype={x.dtype} is not a float dtype of {_FLOATS}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be positive")
+    if interpret and impl != "pallas":
+        raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
+
+
+def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
+    """o = (o_fwd + o_bwd) / 2 of the two gated linear recurrences (see `bigla_reference`).
+
+    Args:
+      q, k: [B, N, H, K]; the 1/sqrt(K) scaling of q is the caller's.
+      v: [B, N, H, V], same dtype as q and k (float16, bfloat16, float32 or float64).
+      gf, gb: [B, N, H, K] log-space gates (<= 0) of the forward and backward direction, any float
+        dtype; pass float32 for low-precision q/k/v.
+      impl: "auto" (pallas on GPU, chunked elsewhere), "reference", "chunked" or "pallas".
+      chunk_size: tokens per chunk of the chunked and pallas paths (any N works).
+      interpret: run the pallas kernels in Pallas interpret mode (CPU tests); impl="pallas" only.
+
+    Returns:
+      o: [B, N, H, V] in the dtype of v, accumulated in float32 (float64 for float64 inputs).
+
+    Raises:
+      ValueError: on mismatched shapes or dtypes, an unknown impl, or pallas without a GPU.
+    """
+    _check(q, k, v, gf, gb, impl, chunk_size, interpret)
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "chunked"
+    if impl == "reference":
+        return bigla_reference(q, k, v, gf, gb)
+    if impl == "chunked":
+        from pallas_kernels.bigla.chunked import bigla_chunked
+
+        return bigla_chunked(q, k, v, gf, gb, chunk_size=chunk_size)
+    if not interpret and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"impl='pallas' needs a GPU (backend is {jax.default_backend()!r}); "
+            "pass interpret=True to run the kernel in Pallas interpret mode, or use impl='chunked'"
+        )
+    from pallas_kernels.bigla.pallas import bigla_pallas
+
+    return bigla_pallas(q, k, v, gf, gb, chunk_size=chunk_size, interpret=interpret)
+
+
+__all__ = ["IMPLS", "bigla", "bigla_reference"]
