@@ -1,0 +1,502 @@
+"""Fused Pallas (Triton) BiGLA kernel, forward and backward: spec/vig.md §5, design in notes/bigla_kernel.md.
+
+Both directions run in the same kernels, reading q, k, v, gf, gb in their natural [B, N, H, d] layout.
+Per (b, h) the sequence is cut into chunks of BT rows (states are kept per chunk) and every chunk into
+sub-blocks of BC = 16 rows, the smallest size a Triton dot accepts. Inside a chunk each direction is a
+recurrence over its sub-blocks: o_i = (q_i * e^X) S_i + D_i v_i, with the exact diagonal block D_i
+built from one [BC, BC, K] masked exponential; all exponents are <= 0, masked with `where` before the
+exp (never an exp times a 0/1 mask), so very negative gates stay finite.
+
+Two launch plans, chosen by `_use_short_path`:
+  short  NT = ceil(N / BT) <= params.short_max_chunks: one program per (b, h) with the chunk loop
+         unrolled in Python; a right-to-left pass builds the backward states, a left-to-right pass
+         carries the forward state and writes the outputs (states never touch HBM).
+  long   a states kernel per (b, h) walks the chunks with `fori_loop` and writes every chunk's
+         entering states (fp32) to HBM; a chunk kernel with grid (NT, B, H) then works on all chunks
+         in parallel.
+The backward pass recomputes the states (residuals are the inputs only) plus the two adjoint states
+and produces dq, dk, dv, dgf, dgb in one chunk kernel per plan.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Version-sensitive Pallas imports live here only (jax 0.10.2 on CPU, 0.11.2 on the GPU machine).
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+SUB_CHUNK = 16  # Triton dots need every dimension >= 16.
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelParams:
+    """Non-differentiable settings of the kernels (the single static argument of the custom_vjp).
+
+    chunk: BT, rows per chunk (a multiple of SUB_CHUNK and a power of two).
+    short_max_chunks: use the one-program-per-(b, h) plan when ceil(N / chunk) is at most this.
+    num_warps: Triton warps per program; num_stages: Triton software-pipelining stages.
+    interpret: run in Pallas interpret mode (CPU tests).
+    """
+
+    chunk: int = 64
+    short_max_chunks: int = 4
+    num_warps: int = 4
+    num_stages: int = 1
+    interpret: bool = False
+
+
+def _use_short_path(n, params):
+    """One program per (b, h) while NT is small: it saves the states round trip through HBM and two
+    launches; beyond a few chunks the unrolled code and the (B*H)-only parallelism stop paying."""
+    return math.ceil(n / params.chunk) <= params.short_max_chunks
+
+
+def _check(q, v, params):
+    _, _, _, K = q.shape
+    V = v.shape[-1]
+    if K not in HEAD_DIMS or V not in HEAD_DIMS:
+        raise ValueError(f"pallas BiGLA needs K and V in {HEAD_DIMS}; got {K=}, {V=} ({q.shape=})")
+    bt = params.chunk
+    if bt < SUB_CHUNK or bt % SUB_CHUNK or bt & (bt - 1):
+        raise ValueError(f"chunk={bt} must be a power of two >= {SUB_CHUNK}")
+    if q.shape[1] < 1:
+        raise ValueError(f"need at least one token, got {q.shape=}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks used inside the kernels (all values fp32 unless cast for a dot).
+
+
+def _load_rows(ref, start, rows, n):
+    """Rows [start, start + rows) of a [N, d] ref; rows past N read as 0 (neutral in both directions)."""
+    mask = (start + jnp.arange(rows, dtype=jnp.int32) < n)[:, None]
+    return pltriton.load(ref.at[pl.ds(start, rows), :], mask=mask, other=0.0)
+
+
+def _store_rows(ref, start, val, n):
+    mask = (start + jnp.arange(val.shape[0], dtype=jnp.int32) < n)[:, None]
+    pltriton.store(ref.at[pl.ds(start, val.shape[0]), :], val.astype(ref.dtype), mask=mask)
+
+
+def _dir_cumsum(x, reverse):
+    """Inclusive cumsum along rows in the direction's order: [R, K] -> [R, K] (Triton has no reverse
+    cumsum, so the reverse one is total - cumsum + x)."""
+    c = jnp.cumsum(x, axis=0)
+    return jnp.sum(x, axis=0)[None, :] - c + x if reverse else c
+
+
+def _decays(g, reverse):
+    """Gate sums of one block of rows g [R, K]: total T [K] and X [R, K], the inclusive cumsum in the
+    direction's order. e^X decays a state entering the block down to row t; e^(T - X) decays row s up
+    to the block's exit. Both exponents are <= 0 for gates <= 0."""
+    return jnp.sum(g, axis=0), _dir_cumsum(g, reverse)
+
+
+def _diag_decay(x, reverse):
+    """E[t, s, d] = exp(X_td - X_sd) where s is at or before t in the direction, else 0: [R, R, K]."""
+    r = x.shape[0]
+    t = jnp.arange(r, dtype=jnp.int32)[:, None, None]
+    s = jnp.arange(r, dtype=jnp.int32)[None, :, None]
+    keep = s >= t if reverse else s <= t
+    return jnp.exp(jnp.where(keep, x[:, None, :] - x[None, :, :], -jnp.inf))
+
+
+def _dot(a, b, mm, *, trans_a=False, trans_b=False):
+    """a @ b with operands in the matmul dtype `mm` (the input dtype) and fp32 accumulation."""
+    return pltriton.dot(a.astype(mm), b.astype(mm), trans_a=trans_a, trans_b=trans_b).astype(
+        jnp.float32
+    )
+
+
+def _state_step(s, k, v, g, reverse, mm):
+    """State [K, V] after one chunk (k [R, K], v [R, V], g [R, K]) in the given direction."""
+    total, x = _decays(g, reverse)
+    ke = k * jnp.exp(total[None, :] - x)
+    return jnp.exp(total)[:, None] * s + _dot(ke, v, mm, trans_a=True)
+
+
+def _adjoint_step(ds, q, do, g, reverse, mm):
+    """Adjoint [K, V] of the state entering a chunk from the adjoint of the state leaving it."""
+    total, x = _decays(g, reverse)
+    return jnp.exp(total)[:, None] * ds + _dot(q * jnp.exp(x), do, mm, trans_a=True)
+
+
+def _load_chunk(refs, c, bt, n):
+    """The listed [N, d] refs' rows of chunk c, as fp32 arrays [BT, d]."""
+    return [_load_rows(r, c * bt, bt, n).astype(jnp.float32) for r in refs]
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-chunk bodies, shared by both plans.
+
+
+def _load_blocks(refs, c, bt, n):
+    """Sub-blocks of chunk c: list over i of [arrays of [BC, d]] (fp32), one per ref."""
+    return [
+        [_load_rows(r, c * bt + i * SUB_CHUNK, SUB_CHUNK, n).astype(jnp.float32) for r in refs]
+        for i in range(bt // SUB_CHUNK)
+    ]
+
+
+def _fwd_chunk(blocks, sf, sb, mm):
+    """o of one chunk, [BC, V] per sub-block, from its blocks (q, k, v, gf, gb) and entering states."""
+    nb = len(blocks)
+    V = blocks[0][2].shape[1]
+    acc = [jnp.zeros((SUB_CHUNK, V), jnp.float32) for _ in range(nb)]
+    diag = [None] * nb
+    for reverse, s, gi in ((False, sf, 3), (True, sb, 4)):
+        order = list(range(nb))[::-1] if reverse else list(range(nb))
+        for step, i in enumerate(order):
+            q, k, v, g = blocks[i][0], blocks[i][1], blocks[i][2], blocks[i][gi]
+            total, x = _decays(g, reverse)
+            acc[i] = acc[i] + _dot(q * jnp.exp(x), s, mm)
+            d = jnp.sum(q[:, None, :] * k[None, :, :] * _diag_decay(x, reverse), axis=2)
+            diag[i] = d if diag[i] is None else diag[i] + d  # [BC, BC]: both directions
+            if step + 1 < nb:
+                ke = k * jnp.exp(total[None, :] - x)
+                s = jnp.exp(total)[:, None] * s + _dot(ke, v, mm, trans_a=True)
+    # The diagonal counts in both directions, as in the spec; the mean halves everything once.
+    return [0.5 * (acc[i] + _dot(diag[i], blocks[i][2], mm)) for i in range(nb)]
+
+
+def _bwd_chunk(blocks, states, mm):
+    """Gradients of one chunk per sub-block: (dq, dk, dv, dgf, dgb), each [BC, d] fp32.
+
+    blocks: per sub-block (q, k, v, gf, gb, do') with do' = do / 2.
+    states: (Sf entering, Sb entering, dSf = adjoint of Sf leaving, dSb = adjoint of Sb leaving).
+    """
+    nb = len(blocks)
+    q_, k_, v_, do_ = ([b[j] for b in blocks] for j in (0, 1, 2, 5))
+    zeros_k = jnp.zeros_like(q_[0])
+    dq = [zeros_k] * nb
+    dk = [zeros_k] * nb
+    dv = [jnp.zeros_like(v_[0])] * nb
+    diag = [None] * nb
+    ddiag = [_dot(do_[i], v_[i], mm, trans_b=True) for i in range(nb)]  # dD = do' v^T: [BC, BC]
+    dgates = []
+    for reverse, gi, s_in, u_out in ((False, 3, states[0], states[2]), (True, 4, states[1], states[3])):
+        order = list(range(nb))[::-1] if reverse else list(range(nb))
+        decays = [_decays(b[gi], reverse) for b in blocks]
+        # Forward in the direction: the state entering each sub-block, and the one leaving the chunk.
+        s_enter = [None] * nb
+        s = s_in
+        for i in order:
+            s_enter[i] = s
+            total, x = decays[i]
+            ke = k_[i] * jnp.exp(total[None, :] - x)
+            s = jnp.exp(total)[:, None] * s + _dot(ke, v_[i], mm, trans_a=True)
+        tail = jnp.sum(s * u_out, axis=1)  # [K]: dL/d(gates of all later chunks), fla's b_dgk
+        # Backward against the direction: the adjoint of the state leaving each sub-block.
+        u_leave = [None] * nb
+        u = u_out
+        for i in order[::-1]:
+            u_leave[i] = u
+            if i != order[0]:
+                total, x = decays[i]
+                u = jnp.exp(total)[:, None] * u + _dot(q_[i] * jnp.exp(x), do_[i], mm, trans_a=True)
+        r = [None] * nb
+        for i in order:
+            total, x = decays[i]
+            q, k, v, do = q_[i], k_[i], v_[i], do_[i]
+            ex, ekx = jnp.exp(x), jnp.exp(total[None, :] - x)
+            e = _diag_decay(x, reverse)  # [BC, BC, K]
+            w = ddiag[i][:, :, None] * e
+            dq_d = _dot(do, s_enter[i], mm, trans_b=True) * ex + jnp.sum(w * k[None, :, :], axis=1)
+            dk_d = _dot(v, u_leave[i], mm, trans_b=True) * ekx + jnp.sum(w * q[:, None, :], axis=0)
+            dv[i] = dv[i] + _dot(k * ekx, u_leave[i], mm)
+            d = jnp.sum(q[:, None, :] * k[None, :, :] * e, axis=2)
+            diag[i] = d if diag[i] is None else diag[i] + d
+            dq[i] = dq[i] + dq_d
+            dk[i] = dk[i] + dk_d
+            r[i] = q * dq_d - k * dk_d  # per direction: dL/dX of this direction's gates
+        # dg[t] = sum of r over rows at or after t in the direction, within the chunk, plus tail.
+        dg = [None] * nb
+        later = tail
+        for i in order[::-1]:
+            total_r, x_r = _decays(r[i], reverse)
+            dg[i] = later[None, :] + total_r[None, :] - x_r + r[i]
+            later = later + total_r
+        dgates.append(dg)
+    dv = [dv[i] + _dot(diag[i], do_[i], mm, trans_a=True) for i in range(nb)]
+    return [(dq[i], dk[i], dv[i], dgates[0][i], dgates[1][i]) for i in range(nb)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Refs of the inputs are [N, d] views of one (b, h); state refs are [NT * K, V] or [K, V].
+
+
+def _store_blocks(out_refs, blocks_out, c, bt, n):
+    for i, vals in enumerate(blocks_out):
+        for ref, val in zip(out_refs, vals, strict=True):
+            _store_rows(ref, c * bt + i * SUB_CHUNK, val, n)
+
+
+def _traced_chunk_ids(nt):
+    """Chunk ids 0..nt-1 as traced int32: Pallas rejects static slices that run past N at trace
+    time, while the masked loads make the overhang harmless."""
+    zero = pl.program_id(0) * 0
+    return [zero + c for c in range(nt)]
+
+
+def _bigla_fwd_short_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, o_ref, *, n, bt, mm):
+    nt = math.ceil(n / bt)
+    cid = _traced_chunk_ids(nt)
+    K, V = q_ref.shape[-1], v_ref.shape[-1]
+    sb = [None] * nt
+    s = jnp.zeros((K, V), jnp.float32)
+    for c in reversed(range(nt)):
+        sb[c] = s
+        if c:
+            k, v, gb = _load_chunk((k_ref, v_ref, gb_ref), cid[c], bt, n)
+            s = _state_step(s, k, v, gb, True, mm)
+    s = jnp.zeros((K, V), jnp.float32)
+    for c in range(nt):
+        blocks = _load_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref), cid[c], bt, n)
+        _store_blocks((o_ref,), [(o,) for o in _fwd_chunk(blocks, s, sb[c], mm)], cid[c], bt, n)
+        if c + 1 < nt:
+            k, v, gf = _load_chunk((k_ref, v_ref, gf_ref), cid[c], bt, n)
+            s = _state_step(s, k, v, gf, False, mm)
+
+
+def _bigla_states_kernel(*refs, n, bt, mm, adjoints):
+    """Entering states of every chunk: Sf (left to right) and Sb (right to left); with `adjoints`
+    also dSf, dSb, the adjoints of the states leaving every chunk. One program per (b, h)."""
+    if adjoints:
+        q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, sf_ref, sb_ref, dsf_ref, dsb_ref = refs
+    else:
+        k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref = refs
+    nt = math.ceil(n / bt)
+    K, V = k_ref.shape[-1], v_ref.shape[-1]
+
+    def body(it, carry):
+        c_fwd, c_bwd = it, nt - 1 - it  # this step's chunk for each sweep direction
+        sf_ref[pl.ds(c_fwd * K, K), :] = carry[0]
+        sb_ref[pl.ds(c_bwd * K, K), :] = carry[1]
+        k, v, gf = _load_chunk((k_ref, v_ref, gf_ref), c_fwd, bt, n)
+        sf = _state_step(carry[0], k, v, gf, False, mm)
+        k, v, gb = _load_chunk((k_ref, v_ref, gb_ref), c_bwd, bt, n)
+        sb = _state_step(carry[1], k, v, gb, True, mm)
+        if not adjoints:
+            return sf, sb
+        # dSb runs left to right (as Sf does), dSf right to left.
+        dsb_ref[pl.ds(c_fwd * K, K), :] = carry[3]
+        dsf_ref[pl.ds(c_bwd * K, K), :] = carry[2]
+        q, do, gb = _load_chunk((q_ref, do_ref, gb_ref), c_fwd, bt, n)
+        dsb = _adjoint_step(carry[3], q, 0.5 * do, gb, True, mm)
+        q, do, gf = _load_chunk((q_ref, do_ref, gf_ref), c_bwd, bt, n)
+        dsf = _adjoint_step(carry[2], q, 0.5 * do, gf, False, mm)
+        return sf, sb, dsf, dsb
+
+    zero = jnp.zeros((K, V), jnp.float32)
+    lax.fori_loop(0, nt, body, (zero,) * (4 if adjoints else 2))
+
+
+def _bigla_fwd_chunk_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm):
+    c = pl.program_id(0)
+    blocks = _load_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
+    out = _fwd_chunk(blocks, sf_ref[...], sb_ref[...], mm)
+    _store_blocks((o_ref,), [(o,) for o in out], c, bt, n)
+
+
+def _load_bwd_blocks(refs, c, bt, n):
+    blocks = _load_blocks(refs, c, bt, n)
+    return [b[:5] + [0.5 * b[5]] for b in blocks]  # fold the mean's 1/2 into do
+
+
+def _bigla_bwd_short_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *out_refs, n, bt, mm):
+    nt = math.ceil(n / bt)
+    cid = _traced_chunk_ids(nt)
+    K, V = q_ref.shape[-1], v_ref.shape[-1]
+    zero = jnp.zeros((K, V), jnp.float32)
+    sb, dsf = [None] * nt, [None] * nt
+    s, ds = zero, zero
+    for c in reversed(range(nt)):
+        sb[c], dsf[c] = s, ds
+        if c:
+            q, k, v, gf, gb, do = _load_chunk(
+                (q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), cid[c], bt, n
+            )
+            s = _state_step(s, k, v, gb, True, mm)
+            ds = _adjoint_step(ds, q, 0.5 * do, gf, False, mm)
+    s, ds = zero, zero
+    for c in range(nt):
+        blocks = _load_bwd_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), cid[c], bt, n)
+        _store_blocks(out_refs, _bwd_chunk(blocks, (s, sb[c], dsf[c], ds), mm), cid[c], bt, n)
+        if c + 1 < nt:
+            q, k, v, gf, gb, do = _load_chunk(
+                (q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), cid[c], bt, n
+            )
+            s = _state_step(s, k, v, gf, False, mm)
+            ds = _adjoint_step(ds, q, 0.5 * do, gb, True, mm)
+
+
+def _bigla_bwd_chunk_kernel(
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, sf_ref, sb_ref, dsf_ref, dsb_ref, *out_refs, n, bt, mm
+):
+    c = pl.program_id(0)
+    blocks = _load_bwd_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), c, bt, n)
+    states = (sf_ref[...], sb_ref[...], dsf_ref[...], dsb_ref[...])
+    _store_blocks(out_refs, _bwd_chunk(blocks, states, mm), c, bt, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers.
+
+
+def _token_spec(x, grid_rank):
+    """[B, N, H, d] array -> [N, d] view of one (b, h); grid (B, H) or (NT, B, H)."""
+    shape = (None, x.shape[1], None, x.shape[3])
+    if grid_rank == 2:
+        return pl.BlockSpec(shape, lambda b, h: (b, 0, h, 0))
+    return pl.BlockSpec(shape, lambda c, b, h: (b, 0, h, 0))
+
+
+def _call(kernel, name, grid, in_specs, out_specs, out_shape, params):
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(
+            num_warps=params.num_warps, num_stages=params.num_stages
+        ),
+        interpret=params.interpret,
+        name=name,
+    )
+
+
+def _states(inputs, params, adjoints):
+    """States kernel launcher: 2 (or 4 with adjoints) arrays [B, H, NT * K, V] fp32."""
+    B, N, H, K = inputs[0].shape
+    V = inputs[2].shape[-1] if adjoints else inputs[1].shape[-1]
+    nt = math.ceil(N / params.chunk)
+    mm = inputs[1].dtype if adjoints else inputs[0].dtype
+    state = jax.ShapeDtypeStruct((B, H, nt * K, V), jnp.float32)
+    nout = 4 if adjoints else 2
+    kernel = functools.partial(
+        _bigla_states_kernel, n=N, bt=params.chunk, mm=mm, adjoints=adjoints
+    )
+    return _call(
+        kernel,
+        "bigla_bwd_states" if adjoints else "bigla_fwd_states",
+        (B, H),
+        [_token_spec(x, 2) for x in inputs],
+        [pl.BlockSpec((None, None, nt * K, V), lambda b, h: (b, h, 0, 0))] * nout,
+        [state] * nout,
+        params,
+    )(*inputs)
+
+
+def _state_spec(K, V):
+    return pl.BlockSpec((None, None, K, V), lambda c, b, h: (b, h, c, 0))
+
+
+def _bigla_fwd(q, k, v, gf, gb, params):
+    """o [B, N, H, V] in v.dtype."""
+    B, N, H, K = q.shape
+    V = v.shape[-1]
+    gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
+    inputs = (q, k, v, gf, gb)
+    out_shape = jax.ShapeDtypeStruct(v.shape, v.dtype)
+    statics = dict(n=N, bt=params.chunk, mm=q.dtype)
+    if _use_short_path(N, params):
+        kernel = functools.partial(_bigla_fwd_short_kernel, **statics)
+        return _call(
+            kernel,
+            "bigla_fwd_short",
+            (B, H),
+            [_token_spec(x, 2) for x in inputs],
+            _token_spec(v, 2),
+            out_shape,
+            params,
+        )(*inputs)
+    sf, sb = _states((k, v, gf, gb), params, adjoints=False)
+    nt = math.ceil(N / params.chunk)
+    kernel = functools.partial(_bigla_fwd_chunk_kernel, **statics)
+    return _call(
+        kernel,
+        "bigla_fwd_chunks",
+        (nt, B, H),
+        [_token_spec(x, 3) for x in inputs] + [_state_spec(K, V)] * 2,
+        _token_spec(v, 3),
+        out_shape,
+        params,
+    )(*inputs, sf, sb)
+
+
+def _bigla_bwd(q, k, v, gf, gb, do, params):
+    """(dq, dk, dv, dgf, dgb) with the shapes and dtypes of the inputs."""
+    B, N, H, K = q.shape
+    V = v.shape[-1]
+    inputs = (q, k, v, gf.astype(jnp.float32), gb.astype(jnp.float32), do.astype(v.dtype))
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, gf, gb)]
+    statics = dict(n=N, bt=params.chunk, mm=q.dtype)
+    if _use_short_path(N, params):
+        kernel = functools.partial(_bigla_bwd_short_kernel, **statics)
+        return _call(
+            kernel,
+            "bigla_bwd_short",
+            (B, H),
+            [_token_spec(x, 2) for x in inputs],
+            [_token_spec(x, 2) for x in out_shape],
+            out_shape,
+            params,
+        )(*inputs)
+    states = _states(inputs, params, adjoints=True)
+    nt = math.ceil(N / params.chunk)
+    kernel = functools.partial(_bigla_bwd_chunk_kernel, **statics)
+    return _call(
+        kernel,
+        "bigla_bwd_chunks",
+        (nt, B, H),
+        [_token_spec(x, 3) for x in inputs] + [_state_spec(K, V)] * 4,
+        [_token_spec(x, 3) for x in out_shape],
+        out_shape,
+        params,
+    )(*inputs, *states)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _bigla(q, k, v, gf, gb, params):
+    return _bigla_fwd(q, k, v, gf, gb, params)
+
+
+def _bigla_vjp_fwd(q, k, v, gf, gb, params):
+    return _bigla_fwd(q, k, v, gf, gb, params), (q, k, v, gf, gb)
+
+
+def _bigla_vjp_bwd(params, residuals, do):
+    return tuple(_bigla_bwd(*residuals, do, params))
+
+
+_bigla.defvjp(_bigla_vjp_fwd, _bigla_vjp_bwd)
+
+
+def bigla_pallas(q, k, v, gf, gb, *, chunk_size=64, interpret=False, params=None):
+    """BiGLA o = (o_fwd + o_bwd) / 2 with the fused Pallas kernels; differentiable (custom_vjp).
+
+    Args:
+      q, k: [B, N, H, K], K in (16, 32, 64, 128); float16, bfloat16 or float32 (the matmul dtype).
+      v: [B, N, H, V], V in (16, 32, 64, 128), same dtype as q.
+      gf, gb: [B, N, H, K] log-space gates (<= 0), any float dtype (computed in float32).
+      chunk_size: BT, rows per chunk (power of two >= 16).
+      interpret: Pallas interpret mode (CPU).
+      params: full `KernelParams` (overrides chunk_size and interpret); for tests and benchmarks.
+
+    Returns:
+      o: [B, N, H, V] in v.dtype, accumulated in float32.
+
+    Raises:
+      ValueError: on unsupported K, V or chunk size.
+    """
+    if params is None:
+        params = KernelParams(chunk=chunk_size, interpret=interpret)
+    _check(q, v, params)
+    return _bigla(q, k, v, gf, gb, params)
