@@ -180,7 +180,10 @@ def _bwd_chunk(blocks, states, mm):
     diag = [None] * nb
     ddiag = [_dot(do_[i], v_[i], mm, trans_b=True) for i in range(nb)]  # dD = do' v^T: [BC, BC]
     dgates = []
-    for reverse, gi, s_in, u_out in ((False, 3, states[0], states[2]), (True, 4, states[1], states[3])):
+    for reverse, gi, s_in, u_out in (
+        (False, 3, states[0], states[2]),
+        (True, 4, states[1], states[3]),
+    ):
         order = list(range(nb))[::-1] if reverse else list(range(nb))
         decays = [_decays(b[gi], reverse) for b in blocks]
         # Forward in the direction: the state entering each sub-block, and the one leaving the chunk.
@@ -297,7 +300,9 @@ def _bigla_states_kernel(*refs, n, bt, mm, adjoints):
     lax.fori_loop(0, nt, body, (zero,) * (4 if adjoints else 2))
 
 
-def _bigla_fwd_chunk_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm):
+def _bigla_fwd_chunk_kernel(
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm
+):
     c = pl.program_id(0)
     blocks = _load_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
     out = _fwd_chunk(blocks, sf_ref[...], sb_ref[...], mm)
@@ -337,7 +342,20 @@ def _bigla_bwd_short_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *out_re
 
 
 def _bigla_bwd_chunk_kernel(
-    q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, sf_ref, sb_ref, dsf_ref, dsb_ref, *out_refs, n, bt, mm
+    q_ref,
+    k_ref,
+    v_ref,
+    gf_ref,
+    gb_ref,
+    do_ref,
+    sf_ref,
+    sb_ref,
+    dsf_ref,
+    dsb_ref,
+    *out_refs,
+    n,
+    bt,
+    mm,
 ):
     c = pl.program_id(0)
     blocks = _load_bwd_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), c, bt, n)
@@ -380,9 +398,7 @@ def _states(inputs, params, adjoints):
     mm = inputs[1].dtype if adjoints else inputs[0].dtype
     state = jax.ShapeDtypeStruct((B, H, nt * K, V), jnp.float32)
     nout = 4 if adjoints else 2
-    kernel = functools.partial(
-        _bigla_states_kernel, n=N, bt=params.chunk, mm=mm, adjoints=adjoints
-    )
+    kernel = functools.partial(_bigla_states_kernel, n=N, bt=params.chunk, mm=mm, adjoints=adjoints)
     return _call(
         kernel,
         "bigla_bwd_states" if adjoints else "bigla_fwd_states",
