@@ -1,0 +1,13 @@
+"""Input pipeline without TensorFlow: TFDS sources read with grain, host and device augmentations.
+
+Public API (used by `vig_jax.train` and `vig_jax.evaluate`):
+- `dataset_info(dataset, data_dir) -> DatasetInfo(num_classes, num_examples, image_shape)`
+- `make_train_iterator(...)`: infinite, resumable batches {"image", "label"}
+- `make_eval_iterator(...)`: one padded pass {"image", "label", "mask"}
+- `vig_jax.data.mix`: normalize, random_erasing, mixup_cutmix (jnp, on device)
+"""
+
+from vig_jax.data.pipeline import make_eval_iterator, make_train_iterator
+from vig_jax.data.sources import DatasetInfo, dataset_info
+
+__all__ = ["DatasetInfo", "dataset_info", "make_eval_iterator", "make_train_iterator"]

@@ -1,0 +1,132 @@
+"""grain input pipelines: per-process shards, shuffled infinite training stream, padded eval pass.
+
+Training: shard (every `shard_count`-th example from `shard_index`) -> shuffle -> random transform
+-> repeat (each epoch reshuffled and re-augmented: grain folds the epoch into the seeds) -> batch.
+Every random draw is a function of (seed, epoch, position), so the stream does not depend on
+`num_workers` or thread timing, and `get_state`/`set_state` resume it exactly.
+
+Eval: shard -> transform -> pad with masked examples up to the same number of batches on every
+process (the largest shard, rounded up to whole batches), so no example is dropped and all
+processes run the same number of steps.
+"""
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from vig_jax.data import sources, transforms
+
+
+def _check_common(image_size, batch_size, shard_index, shard_count, num_workers):
+    if image_size <= 0 or batch_size <= 0:
+        raise ValueError(f"need image_size, batch_size > 0, got {image_size=}, {batch_size=}")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index=}, {shard_count=}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers=}")
+
+
+def _iterate(dataset: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
+    iter_dataset = dataset.to_iter_dataset()
+    if num_workers > 0:
+        # grain's worker processes read absl flags; outside `absl.app.run` (scripts, tests) they
+        # are unparsed and grain raises. Their defaults are what we want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        options = grain.MultiprocessingOptions(num_workers=num_workers)
+        iter_dataset = iter_dataset.mp_prefetch(options)
+    return iter(iter_dataset)
+
+
+def make_train_iterator(
+    *,
+    dataset: str,
+    data_dir: str | None,
+    split: str,
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    augment: Mapping[str, Any],
+    shard_index: int,
+    shard_count: int,
+    num_workers: int,
+) -> grain.DatasetIterator:
+    """Infinite iterator of augmented training batches for this process.
+
+    Args:
+      dataset, data_dir, split: see `sources.data_source`.
+      image_size: output side S.
+      batch_size: examples per batch for this process (b).
+      seed: fixes order and augmentations, identical for every process (shards differ anyway).
+      augment: augmentation options, see `transforms.TrainTransform.from_config`.
+      shard_index, shard_count: this process's disjoint share, usually
+        (jax.process_index(), jax.process_count()).
+      num_workers: grain worker processes (0: threads in this process).
+    Returns:
+      Iterator of {"image": uint8 [b, S, S, 3], "label": int32 [b]} with `get_state()` /
+      `set_state(state)` for exact resumption.
+    Raises:
+      ValueError: bad arguments or augment options; see also `sources.get_builder`.
+    """
+    _check_common(image_size, batch_size, shard_index, shard_count, num_workers)
+    transform = transforms.TrainTransform.from_config(augment, image_size)
+    source = sources.data_source(dataset, data_dir, split)
+    ds = grain.MapDataset.source(source)[shard_index::shard_count].seed(seed)
+    ds = ds.shuffle().random_map(transform).repeat(None).batch(batch_size, drop_remainder=True)
+    return _iterate(ds, num_workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PaddedEvalExample:
+    """Maps an index to the transformed example of the shard, or to a masked zero example."""
+
+    shard: grain.MapDataset
+    image_size: int
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        if index < len(self.shard):
+            return {**self.shard[index], "mask": np.bool_(True)}
+        return {
+            "image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
+            "label": np.int32(0),
+            "mask": np.bool_(False),
+        }
+
+
+def make_eval_iterator(
+    *,
+    dataset: str,
+    data_dir: str | None,
+    split: str,
+    image_size: int,
+    crop_pct: float,
+    batch_size: int,
+    shard_index: int,
+    shard_count: int,
+    num_workers: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over this process's shard of `split`, padded to whole batches.
+
+    Args:
+      dataset, data_dir, split: see `sources.data_source`.
+      image_size: output side S; crop_pct: resize the shorter side to floor(S / crop_pct) first.
+      batch_size, shard_index, shard_count, num_workers: as in `make_train_iterator`.
+    Returns:
+      Iterator of {"image": uint8 [b, S, S, 3], "label": int32 [b], "mask": bool [b]}; padding
+      examples have mask False (zero image, label 0). Every process gets
+      ceil(ceil(N / shard_count) / b) batches, N the split size.
+    """
+    _check_common(image_size, batch_size, shard_index, shard_count, num_workers)
+    transform = transforms.EvalTransform(image_size, crop_pct)
+    source = sources.data_source(dataset, data_dir, split)
+    shard = grain.MapDataset.source(source)[shard_index::shard_count].map(transform)
+    num_batches = math.ceil(math.ceil(len(source) / shard_count) / batch_size)
+    padded = grain.MapDataset.range(num_batches * batch_size).map(
+        _PaddedEvalExample(shard, image_size)
+    )
+    return _iterate(padded.batch(batch_size), num_workers)

@@ -1,0 +1,109 @@
+"""Dataset sources: TFDS datasets read by random access (`as_data_source`), no TensorFlow.
+
+Two datasets are prepared here on first use, offline: `vig_demo_shapes` (procedural) and
+`fashion_mnist` (from local IDX files). Any other TFDS name (e.g. `imagenet2012`) must already be
+prepared in ArrayRecord format in the data dir; we only read it.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from vig_jax.data import demo_dataset, fashion_mnist
+
+# Builders that can prepare themselves without network or TensorFlow.
+_LOCAL_BUILDERS = {
+    "vig_demo_shapes": lambda data_dir: demo_dataset.VigDemoShapes(
+        data_dir=data_dir, file_format="array_record"
+    ),
+    "fashion_mnist": lambda data_dir: fashion_mnist.LocalFashionMNIST(data_dir=data_dir),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the model and the schedule need to know about a dataset.
+
+    Attributes:
+      num_classes: number of labels.
+      num_examples: examples per split, e.g. {"train": 60000, "test": 10000}.
+      image_shape: stored image shape (h, w, C); h and w are None for variable-size images. The
+        pipeline always outputs 3 channels, whatever C is.
+    """
+
+    num_classes: int
+    num_examples: dict[str, int]
+    image_shape: tuple[int | None, int | None, int]
+
+
+def _not_prepared_message(dataset: str, builder: tfds.core.DatasetBuilder) -> str:
+    root = builder.data_dir_root
+    return (
+        f"TFDS dataset {dataset!r} is not prepared: no dataset_info.json in {builder.data_dir}. "
+        f"vig-jax only reads prepared datasets ({', '.join(sorted(_LOCAL_BUILDERS))} excepted). "
+        f"Prepare it once in ArrayRecord format, e.g. `tfds build {dataset} "
+        f"--data_dir={root} --file_format=array_record` "
+        f"(datasets with manual downloads such as imagenet2012 read their archives from "
+        f"{root / 'downloads' / 'manual'}; preparing some, imagenet2012 included, needs "
+        "TensorFlow installed once), "
+        "or copy a prepared ArrayRecord copy there. Reading needs no TensorFlow."
+    )
+
+
+def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """A prepared TFDS builder for `dataset`; the local datasets are prepared on first use.
+
+    Args:
+      dataset: TFDS name, e.g. "vig_demo_shapes", "fashion_mnist", "imagenet2012".
+      data_dir: TFDS data dir; None means TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+    Raises:
+      ValueError: unknown dataset name.
+      FileNotFoundError: a dataset we cannot prepare is not prepared (says where TFDS looked), or
+        Fashion-MNIST's source files are missing (names them and the apt package).
+    """
+    if dataset in _LOCAL_BUILDERS:
+        builder = _LOCAL_BUILDERS[dataset](data_dir)
+        if not builder.is_prepared():
+            builder.download_and_prepare()
+        return builder
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(
+            f"unknown dataset {dataset!r}: neither one of ours "
+            f"({', '.join(sorted(_LOCAL_BUILDERS))}) nor a TFDS dataset name"
+        ) from None
+    if not builder.is_prepared():
+        raise FileNotFoundError(_not_prepared_message(dataset, builder))
+    return builder
+
+
+def dataset_info(dataset: str, data_dir: str | None) -> DatasetInfo:
+    """Classes, split sizes and image shape of `dataset` (prepares the local datasets if needed)."""
+    info = get_builder(dataset, data_dir).info
+    return DatasetInfo(
+        num_classes=info.features["label"].num_classes,
+        num_examples={name: split.num_examples for name, split in info.splits.items()},
+        image_shape=tuple(info.features["image"].shape),
+    )
+
+
+def data_source(dataset: str, data_dir: str | None, split: str) -> Sequence[dict[str, Any]]:
+    """Random-access split: `source[i] == {"image": uint8 [h, w, C], "label": int, ...}`.
+
+    Args:
+      dataset, data_dir: as in `get_builder`.
+      split: a split name or TFDS slice, e.g. "train", "validation", "train[:90%]".
+    Raises:
+      ValueError: unknown split, or the dataset was prepared in a format without random access.
+    """
+    builder = get_builder(dataset, data_dir)
+    try:
+        return builder.as_data_source(split=split)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"{dataset!r} in {builder.data_dir} is prepared as {builder.info.file_format}, "
+            "which has no random access; prepare it again with --file_format=array_record"
+        ) from e
