@@ -1,0 +1,69 @@
+"""Model registry: `create_model(name, ...)` and `list_models(pattern)`.
+
+Each model module exports `VARIANTS = {name: (ModuleClass, defaults)}`; sizes are data, merged here.
+"""
+
+import dataclasses
+import difflib
+import fnmatch
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from vig_jax.models import vig, vig_h
+
+VARIANTS: dict[str, tuple[type[nn.Module], dict]] = {
+    **vig.VARIANTS,
+    **vig_h.VARIANTS,
+}
+
+# Arguments create_model sets itself; everything else a module declares may be overridden.
+_FIXED = ("parent", "name", "num_classes", "dtype", "bigla_impl")
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted registered names matching a glob pattern, e.g. list_models("vig_h_*")."""
+    return sorted(name for name in VARIANTS if fnmatch.fnmatch(name, pattern))
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 1000,
+    dtype: jnp.dtype = jnp.float32,
+    bigla_impl: str = "auto",
+    **overrides,
+) -> nn.Module:
+    """Builds a registered model: an unbound linen Module (params from `.init` or the converter).
+
+    Args:
+      name: one of `list_models()`, e.g. "vig_s" or "vig_h_t".
+      num_classes: head width.
+      dtype: compute dtype (parameters are float32).
+      bigla_impl: BiGLA implementation for models that use it ("auto", "reference", "chunked",
+        "pallas"); models without BiGLA accept only the default.
+      **overrides: fields of the model class to change, e.g. depth=2 or drop_path_rate=0.0 for ViG,
+        dims=(32, 64, 128, 256) for ViG-H, bigla_interpret=True.
+
+    Raises:
+      ValueError: unknown name (lists the known names and the closest match) or unknown override.
+    """
+    if name not in VARIANTS:
+        close = difflib.get_close_matches(name, VARIANTS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())}")
+    cls, defaults = VARIANTS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    allowed = sorted(fields - set(_FIXED))
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown} for {name!r}; allowed: {allowed}")
+    kwargs = {**defaults, **overrides, "num_classes": num_classes, "dtype": dtype}
+    if "bigla_impl" in fields:
+        kwargs["bigla_impl"] = bigla_impl
+    elif bigla_impl != "auto":
+        raise ValueError(f"{name!r} has no BiGLA layer; bigla_impl={bigla_impl!r} does not apply")
+    return cls(**kwargs)
+
+
+__all__ = ["VARIANTS", "create_model", "list_models"]

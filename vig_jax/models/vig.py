@@ -1,0 +1,155 @@
+"""Plain (isotropic) ViG-T/S/B (spec/vig.md, "Plain ViG"; official classification/models/vig.py).
+
+Patch embed v2 (stride 16) -> + absolute position embedding (learned on the 14x14 grid of 224^2
+images, bicubically resized for other grids) -> depth x ViGBlock -> RMSNorm -> mean over tokens ->
+Linear head.
+The token grid is kept as [B, h, w, D] throughout (N = h*w, row-major).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from vig_jax.models.gla import GatedLinearAttention
+from vig_jax.models.layers import (
+    DropPath,
+    PatchEmbed,
+    RMSNorm,
+    SwiGLU,
+    stats_dtype,
+    swiglu_hidden,
+    trunc_normal,
+)
+from vig_jax.models.pos_embed import resize_pos_embed
+
+NORM_EPS = 1e-6
+POS_GRID = 14  # the position table is learned for 224 / 16 = 14 tokens per side
+LINEAR_INIT = nn.initializers.normal(0.02)  # fla's _init_weights: normal, not truncated
+
+
+class ViGBlock(nn.Module):
+    """Pre-norm block: x += DropPath(GLA(RMSNorm(x))); x += DropPath(SwiGLU(RMSNorm(x)))."""
+
+    num_heads: int
+    use_act_in_conv: bool
+    use_out_act: bool
+    drop_path: float
+    bigla_impl: str
+    bigla_interpret: bool
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """x: [B, h, w, D] -> [B, h, w, D]."""
+        drop_path = DropPath(self.drop_path)
+        y = RMSNorm(NORM_EPS, self.dtype, name="attn_norm")(x)
+        y = GatedLinearAttention(
+            self.num_heads,
+            self.use_act_in_conv,
+            self.use_out_act,
+            xavier_init=True,
+            bigla_impl=self.bigla_impl,
+            bigla_interpret=self.bigla_interpret,
+            dtype=self.dtype,
+            name="attn",
+        )(y)
+        x = x + drop_path(y, train=train)
+        y = RMSNorm(NORM_EPS, self.dtype, name="mlp_norm")(x)
+        y = SwiGLU(swiglu_hidden(x.shape[-1], 256), LINEAR_INIT, self.dtype, name="mlp")(y)
+        return x + drop_path(y, train=train)
+
+
+class ViG(nn.Module):
+    """Plain ViG classifier.
+
+    Attributes:
+      num_classes: width of the head.
+      embed_dim: D; divisible by 2 * num_heads.
+      depth: number of blocks.
+      num_heads: H (K = D / 2H, V = D / H).
+      use_act_in_conv, use_out_act: the ViG-T SiLUs of the GLA layer.
+      drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks).
+      bigla_impl: "auto", "reference", "chunked" or "pallas" (see `pallas_kernels.bigla.bigla`).
+      bigla_interpret: run the pallas kernel in interpret mode (CPU tests).
+      dtype: compute dtype; parameters stay float32.
+    """
+
+    num_classes: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    use_act_in_conv: bool
+    use_out_act: bool
+    drop_path_rate: float
+    bigla_impl: str = "auto"
+    bigla_interpret: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        D = self.embed_dim
+        if D % 2 or D % (2 * self.num_heads):
+            raise ValueError(
+                f"embed_dim={D} must be divisible by 2 * num_heads={2 * self.num_heads}"
+            )
+        self.stem = PatchEmbed(D, 9, 8, nn.silu, self.dtype)
+        self.pos_embed = self.param(
+            "pos_embed", trunc_normal(0.02), (1, POS_GRID * POS_GRID, D), jnp.float32
+        )
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        self.blocks = [
+            ViGBlock(
+                self.num_heads,
+                self.use_act_in_conv,
+                self.use_out_act,
+                float(rate),
+                self.bigla_impl,
+                self.bigla_interpret,
+                self.dtype,
+            )
+            for rate in rates
+        ]
+        self.norm = RMSNorm(NORM_EPS, self.dtype)
+        self.head = nn.Dense(self.num_classes, kernel_init=LINEAR_INIT, dtype=self.dtype)
+
+    def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """Normalised tokens as a 2D map.
+
+        Args:
+          images: [B, H, W, 3] NHWC, any float dtype (ImageNet-normalised).
+          train: enables stochastic depth (needs a "dropout" rng).
+
+        Returns:
+          [B, h, w, D] in `dtype`, h = floor((floor((H - 7) / 8) + 1 - 1) / 2) + 1 (same for w).
+
+        Sows "patch_embed" (tokens before the position embedding) and "block0" (after the first
+        block), both [B, N, D], into the "intermediates" collection.
+        """
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be [B, H, W, 3] (NHWC), got {images.shape=}")
+        x = self.stem(images.astype(self.dtype))  # [B, h, w, D]
+        B, h, w, D = x.shape
+        self.sow("intermediates", "patch_embed", x.reshape(B, h * w, D))
+        pos = resize_pos_embed(self.pos_embed.reshape(POS_GRID, POS_GRID, D), (h, w))
+        x = x + pos.astype(self.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, train=train)
+            if i == 0:
+                self.sow("intermediates", "block0", x.reshape(B, h * w, D))
+        return self.norm(x)
+
+    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+        """images: [B, H, W, 3] NHWC -> logits [B, num_classes], float32 (float64 under float64)."""
+        x = self.features(images, train=train)
+        pooled = jnp.mean(x.astype(stats_dtype(self.dtype)), axis=(1, 2))  # [B, D]
+        return self.head(pooled.astype(self.dtype)).astype(stats_dtype(self.dtype))
+
+
+VARIANTS = {
+    "vig_t": (ViG, dict(embed_dim=192, depth=12, num_heads=3, use_act_in_conv=True,
+                        use_out_act=True, drop_path_rate=0.0)),
+    "vig_s": (ViG, dict(embed_dim=384, depth=12, num_heads=6, use_act_in_conv=False,
+                        use_out_act=False, drop_path_rate=0.2)),
+    "vig_b": (ViG, dict(embed_dim=768, depth=12, num_heads=12, use_act_in_conv=False,
+                        use_out_act=False, drop_path_rate=0.5)),
+}  # fmt: skip
