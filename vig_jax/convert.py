@@ -4,7 +4,8 @@
 
 loads the checkpoint with torch (`pip install -e ".[convert]"`), converts its "model" entry, and
 writes `out_dir/params` (orbax) and `out_dir/model.json` ({"model": name, "num_classes": n}).
-Without `--model` the model is the registered ViG variant whose parameter shapes the checkpoint matches.
+Without `--model` the model is the registered ViG variant whose parameter shapes the checkpoint
+matches.
 Read the result back with `load_params(out_dir)` and `load_model_info(out_dir)`.
 """
 
