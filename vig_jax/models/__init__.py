@@ -10,11 +10,12 @@ import fnmatch
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vig_jax.models import vig, vig_h
+from vig_jax.models import deit, vig, vig_h
 
 VARIANTS: dict[str, tuple[type[nn.Module], dict]] = {
     **vig.VARIANTS,
     **vig_h.VARIANTS,
+    **deit.VARIANTS,
 }
 
 # Arguments create_model sets itself; everything else a module declares may be overridden.
