@@ -101,8 +101,8 @@ def _logits(model, variables, images):
 
 
 def test_deit_padded_attention_equals_unpadded():
-    # 48x80 -> 3x5 grid -> 16 tokens with the class token, padded to 64 as for cuDNN; two blocks, so
-    # padded rows that were updated by a block must stay out of the next one.
+    # 48x80 -> 3x5 grid -> 16 tokens with the class token, padded to 64 inside attention as for
+    # cuDNN; logits and every parameter gradient must match the unpadded model.
     images = _images((2, 48, 80, 3))
     plain = DeiT(**TINY)
     padded = DeiT(**TINY, token_multiple=64)

@@ -12,9 +12,10 @@ does not change its output (it is there for the common `__call__(images, *, trai
 Attention goes through `jax.nn.dot_product_attention`. `attention_impl=None` lets XLA choose (plain
 softmax attention with an [N, N] score matrix); "cudnn" asks for cuDNN flash attention (bf16/fp16 on
 a GPU only). cuDNN's backward rejects some sequence lengths (N = 197, 1025, 4097 fail on H100, see
-`notes/anchors.md`), so `token_multiple` pads the token sequence with zeros up to a multiple, masks
-the padded keys (`key_value_seq_lengths`) and drops the padded rows before the head: the logits are
-the same as unpadded; the padded queries only cost compute.
+`notes/anchors.md`), so `token_multiple` pads q, k and v with zeros up to a multiple of it inside
+each attention call, masks the padded keys (`key_value_seq_lengths`) and drops the padded output
+rows. Only the attention kernel sees the padding (the MLPs and projections run on the real tokens),
+and the logits equal the unpadded model's.
 """
 
 import math
@@ -40,27 +41,32 @@ class Attention(nn.Module):
     Attributes:
         num_heads: H; the head dim is K = D / H.
         attention_impl: None (XLA chooses), "xla" or "cudnn" (`jax.nn.dot_product_attention`).
+        token_multiple: pad the sequence given to the attention kernel to a multiple of this.
         dtype: compute dtype (params stay float32).
     """
 
     num_heads: int
     attention_impl: str | None
+    token_multiple: int
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, kv_lengths):
-        """x: [B, T, D]; kv_lengths: int32 [B] real (unpadded) key count, or None -> [B, T, D]."""
+    def __call__(self, x):
+        """x: [B, T, D] -> [B, T, D]."""
         b, t, d = x.shape
-        qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(
-            x
-        )  # [B, T, 3D]
         # Channel layout [q | k | v], each head-major, as timm's qkv Linear.
+        qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
         qkv = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads)  # [B, T, 3, H, K]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, K]
+        t_pad = self.token_multiple * math.ceil(t / self.token_multiple)
+        kv_lengths = None
+        if t_pad > t:
+            qkv = jnp.pad(qkv, ((0, 0), (0, t_pad - t), (0, 0), (0, 0), (0, 0)))  # [B, Tp, 3, H, K]
+            kv_lengths = jnp.full((b,), t, jnp.int32)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, Tp, H, K]
         o = jax.nn.dot_product_attention(
             q, k, v, key_value_seq_lengths=kv_lengths, implementation=self.attention_impl
-        )  # [B, T, H, K]
-        o = o.reshape(b, t, d)  # [B, T, D]
+        )  # [B, Tp, H, K]
+        o = o[:, :t].reshape(b, t, d)  # [B, T, D]
         return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="proj")(o)
 
 
@@ -85,16 +91,18 @@ class DeiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float
     attention_impl: str | None
+    token_multiple: int
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, kv_lengths):
-        """x: [B, T, D]; kv_lengths: int32 [B] or None. Returns [B, T, D]."""
+    def __call__(self, x):
+        """x: [B, T, D] -> [B, T, D]."""
         d = x.shape[-1]
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
-        x = x + Attention(self.num_heads, self.attention_impl, self.dtype, name="attn")(
-            y, kv_lengths
+        attn = Attention(
+            self.num_heads, self.attention_impl, self.token_multiple, self.dtype, name="attn"
         )
+        x = x + attn(y)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
         return x + Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(y)
 
@@ -111,8 +119,8 @@ class DeiT(nn.Module):
         patch_size: P; the token grid of an [B, Hi, Wi, 3] image is h = Hi // P, w = Wi // P.
         pos_embed_grid: grid (h0, w0) the position table is learned for (14x14 for 224² at P = 16).
         attention_impl: None (XLA chooses), "xla" or "cudnn" (flash; GPU, bf16/fp16 only).
-        token_multiple: pad the token count 1 + h·w up to a multiple of this (1 = no padding),
-            masking the padded keys; e.g. 64 for cuDNN's backward.
+        token_multiple: inside attention, pad the token count 1 + h·w up to a multiple of this
+            (1 = no padding), masking the padded keys; e.g. 64 for cuDNN's backward.
         dtype: compute dtype; params are float32.
     """
 
@@ -173,17 +181,15 @@ class DeiT(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls_token, (b, 1, d)), x.astype(jnp.float32)], axis=1)
         x = (x + pos).astype(self.dtype)  # [B, 1+N, D]
 
-        n_real = 1 + h * w
-        t = self.token_multiple * math.ceil(n_real / self.token_multiple)
-        kv_lengths = None
-        if t > n_real:
-            x = jnp.pad(x, ((0, 0), (0, t - n_real), (0, 0)))  # [B, T, D]
-            kv_lengths = jnp.full((b,), n_real, jnp.int32)
-
         for i in range(self.depth):
             x = DeiTBlock(
-                self.num_heads, self.mlp_ratio, self.attention_impl, self.dtype, name=f"block{i}"
-            )(x, kv_lengths)  # [B, T, D]
+                self.num_heads,
+                self.mlp_ratio,
+                self.attention_impl,
+                self.token_multiple,
+                self.dtype,
+                name=f"block{i}",
+            )(x)  # [B, 1+N, D]
 
         # LayerNorm acts per token: normalising only the class token equals timm's norm-then-pick.
         cls = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x[:, 0])  # [B, D]
