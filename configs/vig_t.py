@@ -1,0 +1,12 @@
+"""ViG-T on ImageNet-1k, official recipe (spec/vig.md "Training recipe"); paper top-1 77.2.
+
+    python train.py --config configs/vig_t.py --workdir /tmp/vig_t
+
+Global batch 1024 (base lr 1e-3 is per 512 images and scales with --config.data.batch_size).
+"""
+
+from configs import common
+
+
+def get_config():
+    return common.imagenet_recipe(model="vig_t", base_lr=1e-3, weight_decay=0.05, drop_path=0.0)

@@ -1,0 +1,38 @@
+"""Trains a ViG: `python train.py --config configs/vig_s.py --workdir /tmp/vig_s`.
+
+Any config field can be overridden, e.g. `--config.data.batch_size=256`; a misspelt field or a
+wrong type stops before anything starts. Rerunning the same command resumes from the latest
+checkpoint in --workdir. Multi-host: start the same command on every host with --distributed.
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vig_jax.train import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, tensorboard/")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "call jax.distributed.initialize() first: one process per host, coordinator from the cluster "
+    "environment (SLURM, Cloud TPU, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID)",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # orbax logs every checkpoint phase at INFO; the progress bar and metrics say what matters.
+    logging.set_verbosity(logging.WARNING)
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    from vig_jax.train import loop  # after initialize(): nothing may touch devices before it
+
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,1 @@
+"""Training system: optimizer, sharded train step, loop, checkpoints, metrics."""

@@ -1,0 +1,96 @@
+"""Metrics output: JSON lines and TensorBoard event files in the workdir, plus a tqdm progress bar.
+
+TensorBoard files are written with `tensorboard`'s own event writer and summary protos, so no
+TensorFlow is needed. Only process 0 writes; other processes get a writer that does nothing.
+"""
+
+import json
+import math
+import pathlib
+import time
+
+import jax
+import tqdm
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+class MetricsWriter:
+    """Appends `{"step": s, name: value, ...}` lines to `metrics.jsonl` and scalars to TensorBoard.
+
+    Args:
+      workdir: run directory; files go to `workdir/metrics.jsonl` and `workdir/tensorboard/`.
+      enabled: False on processes other than 0.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool):
+        self._enabled = enabled
+        if not enabled:
+            return
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        # Appending: a resumed run continues the same files (steps after the restored checkpoint
+        # are logged again, so readers keep the last line per step).
+        self._jsonl = open(workdir / "metrics.jsonl", "a")  # closed in close()
+        self._events = EventFileWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self._enabled:
+            return
+        scalars = {name: float(value) for name, value in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        self._jsonl.flush()
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+        )
+        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+        self._events.add_event(event)
+
+    def flush(self) -> None:
+        if self._enabled:
+            self._jsonl.flush()
+            self._events.flush()
+
+    def close(self) -> None:
+        if self._enabled:
+            self._jsonl.close()
+            self._events.close()
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+    """All lines of `workdir/metrics.jsonl`, in order."""
+    with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """tqdm bar over optimizer steps showing loss, lr and img/s (tqdm adds it/s and the ETA)."""
+
+    def __init__(self, *, initial: int, total: int, batch_size: int, enabled: bool):
+        self._batch_size = batch_size
+        self._bar = tqdm.tqdm(
+            initial=initial,
+            total=total,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (enabled and jax.process_index() == 0),
+        )
+        self._last = (initial, time.perf_counter())
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        """Moves the bar to `step` (steps done) and shows the latest values."""
+        last_step, last_time = self._last
+        now = time.perf_counter()
+        rate = (step - last_step) * self._batch_size / max(now - last_time, 1e-9)
+        self._last = (step, now)
+        shown = f"{loss:.4f}" if math.isfinite(loss) else str(loss)
+        self._bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{rate:,.0f}", refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def write(self, message: str) -> None:
+        """Prints above the bar (or plainly when disabled, on process 0)."""
+        if jax.process_index() == 0:
+            tqdm.tqdm.write(message)
+
+    def close(self) -> None:
+        self._bar.close()
