@@ -126,16 +126,17 @@ def mixup_cutmix(
     if mixup_alpha == 0 and cutmix_alpha == 0:
         return images, targets
     _, height, width, _ = images.shape
-    k_switch, k_mix, k_cut, k_cy, k_cx = jax.random.split(key, 5)
+    k_switch, k_lam, k_cy, k_cx = jax.random.split(key, 4)
     if mixup_alpha > 0 and cutmix_alpha > 0:
         use_cutmix = jax.random.bernoulli(k_switch, switch_prob)
     else:
         use_cutmix = jnp.asarray(cutmix_alpha > 0)
-    # Beta(0, 0) is undefined: a disabled kind draws from Beta(1, 1) and is never selected.
-    lam_mix = jax.random.beta(k_mix, mixup_alpha or 1.0, mixup_alpha or 1.0)
-    lam_cut = jax.random.beta(k_cut, cutmix_alpha or 1.0, cutmix_alpha or 1.0)
+    # One Beta draw with the chosen kind's alpha: Beta sampling compiles slowly on CPU (a
+    # rejection loop), so we do not draw both and discard one.
+    alpha = jnp.where(use_cutmix, cutmix_alpha, mixup_alpha)
+    lam = jax.random.beta(k_lam, alpha, alpha)
 
-    cut_ratio = jnp.sqrt(1.0 - lam_cut)
+    cut_ratio = jnp.sqrt(1.0 - lam)
     cut_h = jnp.floor(height * cut_ratio).astype(jnp.int32)
     cut_w = jnp.floor(width * cut_ratio).astype(jnp.int32)
     cy = jax.random.randint(k_cy, (), 0, height)
@@ -148,8 +149,8 @@ def mixup_cutmix(
     lam_cut = 1.0 - ((y1 - y0) * (x1 - x0)) / (height * width)
 
     flipped = images[::-1]
-    mixed = lam_mix * images + (1.0 - lam_mix) * flipped
+    mixed = lam * images + (1.0 - lam) * flipped
     cut = jnp.where(box[None, :, :, None], flipped, images)
     images = jnp.where(use_cutmix, cut, mixed.astype(images.dtype))
-    lam = jnp.where(use_cutmix, lam_cut, lam_mix).astype(jnp.float32)
+    lam = jnp.where(use_cutmix, lam_cut, lam).astype(jnp.float32)
     return images, lam * targets + (1.0 - lam) * targets[::-1]
