@@ -31,8 +31,14 @@ def _check_common(image_size, batch_size, shard_index, shard_count, num_workers)
         raise ValueError(f"num_workers must be >= 0, got {num_workers=}")
 
 
+# Elements are whole batches (batched before `to_iter_dataset`, so a batch never depends on which
+# worker built it). grain's defaults (16 threads, 500 elements ahead) assume small records and
+# would hold 500 batches; a few batches ahead, built by a few threads per process, keep up.
+_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+
+
 def _iterate(dataset: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
-    iter_dataset = dataset.to_iter_dataset()
+    iter_dataset = dataset.to_iter_dataset(_READ_OPTIONS)
     if num_workers > 0:
         # grain's worker processes read absl flags; outside `absl.app.run` (scripts, tests) they
         # are unparsed and grain raises. Their defaults are what we want.

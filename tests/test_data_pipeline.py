@@ -1,0 +1,206 @@
+"""Sources and grain pipelines on the embedded demo dataset, prepared through the real TFDS path.
+
+The dataset is prepared once per test process into a temp data dir (a few seconds).
+"""
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+
+from vig_jax import data
+from vig_jax.data import demo_dataset, sources, transforms
+
+DEMO = "vig_demo_shapes"
+NONE = dict(kind="none")
+PAD_CROP = dict(kind="pad_crop", padding=4, hflip=True)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    sources.get_builder(DEMO, path)  # prepares
+    return path
+
+
+def _digest(image):
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def _train(data_dir, **overrides):
+    args = dict(
+        dataset=DEMO,
+        data_dir=data_dir,
+        split="train",
+        image_size=32,
+        batch_size=8,
+        seed=0,
+        augment=PAD_CROP,
+        shard_index=0,
+        shard_count=1,
+        num_workers=0,
+    )
+    return data.make_train_iterator(**{**args, **overrides})
+
+
+def _eval(data_dir, **overrides):
+    args = dict(
+        dataset=DEMO,
+        data_dir=data_dir,
+        split="validation",
+        image_size=32,
+        crop_pct=0.875,
+        batch_size=128,
+        shard_index=0,
+        shard_count=1,
+        num_workers=0,
+    )
+    return data.make_eval_iterator(**{**args, **overrides})
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def _assert_batches_equal(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key in g:
+            np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+
+
+def test_demo_dataset_info_and_records(data_dir):
+    info = data.dataset_info(DEMO, data_dir)
+    assert info == data.DatasetInfo(
+        num_classes=10, num_examples={"train": 5000, "validation": 1000}, image_shape=(48, 48, 3)
+    )
+    source = sources.data_source(DEMO, data_dir, "validation")
+    labels = np.array([source[i]["label"] for i in range(len(source))])
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.full(10, 100))
+    example = source[0]
+    assert example["image"].shape == (48, 48, 3) and example["image"].dtype == np.uint8
+
+
+def test_demo_dataset_stores_exactly_the_rendered_examples(data_dir):
+    # Deterministic generation: re-rendering the split gives the stored images and labels.
+    source = sources.data_source(DEMO, data_dir, "validation")
+    stored = {(_digest(source[i]["image"]), int(source[i]["label"])) for i in range(len(source))}
+    rendered = set()
+    for index in range(demo_dataset.SPLIT_SIZES["validation"]):
+        image, label = demo_dataset.render_example("validation", index)
+        rendered.add((_digest(image), label))
+    assert stored == rendered and len(stored) == 1000
+    image, _ = demo_dataset.render_example("train", 0)
+    assert _digest(image) not in {d for d, _ in stored}  # splits draw different examples
+
+
+def test_unknown_and_unprepared_datasets_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'no_such_set'"):
+        data.dataset_info("no_such_set", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not prepared") as error:
+        data.dataset_info("imagenet2012", str(tmp_path))
+    message = str(error.value)
+    assert str(tmp_path / "imagenet2012") in message and "downloads/manual" in message
+    assert "tfds build imagenet2012" in message and "--file_format=array_record" in message
+
+
+def test_train_iterator_shapes_and_determinism(data_dir):
+    batches = _take(_train(data_dir), 3)
+    for batch in batches:
+        assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
+        assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+        assert 0 <= batch["label"].min() and batch["label"].max() < 10
+    _assert_batches_equal(_take(_train(data_dir), 3), batches)
+    other = _take(_train(data_dir, seed=1), 3)
+    assert not np.array_equal(other[0]["image"], batches[0]["image"])
+
+
+def test_train_iterator_shards_are_disjoint_and_cover_the_split(data_dir):
+    # augment none at the native size: output images are the stored ones, so they identify examples.
+    seen = []
+    for shard in range(2):
+        it = _train(
+            data_dir,
+            split="validation",
+            augment=NONE,
+            image_size=48,
+            batch_size=100,
+            shard_index=shard,
+            shard_count=2,
+        )
+        seen.append({_digest(image) for batch in _take(it, 5) for image in batch["image"]})
+    assert len(seen[0]) == len(seen[1]) == 500
+    assert not seen[0] & seen[1]
+
+
+def test_train_iterator_reshuffles_each_epoch(data_dir):
+    it = _train(
+        data_dir,
+        split="validation",
+        augment=NONE,
+        image_size=48,
+        batch_size=100,
+        shard_index=0,
+        shard_count=2,
+    )
+    first, second = (
+        [_digest(image) for batch in _take(it, 5) for image in batch["image"]] for _ in range(2)
+    )
+    assert set(first) == set(second) and first != second
+
+
+def test_train_iterator_resumes_exactly_from_state(data_dir):
+    it = _train(data_dir)
+    _take(it, 3)
+    state = it.get_state()
+    expected = _take(it, 2)
+    resumed = _train(data_dir)
+    resumed.set_state(state)
+    _assert_batches_equal(_take(resumed, 2), expected)
+
+
+def test_train_iterator_same_batches_with_worker_processes(data_dir):
+    expected = _take(_train(data_dir), 2)
+    it = _train(data_dir, num_workers=1)
+    try:
+        _assert_batches_equal(_take(it, 2), expected)
+    finally:
+        it.close()
+
+
+def test_train_iterator_rejects_bad_arguments(data_dir):
+    with pytest.raises(ValueError, match="shard_index"):
+        _train(data_dir, shard_index=2, shard_count=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        _train(data_dir, batch_size=0)
+    with pytest.raises(ValueError, match="augment kind"):
+        _train(data_dir, augment=dict(kind="mixup"))
+
+
+@pytest.mark.parametrize("shard_count", [1, 3])
+def test_eval_iterator_pads_and_masks(data_dir, shard_count):
+    source = sources.data_source(DEMO, data_dir, "validation")
+    transform = transforms.EvalTransform(32, 0.875)
+    total = 0
+    for shard in range(shard_count):
+        batches = list(_eval(data_dir, shard_index=shard, shard_count=shard_count))
+        # Same number of batches on every process: ceil(ceil(1000 / shards) / 128).
+        assert len(batches) == math.ceil(math.ceil(1000 / shard_count) / 128)
+        images = np.concatenate([b["image"] for b in batches])
+        labels = np.concatenate([b["label"] for b in batches])
+        mask = np.concatenate([b["mask"] for b in batches])
+        assert all(
+            b["image"].shape == (128, 32, 32, 3) and b["mask"].dtype == bool for b in batches
+        )
+        indices = range(shard, 1000, shard_count)
+        real = len(indices)
+        assert mask[:real].all() and not mask[real:].any()  # padding only at the end
+        assert (images[real:] == 0).all() and (labels[real:] == 0).all()
+        for position in (0, real // 2, real - 1):  # real examples in shard order, eval-transformed
+            want = transform(source[indices[position]])
+            np.testing.assert_array_equal(images[position], want["image"])
+            assert labels[position] == want["label"]
+        total += real
+    assert total == 1000
