@@ -41,6 +41,9 @@ class KernelParams:
     chunk: BT, rows per chunk (a multiple of SUB_CHUNK and a power of two).
     short_max_chunks: use the one-program-per-(b, h) plan when ceil(N / chunk) is at most this.
     num_warps: Triton warps per program; num_stages: Triton software-pipelining stages.
+    exact_diagonal: build the 16 x 16 diagonal blocks from a masked [16, 16, K] exponential (every
+      exponent <= 0, any gates); else from two dots around the block's middle row (much cheaper,
+      finite while gates stay above about -11 per token).
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -48,6 +51,7 @@ class KernelParams:
     short_max_chunks: int = 4
     num_warps: int = 4
     num_stages: int = 1
+    exact_diagonal: bool = True
     interpret: bool = False
 
 
@@ -107,6 +111,51 @@ def _diag_decay(x, reverse):
     return jnp.exp(jnp.where(keep, x[:, None, :] - x[None, :, :], -jnp.inf))
 
 
+def _diag_mask(r, reverse):
+    t = jnp.arange(r, dtype=jnp.int32)[:, None]
+    s = jnp.arange(r, dtype=jnp.int32)[None, :]
+    return s >= t if reverse else s <= t
+
+
+def _diag_factors(x):
+    """Fast diagonal: e^(X - X_m) and e^(X_m - X) around the block's middle row m, [R, K] each.
+    Their product is exact, but one factor of a pair can reach e^(8 |g|max): fp32/bf16 overflow
+    once a gate is below about -11 per token (so the exact form stays available)."""
+    r = x.shape[0]
+    rows = jnp.arange(r, dtype=jnp.int32)[:, None]
+    xm = jnp.sum(jnp.where(rows == r // 2, x, 0.0), axis=0)[None, :]
+    return jnp.exp(x - xm), jnp.exp(xm - x)
+
+
+def _diag_dtype(mm):
+    # fp16 cannot hold the fast form's factors (up to e^88); bf16 has the fp32 exponent range.
+    return jnp.float32 if mm == jnp.float16 else mm
+
+
+def _diag_scores(q, k, x, reverse, exact, mm):
+    """D[t, s] = sum_d q_td k_sd exp(X_td - X_sd) for s at or before t in the direction: [R, R]."""
+    if exact:
+        return jnp.sum(q[:, None, :] * k[None, :, :] * _diag_decay(x, reverse), axis=2)
+    eq, ek = _diag_factors(x)
+    d = _dot(q * eq, k * ek, _diag_dtype(mm), trans_b=True)
+    return jnp.where(_diag_mask(x.shape[0], reverse), d, 0.0)
+
+
+def _diag_grads(q, k, x, dd, reverse, exact, mm):
+    """(D, dq, dk) of the diagonal block given dD = dL/dD [R, R] (unmasked)."""
+    if exact:
+        e = _diag_decay(x, reverse)  # [R, R, K]
+        w = dd[:, :, None] * e
+        d = jnp.sum(q[:, None, :] * k[None, :, :] * e, axis=2)
+        return d, jnp.sum(w * k[None, :, :], axis=1), jnp.sum(w * q[:, None, :], axis=0)
+    eq, ek = _diag_factors(x)
+    qh, kh, dm = q * eq, k * ek, _diag_dtype(mm)
+    mask = _diag_mask(x.shape[0], reverse)
+    d = jnp.where(mask, _dot(qh, kh, dm, trans_b=True), 0.0)
+    dd = jnp.where(mask, dd, 0.0)
+    return d, _dot(dd, kh, dm) * eq, _dot(dd, qh, dm, trans_a=True) * ek
+
+
 def _dot(a, b, mm, *, trans_a=False, trans_b=False):
     """a @ b with operands in the matmul dtype `mm` (the input dtype) and fp32 accumulation."""
     return pltriton.dot(a.astype(mm), b.astype(mm), trans_a=trans_a, trans_b=trans_b).astype(
@@ -144,7 +193,7 @@ def _load_blocks(refs, c, bt, n):
     ]
 
 
-def _fwd_chunk(blocks, sf, sb, mm):
+def _fwd_chunk(blocks, sf, sb, mm, exact):
     """o of one chunk, [BC, V] per sub-block, from its blocks (q, k, v, gf, gb) and entering states."""
     nb = len(blocks)
     V = blocks[0][2].shape[1]
@@ -156,7 +205,7 @@ def _fwd_chunk(blocks, sf, sb, mm):
             q, k, v, g = blocks[i][0], blocks[i][1], blocks[i][2], blocks[i][gi]
             total, x = _decays(g, reverse)
             acc[i] = acc[i] + _dot(q * jnp.exp(x), s, mm)
-            d = jnp.sum(q[:, None, :] * k[None, :, :] * _diag_decay(x, reverse), axis=2)
+            d = _diag_scores(q, k, x, reverse, exact, mm)
             diag[i] = d if diag[i] is None else diag[i] + d  # [BC, BC]: both directions
             if step + 1 < nb:
                 ke = k * jnp.exp(total[None, :] - x)
@@ -165,7 +214,7 @@ def _fwd_chunk(blocks, sf, sb, mm):
     return [0.5 * (acc[i] + _dot(diag[i], blocks[i][2], mm)) for i in range(nb)]
 
 
-def _bwd_chunk(blocks, states, mm):
+def _bwd_chunk(blocks, states, mm, exact):
     """Gradients of one chunk per sub-block: (dq, dk, dv, dgf, dgb), each [BC, d] fp32.
 
     blocks: per sub-block (q, k, v, gf, gb, do') with do' = do / 2.
@@ -208,12 +257,10 @@ def _bwd_chunk(blocks, states, mm):
             total, x = decays[i]
             q, k, v, do = q_[i], k_[i], v_[i], do_[i]
             ex, ekx = jnp.exp(x), jnp.exp(total[None, :] - x)
-            e = _diag_decay(x, reverse)  # [BC, BC, K]
-            w = ddiag[i][:, :, None] * e
-            dq_d = _dot(do, s_enter[i], mm, trans_b=True) * ex + jnp.sum(w * k[None, :, :], axis=1)
-            dk_d = _dot(v, u_leave[i], mm, trans_b=True) * ekx + jnp.sum(w * q[:, None, :], axis=0)
+            d, dq_diag, dk_diag = _diag_grads(q, k, x, ddiag[i], reverse, exact, mm)
+            dq_d = _dot(do, s_enter[i], mm, trans_b=True) * ex + dq_diag
+            dk_d = _dot(v, u_leave[i], mm, trans_b=True) * ekx + dk_diag
             dv[i] = dv[i] + _dot(k * ekx, u_leave[i], mm)
-            d = jnp.sum(q[:, None, :] * k[None, :, :] * e, axis=2)
             diag[i] = d if diag[i] is None else diag[i] + d
             dq[i] = dq[i] + dq_d
             dk[i] = dk[i] + dk_d
@@ -247,7 +294,7 @@ def _traced_chunk_ids(nt):
     return [zero + c for c in range(nt)]
 
 
-def _bigla_fwd_short_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, o_ref, *, n, bt, mm):
+def _bigla_fwd_short_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, o_ref, *, n, bt, mm, exact):
     nt = math.ceil(n / bt)
     cid = _traced_chunk_ids(nt)
     K, V = q_ref.shape[-1], v_ref.shape[-1]
@@ -261,7 +308,9 @@ def _bigla_fwd_short_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, o_ref, *, n, bt
     s = jnp.zeros((K, V), jnp.float32)
     for c in range(nt):
         blocks = _load_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref), cid[c], bt, n)
-        _store_blocks((o_ref,), [(o,) for o in _fwd_chunk(blocks, s, sb[c], mm)], cid[c], bt, n)
+        _store_blocks(
+            (o_ref,), [(o,) for o in _fwd_chunk(blocks, s, sb[c], mm, exact)], cid[c], bt, n
+        )
         if c + 1 < nt:
             k, v, gf = _load_chunk((k_ref, v_ref, gf_ref), cid[c], bt, n)
             s = _state_step(s, k, v, gf, False, mm)
@@ -301,11 +350,11 @@ def _bigla_states_kernel(*refs, n, bt, mm, adjoints):
 
 
 def _bigla_fwd_chunk_kernel(
-    q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm, exact
 ):
     c = pl.program_id(0)
     blocks = _load_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
-    out = _fwd_chunk(blocks, sf_ref[...], sb_ref[...], mm)
+    out = _fwd_chunk(blocks, sf_ref[...], sb_ref[...], mm, exact)
     _store_blocks((o_ref,), [(o,) for o in out], c, bt, n)
 
 
@@ -314,7 +363,9 @@ def _load_bwd_blocks(refs, c, bt, n):
     return [b[:5] + [0.5 * b[5]] for b in blocks]  # fold the mean's 1/2 into do
 
 
-def _bigla_bwd_short_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *out_refs, n, bt, mm):
+def _bigla_bwd_short_kernel(
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *out_refs, n, bt, mm, exact
+):
     nt = math.ceil(n / bt)
     cid = _traced_chunk_ids(nt)
     K, V = q_ref.shape[-1], v_ref.shape[-1]
@@ -332,7 +383,9 @@ def _bigla_bwd_short_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, *out_re
     s, ds = zero, zero
     for c in range(nt):
         blocks = _load_bwd_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), cid[c], bt, n)
-        _store_blocks(out_refs, _bwd_chunk(blocks, (s, sb[c], dsf[c], ds), mm), cid[c], bt, n)
+        _store_blocks(
+            out_refs, _bwd_chunk(blocks, (s, sb[c], dsf[c], ds), mm, exact), cid[c], bt, n
+        )
         if c + 1 < nt:
             q, k, v, gf, gb, do = _load_chunk(
                 (q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), cid[c], bt, n
@@ -356,11 +409,12 @@ def _bigla_bwd_chunk_kernel(
     n,
     bt,
     mm,
+    exact,
 ):
     c = pl.program_id(0)
     blocks = _load_bwd_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), c, bt, n)
     states = (sf_ref[...], sb_ref[...], dsf_ref[...], dsb_ref[...])
-    _store_blocks(out_refs, _bwd_chunk(blocks, states, mm), c, bt, n)
+    _store_blocks(out_refs, _bwd_chunk(blocks, states, mm, exact), c, bt, n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,7 +475,7 @@ def _bigla_fwd(q, k, v, gf, gb, params):
     gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
     inputs = (q, k, v, gf, gb)
     out_shape = jax.ShapeDtypeStruct(v.shape, v.dtype)
-    statics = dict(n=N, bt=params.chunk, mm=q.dtype)
+    statics = dict(n=N, bt=params.chunk, mm=q.dtype, exact=params.exact_diagonal)
     if _use_short_path(N, params):
         kernel = functools.partial(_bigla_fwd_short_kernel, **statics)
         return _call(
@@ -453,7 +507,7 @@ def _bigla_bwd(q, k, v, gf, gb, do, params):
     V = v.shape[-1]
     inputs = (q, k, v, gf.astype(jnp.float32), gb.astype(jnp.float32), do.astype(v.dtype))
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, gf, gb)]
-    statics = dict(n=N, bt=params.chunk, mm=q.dtype)
+    statics = dict(n=N, bt=params.chunk, mm=q.dtype, exact=params.exact_diagonal)
     if _use_short_path(N, params):
         kernel = functools.partial(_bigla_bwd_short_kernel, **statics)
         return _call(
