@@ -119,3 +119,11 @@ def test_read_idx_rejects_a_wrong_header(tmp_path):
     np.testing.assert_array_equal(fashion_mnist._read_idx(path, 2049, 5), np.zeros(5))
     with pytest.raises(ValueError, match="IDX header"):
         fashion_mnist._read_idx(path, 2049, 6)
+
+
+def test_source_dir_precedence(monkeypatch):
+    monkeypatch.delenv(fashion_mnist.SOURCE_DIR_ENV, raising=False)
+    assert str(fashion_mnist.resolve_source_dir()) == fashion_mnist.DEFAULT_SOURCE_DIR
+    monkeypatch.setenv(fashion_mnist.SOURCE_DIR_ENV, "/from/env")
+    assert str(fashion_mnist.resolve_source_dir()) == "/from/env"
+    assert str(fashion_mnist.resolve_source_dir("/from/arg")) == "/from/arg"

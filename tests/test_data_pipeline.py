@@ -162,12 +162,17 @@ def test_train_iterator_resumes_exactly_from_state(data_dir):
 
 
 def test_train_iterator_same_batches_with_worker_processes(data_dir):
-    expected = _take(_train(data_dir), 2)
+    expected = _take(_train(data_dir), 3)
     it = _train(data_dir, num_workers=1)
     try:
-        _assert_batches_equal(_take(it, 2), expected)
+        _assert_batches_equal(_take(it, 2), expected[:2])
+        state = it.get_state()
     finally:
         it.close()
+    # The state does not depend on num_workers: resume the worker run in-process.
+    resumed = _train(data_dir)
+    resumed.set_state(state)
+    _assert_batches_equal(_take(resumed, 1), expected[2:])
 
 
 def test_train_iterator_rejects_bad_arguments(data_dir):
@@ -177,6 +182,8 @@ def test_train_iterator_rejects_bad_arguments(data_dir):
         _train(data_dir, batch_size=0)
     with pytest.raises(ValueError, match="augment kind"):
         _train(data_dir, augment=dict(kind="mixup"))
+    with pytest.raises(ValueError, match="batches"):
+        _train(data_dir).set_state({"batches": -1})
 
 
 @pytest.mark.parametrize("shard_count", [1, 3])

@@ -3,7 +3,8 @@
 Training: shard (every `shard_count`-th example from `shard_index`) -> shuffle -> random transform
 -> repeat (each epoch reshuffled and re-augmented: grain folds the epoch into the seeds) -> batch.
 Every random draw is a function of (seed, epoch, position), so the stream does not depend on
-`num_workers` or thread timing, and `get_state`/`set_state` resume it exactly.
+`num_workers` or thread timing, and `get_state`/`set_state` resume it exactly (the state is the
+number of batches consumed).
 
 Eval: shard -> transform -> pad with masked examples up to the same number of batches on every
 process (the largest shard, rounded up to whole batches), so no example is dropped and all
@@ -61,7 +62,7 @@ def make_train_iterator(
     shard_index: int,
     shard_count: int,
     num_workers: int,
-) -> grain.DatasetIterator:
+) -> "TrainIterator":
     """Infinite iterator of augmented training batches for this process.
 
     Args:
@@ -75,7 +76,7 @@ def make_train_iterator(
       num_workers: grain worker processes (0: threads in this process).
     Returns:
       Iterator of {"image": uint8 [b, S, S, 3], "label": int32 [b]} with `get_state()` /
-      `set_state(state)` for exact resumption.
+      `set_state(state)` for exact resumption (also with another `num_workers`).
     Raises:
       ValueError: bad arguments or augment options; see also `sources.get_builder`.
     """
@@ -84,7 +85,50 @@ def make_train_iterator(
     source = sources.data_source(dataset, data_dir, split)
     ds = grain.MapDataset.source(source)[shard_index::shard_count].seed(seed)
     ds = ds.shuffle().random_map(transform).repeat(None).batch(batch_size, drop_remainder=True)
-    return _iterate(ds, num_workers)
+    return TrainIterator(ds, num_workers)
+
+
+class TrainIterator:
+    """Infinite batch iterator whose state is just the number of batches consumed.
+
+    Batch k is a pure function of k (see the module docstring), so resuming means starting the
+    grain pipeline at batch k. The state is therefore valid across `num_workers` settings, unlike
+    grain's own iterator state, whose layout changes with multiprocessing.
+    """
+
+    def __init__(self, batches: grain.MapDataset, num_workers: int):
+        self._batches = batches
+        self._num_workers = num_workers
+        self._position = 0
+        self._iterator = None  # started on first use, so set_state wastes no read-ahead
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = _iterate(self._batches[self._position :], self._num_workers)
+        batch = next(self._iterator)
+        self._position += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        """JSON-able state: {"batches": number of batches returned so far}."""
+        return {"batches": self._position}
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        """Continues after `state["batches"]` batches, as the iterator that produced `state`."""
+        position = state["batches"]
+        if not isinstance(position, int) or position < 0:
+            raise ValueError(f"state must be {{'batches': int >= 0}}, got {state!r}")
+        self.close()
+        self._position = position
+
+    def close(self) -> None:
+        """Stops grain's threads or worker processes (restarted by the next `next`)."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,13 +13,8 @@ import tensorflow_datasets as tfds
 
 from vig_jax.data import demo_dataset, fashion_mnist
 
-# Builders that can prepare themselves without network or TensorFlow.
-_LOCAL_BUILDERS = {
-    "vig_demo_shapes": lambda data_dir: demo_dataset.VigDemoShapes(
-        data_dir=data_dir, file_format="array_record"
-    ),
-    "fashion_mnist": lambda data_dir: fashion_mnist.LocalFashionMNIST(data_dir=data_dir),
-}
+# Datasets we prepare ourselves on first use, without network or TensorFlow.
+_LOCAL_DATASETS = {"vig_demo_shapes": demo_dataset.prepare, "fashion_mnist": fashion_mnist.prepare}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +37,7 @@ def _not_prepared_message(dataset: str, builder: tfds.core.DatasetBuilder) -> st
     root = builder.data_dir_root
     return (
         f"TFDS dataset {dataset!r} is not prepared: no dataset_info.json in {builder.data_dir}. "
-        f"vig-jax only reads prepared datasets ({', '.join(sorted(_LOCAL_BUILDERS))} excepted). "
+        f"vig-jax only reads prepared datasets ({', '.join(sorted(_LOCAL_DATASETS))} excepted). "
         f"Prepare it once in ArrayRecord format, e.g. `tfds build {dataset} "
         f"--data_dir={root} --file_format=array_record` "
         f"(datasets with manual downloads such as imagenet2012 read their archives from "
@@ -63,17 +58,25 @@ def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
       FileNotFoundError: a dataset we cannot prepare is not prepared (says where TFDS looked), or
         Fashion-MNIST's source files are missing (names them and the apt package).
     """
-    if dataset in _LOCAL_BUILDERS:
-        builder = _LOCAL_BUILDERS[dataset](data_dir)
-        if not builder.is_prepared():
-            builder.download_and_prepare()
-        return builder
+    if dataset in _LOCAL_DATASETS:
+        try:
+            return _LOCAL_DATASETS[dataset](data_dir)
+        except ModuleNotFoundError as e:
+            if e.name != "importlib_resources":
+                raise
+            # TFDS imports it when preparing a builder defined in a package but does not declare
+            # it (tensorflow/datasets#11212).
+            raise ModuleNotFoundError(
+                "preparing a TFDS dataset needs `pip install importlib_resources` (a dependency "
+                "tensorflow-datasets forgets to declare)",
+                name=e.name,
+            ) from e
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"unknown dataset {dataset!r}: neither one of ours "
-            f"({', '.join(sorted(_LOCAL_BUILDERS))}) nor a TFDS dataset name"
+            f"({', '.join(sorted(_LOCAL_DATASETS))}) nor a TFDS dataset name"
         ) from None
     if not builder.is_prepared():
         raise FileNotFoundError(_not_prepared_message(dataset, builder))
