@@ -125,14 +125,17 @@ def count_module(model, image_hw: tuple[int, int]) -> FlopCount:
     )
 
 
-def count_model(name: str, image_hw: tuple[int, int]) -> FlopCount:
-    """Counts a registered model (1000 classes, float32) at images [1, H, W, 3]; see module doc."""
+def count_model(name: str, image_hw: tuple[int, int], **overrides) -> FlopCount:
+    """Counts a registered model (1000 classes, float32) at images [1, H, W, 3]; see module doc.
+
+    `overrides` go to `create_model` (e.g. depth=1 for a quick check).
+    """
     model_cls = VARIANTS[name][0] if name in VARIANTS else None
     uses_bigla = model_cls is not None and "bigla_impl" in {
         f.name for f in dataclasses.fields(model_cls)
     }
     # create_model raises the helpful error for an unknown name.
-    model = create_model(name, **({"bigla_impl": "chunked"} if uses_bigla else {}))
+    model = create_model(name, **({"bigla_impl": "chunked"} if uses_bigla else {}), **overrides)
     return count_module(model, image_hw)
 
 

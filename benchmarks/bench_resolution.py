@@ -1,0 +1,503 @@
+"""ViG vs DeiT across input resolutions: throughput, peak memory, FLOPs, params (issue 7).
+
+    python benchmarks/bench_resolution.py              # GPU, ~8 min on an H100; prints progress
+    python benchmarks/bench_resolution.py --smoke      # CPU check: depth-1 models, tiny images
+
+Pairs (paper claims): ViG-T vs DeiT-T and ViG-S vs DeiT-B, at 224..1024 and larger sizes while the
+time budget lasts. bf16 compute, fp32 params, batch 128·(224/size)² (floor, min 1), the same for
+both models of a size. Per (model, size):
+  inference   jitted forward, train=False;
+  training    jitted AdamW step (loss, grads, update) with the state donated.
+Compilation and warm-up are excluded; a run is `k` back-to-back calls ended by block_until_ready
+(k such that a run lasts >= ~50 ms, so dispatch is hidden); the reported time is the median over
+`--iters` runs.
+
+Memory: each (model, size) runs in a FRESH subprocess, inference first, then training. JAX's
+`peak_bytes_in_use` is process-wide and cannot be reset, so `infer_peak` is the inference peak alone
+and `train_peak` is the process peak after both (training always needs more: params, grads and
+Adam moments plus activations). The XLA estimate of each compiled program (arguments + outputs +
+temporaries, `compiled.memory_analysis()`) is recorded too. The subprocess gets
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 (unless set) so that "OOM" means the card, not the default 75 %
+pool. An out-of-memory error is recorded as "OOM" and the run goes on.
+
+FLOPs: `vig_jax.flops.count_model` (XLA cost analysis of the batch-1 forward, ViG with the chunked
+BiGLA since XLA sees no FLOPs inside a Pallas kernel) in one CPU subprocess that runs alongside.
+
+ViG uses `--bigla-impl` (pallas by default); DeiT uses `--attention` (cudnn flash attention by
+default, with the token count padded inside attention to a multiple of `--token-multiple`, 64,
+because cuDNN's backward rejects N = 197, 1025, 4097; `--attention xla` for plain softmax attention,
+unpadded). Results: `<out>.json` and `<out>.md` (default benchmarks/results/resolution.*).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_SIZES = (224, 384, 512, 768, 1024, 1536, 2048)
+DEFAULT_PAIRS = ("vig_t:deit_t", "vig_s:deit_b")
+RESULT_TAG = "RESULT "
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
+RUN_SECONDS = 0.05  # target length of one timed run (k back-to-back calls)
+GRACE_S = 90.0  # a case running when the time budget ends may go on this long
+
+
+def batch_for(size: int) -> int:
+    """128 at 224², scaled by (224/size)², floored, at least 1."""
+    return max(1, int(128 * (224 / size) ** 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Child processes: one (model, size) case on the accelerator, or the FLOP counts on the CPU.
+
+
+def _status(exc: Exception) -> str:
+    msg = str(exc)
+    if any(m in msg for m in OOM_MARKERS):
+        return "OOM"
+    return "error: " + (msg.strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _time_runs(fn, iters: int, warmup: int) -> tuple[float, int]:
+    """Median seconds per call of `fn()` (which blocks), over `iters` runs of k calls each."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    single = time.perf_counter() - t0
+    k = max(1, min(50, int(RUN_SECONDS / max(single, 1e-6))))
+    runs = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn(k)
+        runs.append((time.perf_counter() - t0) / k)
+    return statistics.median(runs), k
+
+
+def _memory_analysis_bytes(compiled) -> int | None:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return int(
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+
+
+def _peak_bytes(device) -> int | None:
+    stats = device.memory_stats()  # None on CPU
+    return int(stats["peak_bytes_in_use"]) if stats else None
+
+
+def run_case(case: dict) -> dict:
+    """Measures one model at one size: inference, then a training step. Runs in its own process."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from vig_jax.models import create_model
+
+    device = jax.devices()[0]
+    out = {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "jaxlib": __import__("jaxlib").__version__,
+    }
+    model = create_model(
+        case["model"], num_classes=1000, dtype=jnp.bfloat16, **case["create_kwargs"]
+    )
+    b, s = case["batch"], case["size"]
+    rng = np.random.default_rng(0)  # host-side data: nothing to compile
+    images = jnp.asarray(rng.standard_normal((b, s, s, 3), np.float32), jnp.bfloat16)
+    labels = jnp.asarray(rng.integers(0, 1000, (b,)), jnp.int32)
+    # The "rbg" generator compiles much faster than threefry (init draws every parameter);
+    # random values do not change what is timed.
+    key = jax.random.key(0, impl="rbg")
+    # Parameters do not depend on the image size: initialise at 224² so every size shares one
+    # compiled init (persistent cache, see _child_env).
+    init_images = jnp.zeros((1, 224, 224, 3), jnp.bfloat16)
+    params = jax.jit(lambda x: model.init(key, x, train=False)["params"])(init_images)
+    out["params"] = sum(x.size for x in jax.tree.leaves(params))
+
+    # Inference.
+    try:
+        infer = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+        compiled = infer.lower(params, images).compile()
+        out["infer_xla_bytes"] = _memory_analysis_bytes(compiled)
+
+        def call_infer(k=1):
+            for _ in range(k):
+                y = compiled(params, images)
+            y.block_until_ready()
+
+        sec, k = _time_runs(call_infer, case["iters"], case["warmup"])
+        out.update(infer="ok", infer_ms=sec * 1e3, infer_img_s=b / sec, infer_calls_per_run=k)
+        out["infer_peak_bytes"] = _peak_bytes(device)
+        del compiled, infer
+    except Exception as exc:  # noqa: BLE001 - any failure is recorded, the sweep goes on
+        out["infer"] = _status(exc)
+    if out["infer"] != "ok":
+        out["train"] = f"not run (inference: {out['infer']})"
+        return out
+
+    # Training step: AdamW, state donated. The dropout key is fixed (DropPath in ViG draws from
+    # it); a new key per step would only add a host-side op to the timed loop.
+    try:
+        tx = optax.adamw(1e-3, weight_decay=0.05)
+
+        def step(state, x, y):
+            p, opt_state = state
+
+            def loss_fn(p):
+                logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+            loss, grads = jax.value_and_grad(loss_fn)(p)
+            updates, opt_state = tx.update(grads, opt_state, p)
+            return (optax.apply_updates(p, updates), opt_state), loss
+
+        state = (params, jax.jit(tx.init)(params))
+        compiled = jax.jit(step, donate_argnums=0).lower(state, images, labels).compile()
+        out["train_xla_bytes"] = _memory_analysis_bytes(compiled)
+        holder = [state]
+
+        def call_train(k=1):
+            st = holder[0]
+            for _ in range(k):
+                st, loss = compiled(st, images, labels)
+            jax.block_until_ready((st, loss))
+            holder[0] = st
+
+        sec, k = _time_runs(call_train, case["iters"], case["warmup"])
+        out.update(train="ok", train_ms=sec * 1e3, train_img_s=b / sec, train_calls_per_run=k)
+        out["train_peak_bytes"] = _peak_bytes(device)
+    except Exception as exc:  # noqa: BLE001
+        out["train"] = _status(exc)
+    return out
+
+
+def run_flops(jobs: list) -> None:
+    """Prints one RESULT line per [model, size, overrides] job: params and batch-1 forward FLOPs."""
+    os.nice(10)  # runs beside the timed GPU cases: stay out of their way
+    from vig_jax.flops import count_model
+
+    for name, size, overrides in jobs:
+        try:
+            c = count_model(name, (size, size), **overrides)
+            res = dict(
+                params=c.params,
+                xla_gflops=c.xla_flops / 1e9,
+                gmacs=c.macs / 1e9,
+                matmul_gflops=c.matmul_flops / 1e9,
+            )
+        except Exception as exc:  # noqa: BLE001
+            res = {"error": _status(exc)}
+        print(RESULT_TAG + json.dumps({"model": name, "size": size, **res}), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent: sweep, collect, write.
+
+
+def _child_env(smoke: bool) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    # Shared persistent compilation cache: parameter init (compiled at 224² for every size) and
+    # reruns compile once. It cannot change what is timed, only the wall time of the sweep.
+    env.setdefault(
+        "JAX_COMPILATION_CACHE_DIR",
+        str(pathlib.Path(tempfile.gettempdir()) / "vig_jax_bench_cache"),
+    )
+    if smoke:
+        env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _parse_results(stdout: str) -> list:
+    return [
+        json.loads(line[len(RESULT_TAG) :])
+        for line in stdout.splitlines()
+        if line.startswith(RESULT_TAG)
+    ]
+
+
+def _run_child(case: dict, env: dict, timeout_s: float) -> dict:
+    cmd = [sys.executable, __file__, "--child-case", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"infer": f"timeout after {timeout_s:.0f} s", "train": "not run (timeout)"}
+    results = _parse_results(proc.stdout)
+    if proc.returncode != 0 or not results:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[:400]
+        status = f"crashed (rc={proc.returncode}): {tail}"
+        return {"infer": status, "train": status}
+    return results[-1]
+
+
+def _case_kwargs(name: str, args) -> dict:
+    """create_model keyword arguments of one model under the chosen kernels."""
+    kwargs = {"depth": 1} if args.smoke else {}
+    if name.startswith("vig"):
+        kwargs["bigla_impl"] = args.bigla_impl
+    elif name.startswith("deit"):
+        kwargs["attention_impl"] = args.attention
+        kwargs["token_multiple"] = args.token_multiple
+    else:
+        raise ValueError(f"{name!r}: only vig_* and deit_* models are compared here")
+    return kwargs
+
+
+def sweep(args) -> dict:
+    pairs = [tuple(p.split(":")) for p in args.pairs]
+    models = list(dict.fromkeys(m for pair in pairs for m in pair))
+    env = _child_env(args.smoke)
+    start = time.time()
+    overrides = {"depth": 1} if args.smoke else {}
+    flops_jobs = [[m, s, overrides] for s in args.sizes for m in models]
+    flops_proc = subprocess.Popen(
+        [sys.executable, __file__, "--child-flops", json.dumps(flops_jobs)],
+        env={**env, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    cases, oom_at = [], {}
+    for size in args.sizes:
+        batch = args.batch or batch_for(size)
+        for name in models:
+            case = dict(
+                model=name,
+                size=size,
+                batch=batch,
+                iters=args.iters,
+                warmup=args.warmup,
+                create_kwargs=_case_kwargs(name, args),
+            )
+            elapsed = time.time() - start
+            if name in oom_at:
+                res = {"infer": f"not run (OOM at {oom_at[name]})", "train": "not run"}
+            elif elapsed > args.budget_s:
+                res = {"infer": "not run (time budget)", "train": "not run (time budget)"}
+            else:
+                t0 = time.time()
+                # Hard stop: whatever runs at the budget gets GRACE_S more, then it is killed.
+                res = _run_child(case, env, args.budget_s + GRACE_S - elapsed)
+                res["wall_s"] = round(time.time() - t0, 1)
+                if res.get("infer") == "OOM":
+                    oom_at[name] = size
+            cases.append({**case, **res})
+            print(_progress_line(cases[-1], time.time() - start), flush=True)
+    try:
+        stdout, stderr = flops_proc.communicate(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:
+        flops_proc.kill()
+        stdout, stderr = flops_proc.communicate()
+        print("FLOP counter timed out; counts so far only", flush=True)
+    flops = {(r["model"], r["size"]): r for r in _parse_results(stdout)}
+    if flops_proc.returncode:
+        print(f"FLOP counter failed: {stderr.strip()[-400:]}", flush=True)
+    for c in cases:
+        f = flops.get((c["model"], c["size"]), {})
+        c.update({k: v for k, v in f.items() if k not in ("model", "size", "params")})
+        c.setdefault("params", f.get("params"))
+    first = next((c for c in cases if "device" in c), {})
+    for c in cases:  # recorded once, in meta
+        for key in ("device", "platform", "jax", "jaxlib"):
+            c.pop(key, None)
+    return {
+        "meta": {
+            "device": first.get("device"),
+            "platform": first.get("platform"),
+            "jax": first.get("jax"),
+            "jaxlib": first.get("jaxlib"),
+            "git_sha": _git_sha(),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "dtype": "bfloat16 compute, float32 params",
+            "bigla_impl": args.bigla_impl,
+            "attention": args.attention,
+            "token_multiple": args.token_multiple,
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "pairs": args.pairs,
+            "smoke": args.smoke,
+            "total_s": round(time.time() - start, 1),
+            "memory": "fresh process per (model, size); infer_peak = inference alone, "
+            "train_peak = process peak after inference + training; *_xla_bytes = XLA estimate",
+            "flops": "vig_jax.flops: XLA cost analysis of the batch-1 forward "
+            "(ViG: chunked BiGLA); gmacs = xla_gflops / 2",
+        },
+        "cases": cases,
+    }
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _progress_line(c: dict, elapsed: float) -> str:
+    def part(mode):
+        if c.get(mode) != "ok":
+            return f"{mode} {c.get(mode)}"
+        peak = c.get(f"{mode}_peak_bytes")
+        mem = f", peak {peak / 2**30:.2f} GB" if peak else ""
+        return f"{mode} {c[f'{mode}_img_s']:,.1f} img/s{mem}"
+
+    return (
+        f"[{elapsed:6.0f} s] {c['model']:>7} {c['size']:>5}² B{c['batch']:<4} "
+        f"{part('infer')}; {part('train')}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown.
+
+
+def _num(c: dict, key: str, scale: float):
+    """A case's value, or its status text when the mode did not run."""
+    mode = key.split("_")[0]
+    if mode in ("infer", "train") and c.get(mode) != "ok":
+        return c.get(mode, "n/a")
+    value = c.get(key)
+    return None if value is None else value * scale
+
+
+def _pair_cell(a, b, fmt: str, higher_is_better: bool) -> str:
+    def show(x):
+        if x is None:
+            return "n/a"
+        return x if isinstance(x, str) else format(x, fmt)
+
+    cell = f"{show(a)} / {show(b)}"
+    if isinstance(a, float | int) and isinstance(b, float | int) and a and b:
+        cell += f" ({a / b if higher_is_better else b / a:.2f}×)"
+    return cell
+
+
+def to_markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [
+        "# ViG vs DeiT across resolutions",
+        "",
+        f"{meta['device']} ({meta['platform']}), jax {meta['jax']}, "
+        f"git {str(meta['git_sha'])[:10]}, "
+        f"{meta['date_utc']}; {meta['dtype']}; ViG BiGLA `{meta['bigla_impl']}`, DeiT attention "
+        f"`{meta['attention']}` (token multiple {meta['token_multiple']}); median of "
+        f"{meta['iters']} runs after {meta['warmup']} warm-up calls"
+        + ("; SMOKE run (depth-1 models, CPU)" if meta["smoke"] else "")
+        + ".",
+        "",
+        "Cells: ViG / DeiT (ViG's advantage: speed ratio, or DeiT/ViG for memory and FLOPs). "
+        "Peak GB: training = process peak after inference and training, each (model, size) in a "
+        "fresh process. GMACs: batch-1 forward, XLA FLOPs / 2.",
+    ]
+    cols = [
+        ("infer img/s", "infer_img_s", 1.0, ",.0f", True),
+        ("train img/s", "train_img_s", 1.0, ",.1f", True),
+        ("infer peak GB", "infer_peak_bytes", 2**-30, ".2f", False),
+        ("train peak GB", "train_peak_bytes", 2**-30, ".2f", False),
+        ("GMACs", "gmacs", 1.0, ".2f", False),
+    ]
+    by_key = {(c["model"], c["size"]): c for c in result["cases"]}
+    for pair in meta["pairs"]:
+        vig, deit = pair.split(":")
+        lines += [
+            "",
+            f"## {vig} vs {deit}",
+            "",
+            "| size | batch | " + " | ".join(name for name, *_ in cols) + " |",
+            "|---|---|" + "---|" * len(cols),
+        ]
+        sizes = sorted({c["size"] for c in result["cases"] if c["model"] in (vig, deit)})
+        for size in sizes:
+            a, b = by_key.get((vig, size), {}), by_key.get((deit, size), {})
+            cells = [
+                _pair_cell(_num(a, key, scale), _num(b, key, scale), fmt, better)
+                for _, key, scale, fmt, better in cols
+            ]
+            lines.append(
+                f"| {size}² | {a.get('batch', b.get('batch'))} | " + " | ".join(cells) + " |"
+            )
+    params = {c["model"]: c.get("params") for c in result["cases"] if c.get("params")}
+    lines += ["", "Params: " + ", ".join(f"{m} {p / 1e6:.1f} M" for m, p in params.items()), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
+    parser.add_argument("--pairs", nargs="+", default=list(DEFAULT_PAIRS), help="vig:deit names")
+    parser.add_argument("--bigla-impl", choices=("pallas", "chunked"), default="pallas")
+    parser.add_argument("--attention", choices=("cudnn", "xla"), default="cudnn")
+    parser.add_argument(
+        "--token-multiple",
+        type=int,
+        default=None,
+        help="pad DeiT's attention sequence to a multiple of this (default: cudnn 64, xla 1)",
+    )
+    parser.add_argument("--iters", type=int, default=10, help="timed runs per mode (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--batch", type=int, default=None, help="override 128·(224/size)²")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help=f"start no case after this many seconds; a running one is killed {GRACE_S:.0f} s on",
+    )
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/resolution"))
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU check: depth-1 models, tiny sizes"
+    )
+    parser.add_argument("--child-case", help=argparse.SUPPRESS)
+    parser.add_argument("--child-flops", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child_case:
+        print(RESULT_TAG + json.dumps(run_case(json.loads(args.child_case))), flush=True)
+        return
+    if args.child_flops:
+        run_flops(json.loads(args.child_flops))
+        return
+    if args.smoke:
+        # Pallas and cuDNN need a GPU; exercise the padded-attention path with XLA instead.
+        args.bigla_impl, args.attention = "chunked", "xla"
+        args.token_multiple = args.token_multiple or 64
+        if args.sizes == list(DEFAULT_SIZES):
+            args.sizes = [32, 48]
+        args.batch = args.batch or 2
+    if args.token_multiple is None:
+        args.token_multiple = 64 if args.attention == "cudnn" else 1
+    for p in args.pairs:
+        if p.count(":") != 1:
+            parser.error(f"--pairs takes vig:deit names, got {p!r}")
+
+    result = sweep(args)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(result))
+    print(
+        f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} "
+        f"in {result['meta']['total_s']:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
