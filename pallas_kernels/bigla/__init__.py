@@ -7,6 +7,8 @@ the same arrays:
   pallas     one Pallas GPU (Triton) kernel computing both directions, with its own backward.
 """
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -31,8 +33,8 @@ def _check(q, k, v, gf, gb, impl, chunk_size, interpret):
             raise ValueError(f"{name}.dtype={x.dtype} is not a float dtype of {_FLOATS}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be positive")
+    if not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
     if interpret and impl != "pallas":
         raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
 

@@ -1,0 +1,193 @@
+"""BiGLA: reference against a plain loop, chunked path against the reference, the dispatcher.
+
+Errors are max |got - want| / max |want| (tests/helpers.py). Tolerances per dtype of q, k, v:
+
+  dtype     tol    measured (outputs and all five gradients)
+  float64   1e-10  <= 1e-15: both paths are exact up to rounding
+  float32   1e-5   <= 6e-7 for typical gates, <= 2e-6 for gates down to -30 (other summation order)
+  bfloat16  2e-2   <= 8e-3: both compute in float32; the bf16 rounding of o, dq, dk, dv differs by
+                   up to an ulp (2^-8) where the float32 values straddle a rounding boundary
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.bigla import bigla
+from pallas_kernels.bigla.chunked import bigla_chunked
+from pallas_kernels.bigla.reference import bigla_reference
+from tests.helpers import assert_close, rel_err
+
+TOL = {jnp.float64: 1e-10, jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+GRAD_NAMES = ("dq", "dk", "dv", "dgf", "dgb")
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+# (N, H, K, V, chunk): every N with both chunk sizes; H, K, V cycle so each value appears 5 times.
+# The last case has a chunk that is not a multiple of 16 (sub-blocks of 12).
+CASES = [
+    (1, 1, 16, 16, 16),
+    (1, 3, 32, 64, 64),
+    (7, 3, 32, 16, 16),
+    (7, 1, 16, 64, 64),
+    (64, 1, 32, 64, 16),
+    (64, 3, 16, 16, 64),
+    (65, 3, 16, 64, 16),
+    (65, 1, 32, 16, 64),
+    (196, 1, 16, 16, 16),
+    (196, 3, 32, 64, 64),
+    (50, 3, 16, 16, 24),
+]
+
+
+def _case_id(case):
+    N, H, K, V, C = case
+    return f"N{N}-H{H}-K{K}-V{V}-C{C}"
+
+
+def _inputs(seed, B, N, H, K, V, dtype, gate_dtype=None, gate_scale=(1.0, 1.0)):
+    """q, k, v ~ N(0, 1) in dtype; gates as the model makes them, log_sigmoid(N(0, 3²)) / 16, times
+    gate_scale (forward, backward), in gate_dtype (default: dtype)."""
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal((B, N, H, K)) for _ in range(2))
+    v = rng.standard_normal((B, N, H, V))
+    gf, gb = (
+        np.asarray(jax.nn.log_sigmoid(3 * rng.standard_normal((B, N, H, K)))) / 16 * s
+        for s in gate_scale
+    )
+    gate_dtype = gate_dtype or dtype
+    return (
+        *(jnp.asarray(x, dtype) for x in (q, k, v)),
+        *(jnp.asarray(g, gate_dtype) for g in (gf, gb)),
+    )
+
+
+def _output_and_grads(fn, args, seed):
+    """fn(*args) and its gradients for all five inputs under a random cotangent (not `.sum()`)."""
+
+    def run(*args):
+        o, vjp = jax.vjp(fn, *args)
+        do = jax.random.normal(jax.random.key(seed), o.shape, jnp.float32).astype(o.dtype)
+        return o, vjp(do)
+
+    # These tests are compile-bound; LLVM -O0 about halves XLA:CPU compile time (CI budget) and
+    # changes no HLO, so the numerics are those of the default build.
+    compiled = jax.jit(run).lower(*args).compile(FAST_COMPILE)
+    return compiled(*args)
+
+
+def _assert_matches_reference(fn, args, tol, seed=0):
+    o, grads = _output_and_grads(fn, args, seed)
+    o_ref, grads_ref = _output_and_grads(bigla_reference, args, seed)
+    assert_close("o", o, o_ref, tol)
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref, strict=True):
+        assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+        assert_close(name, got, want, tol)
+
+
+def _loop_bigla(q, k, v, gf, gb):
+    """The spec's recurrences as a plain numpy float64 loop over batch, head and token."""
+    B, N, H, K = q.shape
+    o = np.zeros(v.shape)
+    for b in range(B):
+        for h in range(H):
+            s = np.zeros((K, v.shape[-1]))
+            for t in range(N):
+                s = np.exp(gf[b, t, h])[:, None] * s + np.outer(k[b, t, h], v[b, t, h])
+                o[b, t, h] += q[b, t, h] @ s / 2
+            s = np.zeros_like(s)
+            for t in reversed(range(N)):
+                s = np.exp(gb[b, t, h])[:, None] * s + np.outer(k[b, t, h], v[b, t, h])
+                o[b, t, h] += q[b, t, h] @ s / 2
+    return o
+
+
+def test_reference_matches_loop(x64):
+    args = _inputs(1, 2, 9, 2, 3, 4, jnp.float64, gate_scale=(1.0, 8.0))
+    want = _loop_bigla(*(np.asarray(x) for x in args))
+    assert_close("o", bigla_reference(*args), want, TOL[jnp.float64])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_chunked_matches_reference(case, dtype, request):
+    if dtype == jnp.float64:
+        request.getfixturevalue("x64")
+    N, H, K, V, C = case
+    args = _inputs(N + H, 2, N, H, K, V, dtype)
+    _assert_matches_reference(lambda *a: bigla_chunked(*a, chunk_size=C), args, TOL[dtype])
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_chunked_extreme_gates_finite_and_exact(chunk):
+    """Per-token log gates down to -30 in some channels, about 0 in others (both directions)."""
+    B, N, H, K, V = 1, 100, 2, 16, 16
+    rng = np.random.default_rng(7)
+    strong = rng.random((1, 1, H, K)) < 0.5  # mixed channels: decay e^-30 per token or almost none
+    weak, hard = (s * rng.random((B, N, H, K)) for s in (-1e-3, -30.0))
+    gf, gb = np.where(strong, hard, weak), np.where(strong, weak, hard)
+    q, k, v, _, _ = _inputs(8, B, N, H, K, V, jnp.float32)
+    args = (q, k, v, jnp.asarray(gf, jnp.float32), jnp.asarray(gb, jnp.float32))
+    # assert_close also fails on any NaN/Inf in the output or gradients.
+    chunked = lambda *a: bigla_chunked(*a, chunk_size=chunk)
+    _assert_matches_reference(chunked, args, TOL[jnp.float32])
+
+
+def test_chunked_bf16_inputs_fp32_gates():
+    args = _inputs(3, 2, 130, 3, 32, 64, jnp.bfloat16, gate_dtype=jnp.float32)
+    _assert_matches_reference(lambda *a: bigla_chunked(*a, chunk_size=64), args, TOL[jnp.bfloat16])
+
+
+def test_swapped_gates_are_detected():
+    """Negative control: with asymmetric gates, a path that swaps gf and gb must fail the check."""
+    q, k, v, gf, gb = _inputs(5, 1, 40, 1, 16, 16, jnp.float32, gate_scale=(0.5, 16.0))
+    want = bigla_reference(q, k, v, gf, gb)
+    swapped = bigla_chunked(q, k, v, gb, gf, chunk_size=16)
+    assert rel_err(swapped, want) > 1e-2
+    with pytest.raises(AssertionError):
+        assert_close("o", swapped, want, TOL[jnp.float32])
+    assert_close("o", bigla_chunked(q, k, v, gf, gb, chunk_size=16), want, TOL[jnp.float32])
+
+
+def test_bigla_auto_on_cpu_is_chunked():
+    args = _inputs(4, 2, 33, 3, 16, 16, jnp.float32)
+    got = bigla(*args, chunk_size=16)
+    np.testing.assert_array_equal(got, bigla_chunked(*args, chunk_size=16))
+    assert_close("o", got, bigla(*args, impl="reference"), TOL[jnp.float32])
+
+
+def _good():
+    return _inputs(0, 1, 4, 2, 8, 8, jnp.float32)
+
+
+def _bad_args():
+    q, k, v, gf, gb = _good()
+    return {
+        "q_rank": ((q[0], k[0], v[0], gf[0], gb[0]), {}),
+        "k_shape": ((q, k[:, :3], v, gf, gb), {}),
+        "gf_shape": ((q, k, v, gf[..., :4], gb), {}),
+        "gb_shape": ((q, k, v, gf, gb[:, :, :1]), {}),
+        "v_tokens": ((q, k, v[:, :3], gf, gb), {}),
+        "v_rank": ((q, k, v[..., 0], gf, gb), {}),
+        "dtype_mismatch": ((q, k.astype(jnp.bfloat16), v, gf, gb), {}),
+        "int_inputs": ((q, k, v.astype(jnp.int32), gf, gb), {}),
+        "int_gates": ((q, k, v, gf.astype(jnp.int32), gb), {}),
+        "unknown_impl": ((q, k, v, gf, gb), {"impl": "triton"}),
+        "chunk_zero": ((q, k, v, gf, gb), {"chunk_size": 0}),
+        "chunk_float": ((q, k, v, gf, gb), {"chunk_size": 16.0}),
+        "interpret_not_pallas": ((q, k, v, gf, gb), {"impl": "chunked", "interpret": True}),
+        "interpret_auto": ((q, k, v, gf, gb), {"interpret": True}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_args()))
+def test_bigla_rejects_bad_input(case):
+    args, kwargs = _bad_args()[case]
+    with pytest.raises(ValueError):
+        bigla(*args, **kwargs)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU-only error")
+def test_bigla_pallas_on_cpu_needs_interpret():
+    with pytest.raises(ValueError, match="needs a GPU"):
+        bigla(*_good(), impl="pallas")
