@@ -36,7 +36,9 @@ def fsdp_spec(shape: tuple[int, ...], num_shards: int, min_size: int) -> Partiti
     """
     if num_shards == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
         return PartitionSpec()
-    axes = [i for i in np.argsort(shape, kind="stable")[::-1] if shape[i] % num_shards == 0]
+    # Largest first; among equal sizes the leading axis (contiguous shards).
+    by_size = sorted(range(len(shape)), key=lambda i: -shape[i])
+    axes = [i for i in by_size if shape[i] % num_shards == 0]
     if not axes:
         return PartitionSpec()
     spec = [None] * len(shape)

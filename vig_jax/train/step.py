@@ -100,10 +100,16 @@ def make_train_step(
         if ema is not None:
             ema = optax.incremental_update(params, ema, step_size=1.0 - opt.ema_decay)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": _global_norm(grads), "lr": schedule(state.step)}
         return new_state, metrics
 
     return train_step
+
+
+def _global_norm(tree) -> jax.Array:
+    # optax renamed its helper between the versions we support (global_norm -> tree_norm).
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 def make_eval_step(model: nn.Module, config, num_classes: int) -> Callable[[dict, dict], dict]:

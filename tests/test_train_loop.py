@@ -1,0 +1,189 @@
+"""train.py end to end on the demo dataset, in subprocesses on 4 fake CPU devices.
+
+One uninterrupted run is the reference. A second run is SIGKILLed after its first checkpoint,
+restarted, stopped with SIGTERM (which must save a checkpoint), restarted again, and must end
+with the same params and per-step losses. A third starts from a copy of a good checkpoint with
+a config that makes the loss NaN and must stop naming the step, keeping the good checkpoint.
+"""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+from tests.helpers import assert_close
+from vig_jax.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOTAL_STEPS = 8
+FLAGS = [
+    "--config=configs/demo.py",
+    "--config.model.overrides.embed_dim=32",
+    "--config.model.overrides.depth=1",
+    "--config.data.image_size=32",
+    "--config.data.batch_size=16",
+    "--config.data.eval_batch_size=32",
+    "--config.data.eval_split=validation[:64]",
+    f"--config.loop.total_steps={TOTAL_STEPS}",
+    "--config.loop.log_every_steps=1",
+    "--config.loop.eval_every_steps=4",
+    "--config.loop.ckpt_every_steps=2",
+    "--config.loop.progress_bar=False",
+]
+# Identical runs in one process: bitwise equal; across restarts the compiled code is the same
+# (shared compilation cache), so only reduction order could differ, and it does not on CPU.
+RESUME_TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    # All runs share one persistent compilation cache: restarts skip recompiling.
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
+def _start(workdir, env, *extra):
+    return subprocess.Popen(
+        [sys.executable, "train.py", f"--workdir={workdir}", *FLAGS, *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def _steps(workdir):
+    d = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _wait_for_checkpoint(proc, workdir, above, timeout=300):
+    """Polls until a complete checkpoint with step > `above` exists; returns its step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [s for s in _steps(workdir) if s > above]
+        if done:
+            return done[0]
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (rc {proc.returncode}) before a checkpoint > {above}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no checkpoint > {above} within {timeout} s")
+
+
+def _params(workdir, step):
+    path = pathlib.Path(workdir).absolute() / "checkpoints" / str(step) / "state"
+    with ocp.PyTreeCheckpointer() as ckptr:
+        state = ckptr.restore(path)
+    return state["params"]
+
+
+def _last_per_step(workdir, key):
+    """{step: value} of the last line with `key` per step (a resumed run re-logs some steps)."""
+    return {m["step"]: m[key] for m in read_metrics(workdir) if key in m}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    rc, out = _finish(_start(workdir, env))
+    assert rc == 0, out
+    return workdir
+
+
+def test_train_e2e_writes_metrics_and_checkpoints(reference):
+    losses = _last_per_step(reference, "train/loss")
+    assert sorted(losses) == list(range(1, TOTAL_STEPS + 1))
+    assert all(np.isfinite(list(losses.values())))
+    evals = {m["step"]: m for m in read_metrics(reference) if "eval/top1" in m}
+    assert sorted(evals) == [4, TOTAL_STEPS]
+    for m in evals.values():
+        assert 0.0 <= m["eval/top1"] <= m["eval/top5"] <= 1.0 and np.isfinite(m["eval/loss"])
+    # keep_checkpoints=2 of the saves at 2, 4, 6, 8.
+    assert _steps(reference) == [6, 8]
+    # TensorBoard events readable without TensorFlow, with the same scalars.
+    (event_file,) = (reference / "tensorboard").iterdir()
+    tags = {
+        (event.step, value.tag)
+        for event in EventFileLoader(str(event_file)).Load()
+        for value in event.summary.value
+    }
+    assert (1, "train/loss") in tags and (TOTAL_STEPS, "eval/top1") in tags
+
+
+def test_resume_after_sigkill_and_sigterm_matches_uninterrupted(reference, tmp_path, env):
+    workdir = tmp_path / "interrupted"
+    # 1. SIGKILL right after the first checkpoint is complete.
+    proc = _start(workdir, env)
+    first = _wait_for_checkpoint(proc, workdir, above=0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert TOTAL_STEPS not in _steps(workdir), "killed run finished before the kill"
+    # 2. Restart; SIGTERM once it has written a new checkpoint: it must save where it stops.
+    proc = _start(workdir, env)
+    second = _wait_for_checkpoint(proc, workdir, above=max(_steps(workdir)))
+    proc.send_signal(signal.SIGTERM)
+    rc, out = _finish(proc)
+    assert rc == 0, out
+    assert f"resumed from step {first}" in out
+    stopped = max(_steps(workdir))
+    assert stopped >= second
+    if stopped < TOTAL_STEPS:
+        assert f"SIGTERM: saved checkpoint at step {stopped}" in out
+        # 3. Restart to the end.
+        rc, out = _finish(_start(workdir, env))
+        assert rc == 0, out
+        assert f"resumed from step {stopped}" in out
+
+    want = _params(reference, TOTAL_STEPS)
+    got = _params(workdir, TOTAL_STEPS)
+    for name in want:
+        for (path, w), g in zip(_leaves(want[name]), _leaves(got[name]), strict=True):
+            assert_close(f"{name}/{path}", g, w, RESUME_TOL)
+    want_losses = _last_per_step(reference, "train/loss")
+    got_losses = _last_per_step(workdir, "train/loss")
+    assert sorted(got_losses) == sorted(want_losses)
+    for step in want_losses:
+        assert got_losses[step] == pytest.approx(want_losses[step], rel=RESUME_TOL), step
+    want_eval = _last_per_step(reference, "eval/loss")[TOTAL_STEPS]
+    assert _last_per_step(workdir, "eval/loss")[TOTAL_STEPS] == pytest.approx(want_eval, rel=1e-5)
+
+
+def _leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k in sorted(tree):
+            yield from _leaves(tree[k], f"{prefix}/{k}")
+    else:
+        yield prefix, np.asarray(tree)
+
+
+def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(reference, tmp_path, env):
+    workdir = tmp_path / "nan"
+    shutil.copytree(reference / "checkpoints" / "6", workdir / "checkpoints" / "6")
+    # std 0 turns every normalised pixel into inf: the first step after the restore is NaN.
+    rc, out = _finish(_start(workdir, env, "--config.data.std=(0.0, 0.0, 0.0)"))
+    assert rc != 0
+    assert "NonFiniteLossError" in out and "at step 7" in out
+    assert "last good checkpoint is step 6" in out
+    assert _steps(workdir) == [6]
