@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from tests.test_data_pipeline import shared_tfds_dir
 from vig_jax import data
 from vig_jax.data import fashion_mnist, sources
 
@@ -42,9 +43,7 @@ def data_dir(tmp_path_factory):
         fashion_mnist.check_source_files(fashion_mnist.resolve_source_dir())
     except FileNotFoundError as error:
         pytest.skip(str(error))
-    path = str(tmp_path_factory.mktemp("tfds"))
-    sources.get_builder("fashion_mnist", path)  # prepares
-    return path
+    return shared_tfds_dir(tmp_path_factory, "fashion_mnist")
 
 
 def test_fashion_mnist_info_matches_tfds(data_dir):

@@ -73,7 +73,7 @@ def _shape_mask(label: int, u: np.ndarray, v: np.ndarray, rng: np.random.Generat
     if name == "stripes":
         return inside_square & (np.sin(np.pi * freq * u) > 0)
     if name == "checkerboard":
-        cells = np.floor(freq * (u + 1) / 2 * 2) + np.floor(freq * (v + 1) / 2 * 2)
+        cells = np.floor(freq * (u + 1)) + np.floor(freq * (v + 1))
         return inside_square & (cells % 2 == 0)
     if name == "dots":
         cu = np.mod(freq * u, 2.0) - 1.0

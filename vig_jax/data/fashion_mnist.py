@@ -4,8 +4,9 @@ TFDS's own builder downloads the IDX files and yields numpy images, which TFDS c
 TensorFlow. `LocalFashionMNIST` subclasses it unchanged in name, version, features and splits
 (image [28, 28, 1] uint8, label ClassLabel(10), train 60000 / test 10000), but reads the files from
 a local directory (Debian's `dataset-fashion-mnist` package by default) and yields PNG bytes, so it
-prepares without network or TensorFlow into `<data_dir>/fashion_mnist/3.0.1/` as ArrayRecord. A user
-who prepared `fashion_mnist` with stock TFDS reads the same examples.
+prepares without network or TensorFlow into `<data_dir>/fashion_mnist/3.0.1/` as ArrayRecord.
+`tfds.builder("fashion_mnist")` (the stock class) reads the result, and a copy prepared by stock
+TFDS with `file_format="array_record"` (which needs TensorFlow) holds the same examples.
 """
 
 import gzip
