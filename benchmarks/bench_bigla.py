@@ -1,4 +1,4 @@
-"""BiGLA benchmark: parity of the Pallas kernel with the reference, then forward and forward+backward
+"""BiGLA benchmark: parity of the Pallas kernel with the reference, then forward and fwd+bwd
 times of pallas / chunked (XLA) / reference at ViG head shapes, against the HBM floor.
 
 GPU:  PYTHONUNBUFFERED=1 python benchmarks/bench_bigla.py --out DIR [--cases vig_s_224,...]
@@ -47,7 +47,7 @@ SMOKE_CASES = {"smoke_short": (1, 40, 2, 16, 32), "smoke_long": (1, 300, 1, 16, 
 
 
 def make_inputs(shape, dtype, seed=0):
-    """q, k, v in `dtype`, gates float32 = log_sigmoid(3 N(0,1)) / 16 (typical ViG), cotangent do."""
+    """q, k, v in `dtype`; float32 gates log_sigmoid(3 N(0,1)) / 16 (typical ViG); cotangent do."""
     B, N, H, K, V = shape
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
     q = (jax.random.normal(ks[0], (B, N, H, K)) * K**-0.5).astype(dtype)

@@ -1,0 +1,156 @@
+"""Pallas BiGLA kernel (pallas_kernels/bigla/pallas.py) against the lax.scan reference.
+
+CPU: interpret mode, fp32, forward and all five gradients under a random cotangent, reference in
+float64. GPU (`pytest -m gpu`): the compiled kernels, bf16 and fp32, small shapes and ViG shapes.
+Tolerances are max|Δ| / max|ref| (tests/helpers.assert_close), per notes/bigla_kernel.md §8.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.bigla import bigla
+from pallas_kernels.bigla.pallas import KernelParams, bigla_pallas
+from pallas_kernels.bigla.reference import bigla_reference
+from tests.helpers import assert_close
+
+GRAD_NAMES = ("dq", "dk", "dv", "dgf", "dgb")
+# (o, gradients) per input dtype on the compiled GPU path; interpret fp32 vs float64 uses 1e-5.
+GPU_TOL = {jnp.bfloat16: (1e-2, 2e-2), jnp.float32: (1e-4, 1e-4)}
+
+
+def make_inputs(shape, dtype=jnp.float32, gates="typical", seed=0):
+    """q, k, v in dtype; gates float32; cotangent do. gates: "typical" = log_sigmoid(3 N(0,1)) / 16,
+    "very_negative" = -10 per token on half of the channels, typical on the rest (mixed)."""
+    B, N, H, K, V = shape
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = (jax.random.normal(ks[0], (B, N, H, K)) * K**-0.5).astype(dtype)
+    k = jax.random.normal(ks[1], (B, N, H, K)).astype(dtype)
+    v = jax.random.normal(ks[2], (B, N, H, V)).astype(dtype)
+    gf, gb = (jax.nn.log_sigmoid(3 * jax.random.normal(kk, (B, N, H, K))) / 16 for kk in ks[3:5])
+    if gates == "very_negative":
+        strong = jnp.arange(K) % 2 == 0
+        gf = jnp.where(strong, -10.0, gf)
+        gb = jnp.where(strong[::-1], -10.0, gb)
+    do = jax.random.normal(ks[5], (B, N, H, V)).astype(dtype)
+    return (q, k, v, gf, gb), do
+
+
+def fwd_and_grads(f, args, do):
+    o, vjp = jax.vjp(f, *args)
+    return (o, *vjp(do))
+
+
+def reference64(args, do):
+    with jax.enable_x64(True):
+        args64 = [jnp.asarray(np.asarray(x, np.float64)) for x in args]
+        return [
+            np.asarray(x) for x in fwd_and_grads(bigla_reference, args64, do.astype(np.float64))
+        ]
+
+
+def check_all(got, want, tol_o, tol_grad):
+    assert_close("o", got[0], want[0], tol_o)
+    for name, g, w in zip(GRAD_NAMES, got[1:], want[1:], strict=True):
+        if not np.any(w):  # N = 1: a lone token's gates act on nothing, their gradient is 0
+            assert np.abs(np.asarray(g, np.float64)).max() <= 1e-6, f"{name} should be 0"
+            continue
+        assert_close(name, g, w, tol_grad)
+
+
+# (B, N, H, K, V), params, gates. Chunk sizes below 64 make short N take the long (states + chunk
+# kernels) path on CPU; each id spells the case.
+INTERPRET_CASES = [
+    pytest.param((1, 1, 2, 16, 32), KernelParams(), "typical", id="N1-K16V32-short"),
+    pytest.param((1, 64, 1, 16, 32), KernelParams(exact_diagonal=True), "typical", id="N64-exact"),
+    pytest.param((1, 17, 1, 32, 64), KernelParams(chunk=16), "typical", id="N17-K32V64-long"),
+    pytest.param((2, 130, 1, 16, 32), KernelParams(chunk=32), "typical", id="N130-B2-long"),
+    pytest.param(
+        (1, 40, 1, 16, 32),
+        KernelParams(chunk=32, exact_diagonal=True),
+        "very_negative",
+        id="N40-gates-10-exact-long",
+    ),
+    pytest.param(
+        (1, 40, 1, 16, 32), KernelParams(chunk=16), "very_negative", id="N40-gates-10-fast-long"
+    ),
+]
+
+
+@pytest.mark.parametrize("shape,params,gates", INTERPRET_CASES)
+def test_bigla_pallas_interpret_matches_reference(shape, params, gates):
+    args, do = make_inputs(shape, gates=gates)
+    params = KernelParams(**{**params.__dict__, "interpret": True})
+    got = fwd_and_grads(lambda *a: bigla_pallas(*a, params=params), args, do)
+    check_all(got, reference64(args, do), 1e-5, 1e-5)
+
+
+def test_bigla_pallas_dispatch_interpret_bf16_outputs_keep_dtypes():
+    """Through the public dispatcher; low-precision q/k/v with fp32 gates keep their dtypes."""
+    args, do = make_inputs((1, 20, 1, 16, 16), dtype=jnp.bfloat16)
+    f = lambda *a: bigla(*a, impl="pallas", chunk_size=16, interpret=True)
+    got = fwd_and_grads(f, args, do)
+    assert [x.dtype for x in got] == [jnp.bfloat16] * 4 + [jnp.float32] * 2
+    check_all(got, reference64(args, do), 2e-2, 3e-2)
+
+
+@pytest.mark.parametrize(
+    "shape,params,match",
+    [
+        ((1, 8, 1, 24, 32), KernelParams(), "K and V"),
+        ((1, 8, 1, 16, 8), KernelParams(), "K and V"),
+        ((1, 8, 1, 16, 32), KernelParams(chunk=48), "chunk=48"),
+    ],
+)
+def test_bigla_pallas_rejects_unsupported_shapes(shape, params, match):
+    args, _ = make_inputs(shape)
+    with pytest.raises(ValueError, match=match):
+        bigla_pallas(*args, params=KernelParams(**{**params.__dict__, "interpret": True}))
+
+
+GPU_SHAPES = [
+    (2, 1, 2, 16, 32),
+    (2, 17, 2, 32, 64),
+    (2, 64, 3, 16, 32),
+    (2, 65, 3, 32, 64),
+    (2, 130, 2, 64, 128),
+    (2, 196, 3, 32, 64),
+    (1, 1024, 2, 128, 16),
+]
+VIG_SHAPES = [
+    (16, 196, 6, 32, 64),  # ViG-S 224 (batch cut to keep the reference quick)
+    (4, 1024, 3, 32, 64),  # ViG-T 512
+    (2, 4096, 3, 32, 64),  # ViG-T 1024
+    (8, 3136, 3, 16, 32),  # ViG-H-T stage 1
+    (8, 49, 24, 16, 32),  # ViG-H-T stage 4
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+@pytest.mark.parametrize("shape", GPU_SHAPES + VIG_SHAPES, ids=str)
+def test_bigla_pallas_gpu_matches_reference(shape, exact, dtype):
+    args, do = make_inputs(shape, dtype=dtype)
+    params = KernelParams(exact_diagonal=exact)
+    got = jax.jit(lambda a, d: fwd_and_grads(lambda *x: bigla_pallas(*x, params=params), a, d))(
+        args, do
+    )
+    args32 = [x.astype(jnp.float32) for x in args]
+    want = jax.jit(lambda a, d: fwd_and_grads(bigla_reference, a, d))(
+        args32, do.astype(jnp.float32)
+    )
+    check_all(got, want, *GPU_TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+def test_bigla_pallas_gpu_very_negative_gates_finite(exact):
+    args, do = make_inputs((2, 196, 3, 32, 64), dtype=jnp.bfloat16, gates="very_negative")
+    params = KernelParams(exact_diagonal=exact)
+    got = jax.jit(lambda a, d: fwd_and_grads(lambda *x: bigla_pallas(*x, params=params), a, d))(
+        args, do
+    )
+    want = fwd_and_grads(bigla_reference, [x.astype(jnp.float32) for x in args], do)
+    check_all(got, want, *GPU_TOL[jnp.bfloat16])
