@@ -127,30 +127,61 @@ VIG_SHAPES = [
 ]
 
 
+def check_gpu(shape, dtype, params, gates="typical"):
+    args, do = make_inputs(shape, dtype=dtype, gates=gates)
+    f = lambda *x: bigla_pallas(*x, params=params)
+    got = jax.jit(lambda a, d: fwd_and_grads(f, a, d))(args, do)
+    args32 = [x.astype(jnp.float32) for x in args]
+    ref = jax.jit(lambda a, d: fwd_and_grads(bigla_reference, a, d))
+    check_all(got, ref(args32, do.astype(jnp.float32)), *GPU_TOL[dtype])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
-@pytest.mark.parametrize("shape", GPU_SHAPES + VIG_SHAPES, ids=str)
-def test_bigla_pallas_gpu_matches_reference(shape, exact, dtype):
-    args, do = make_inputs(shape, dtype=dtype)
-    params = KernelParams(exact_diagonal=exact)
-    got = jax.jit(lambda a, d: fwd_and_grads(lambda *x: bigla_pallas(*x, params=params), a, d))(
-        args, do
-    )
-    args32 = [x.astype(jnp.float32) for x in args]
-    want = jax.jit(lambda a, d: fwd_and_grads(bigla_reference, a, d))(
-        args32, do.astype(jnp.float32)
-    )
-    check_all(got, want, *GPU_TOL[dtype])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_bigla_pallas_gpu_matches_reference(shape, dtype):
+    check_gpu(shape, dtype, KernelParams())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", VIG_SHAPES, ids=str)
+def test_bigla_pallas_gpu_vig_shapes(shape):
+    check_gpu(shape, jnp.bfloat16, KernelParams())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 65, 3, 32, 64), (2, 1, 2, 16, 32)], ids=str)
+def test_bigla_pallas_gpu_exact_diagonal(shape):
+    check_gpu(shape, jnp.bfloat16, KernelParams(exact_diagonal=True))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
 def test_bigla_pallas_gpu_very_negative_gates_finite(exact):
-    args, do = make_inputs((2, 196, 3, 32, 64), dtype=jnp.bfloat16, gates="very_negative")
-    params = KernelParams(exact_diagonal=exact)
-    got = jax.jit(lambda a, d: fwd_and_grads(lambda *x: bigla_pallas(*x, params=params), a, d))(
-        args, do
+    check_gpu(
+        (2, 196, 3, 32, 64), jnp.bfloat16, KernelParams(exact_diagonal=exact), "very_negative"
     )
-    want = fwd_and_grads(bigla_reference, [x.astype(jnp.float32) for x in args], do)
-    check_all(got, want, *GPU_TOL[jnp.bfloat16])
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+def test_bigla_pallas_lowers_to_triton_for_cuda(exact):
+    """Cross-lowers forward + backward of both plans for CUDA on the CPU (no GPU needed): every
+    kernel must pass the Pallas Triton lowering (power-of-two tensors, dot shapes, forward cumsum).
+    """
+    B, N, H, K, V = 2, 130, 3, 32, 64
+    qk = jax.ShapeDtypeStruct((B, N, H, K), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((B, N, H, V), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((B, N, H, K), jnp.float32)
+
+    def fwd_bwd(q, k, v, gf, gb, do):
+        f = lambda *x: bigla_pallas(*x, params=KernelParams(chunk=128, exact_diagonal=exact))
+        o, vjp = jax.vjp(f, q, k, v, gf, gb)  # NT = 2 here: long plan; N = 49 below: short plan
+        return o, vjp(do)
+
+    for n in (N, 49):
+        shapes = [
+            jax.ShapeDtypeStruct(x.shape[:1] + (n,) + x.shape[2:], x.dtype)
+            for x in (qk, qk, v, g, g, v)
+        ]
+        text = jax.jit(fwd_bwd).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("bigla_") >= (4 if n == N else 2), "expected the named Pallas kernels"
