@@ -62,6 +62,12 @@ def _inputs(seed, B, N, H, K, V, dtype, gate_dtype=None, gate_scale=(1.0, 1.0)):
     )
 
 
+def _run(fn, *args):
+    """fn(*args) under jit. These tests are compile-bound: LLVM -O0 about halves XLA:CPU compile
+    time (CI budget) and changes no HLO, so the numerics are those of the default build."""
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
+
+
 def _output_and_grads(fn, args, seed):
     """fn(*args) and its gradients for all five inputs under a random cotangent (not `.sum()`)."""
 
@@ -70,10 +76,7 @@ def _output_and_grads(fn, args, seed):
         do = jax.random.normal(jax.random.key(seed), o.shape, jnp.float32).astype(o.dtype)
         return o, vjp(do)
 
-    # These tests are compile-bound; LLVM -O0 about halves XLA:CPU compile time (CI budget) and
-    # changes no HLO, so the numerics are those of the default build.
-    compiled = jax.jit(run).lower(*args).compile(FAST_COMPILE)
-    return compiled(*args)
+    return _run(run, *args)
 
 
 def _assert_matches_reference(fn, args, tol, seed=0):
@@ -140,20 +143,29 @@ def test_chunked_bf16_inputs_fp32_gates():
 
 def test_swapped_gates_are_detected():
     """Negative control: with asymmetric gates, a path that swaps gf and gb must fail the check."""
-    q, k, v, gf, gb = _inputs(5, 1, 40, 1, 16, 16, jnp.float32, gate_scale=(0.5, 16.0))
-    want = bigla_reference(q, k, v, gf, gb)
-    swapped = bigla_chunked(q, k, v, gb, gf, chunk_size=16)
+
+    def run(q, k, v, gf, gb):
+        right = bigla_chunked(q, k, v, gf, gb, chunk_size=16)
+        swapped = bigla_chunked(q, k, v, gb, gf, chunk_size=16)
+        return bigla_reference(q, k, v, gf, gb), right, swapped
+
+    args = _inputs(5, 1, 40, 1, 16, 16, jnp.float32, gate_scale=(0.5, 16.0))
+    want, right, swapped = _run(run, *args)
     assert rel_err(swapped, want) > 1e-2
     with pytest.raises(AssertionError):
         assert_close("o", swapped, want, TOL[jnp.float32])
-    assert_close("o", bigla_chunked(q, k, v, gf, gb, chunk_size=16), want, TOL[jnp.float32])
+    assert_close("o", right, want, TOL[jnp.float32])
 
 
 def test_bigla_auto_on_cpu_is_chunked():
-    args = _inputs(4, 2, 33, 3, 16, 16, jnp.float32)
-    got = bigla(*args, chunk_size=16)
-    np.testing.assert_array_equal(got, bigla_chunked(*args, chunk_size=16))
-    assert_close("o", got, bigla(*args, impl="reference"), TOL[jnp.float32])
+    def run(*args):
+        auto = bigla(*args, chunk_size=16)
+        return auto, bigla_chunked(*args, chunk_size=16), bigla(*args, impl="reference")
+
+    auto, chunked, reference = _run(run, *_inputs(4, 2, 33, 3, 16, 16, jnp.float32))
+    np.testing.assert_array_equal(auto, chunked)
+    assert not np.array_equal(auto, reference)  # the two paths round differently
+    assert_close("o", auto, reference, TOL[jnp.float32])
 
 
 def _good():

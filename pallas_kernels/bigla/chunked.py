@@ -10,8 +10,9 @@ from the left (forward) or from the right (backward), carried across chunks by o
 Stability: every exponent is ≤ 0, so no exp ever overflows, however negative the gates. In-chunk
 scores use fla's secondary chunking: sub-blocks of L (16) rows; a pair (t, s) in different
 sub-blocks goes through the reference row r of t's sub-block (q_t e^{G_t − G_r} · k_s e^{G_r − G_s},
-each factor ≤ 1); a pair in the same sub-block gets its exact exp. Masks go on the exponent (−inf),
-never on the exp, so neither the values nor the autodiff gradients see inf · 0.
+each factor ≤ 1); a pair in the same sub-block gets its exact exp. Masks select the exponent before
+the exp (`where`, never a 0/1 factor), so no exp sees a positive argument and neither the values nor
+the autodiff gradients meet inf · 0.
 
 Differentiated by plain JAX autodiff. Padding to a multiple of C uses q = k = v = 0, g = 0, which is
 neutral in both directions: padded tokens sit after the last real one, add nothing to any state and
@@ -53,13 +54,15 @@ def _in_chunk_scores(q, k, Gf, Gb, L):
     S = C // L
     qs, ks, Gfs, Gbs = (x.reshape(*lead, S, L, K) for x in (q, k, Gf, Gb))  # [B, NT, H, S, L, K]
 
-    # Diagonal sub-blocks, exact: weight e^{Gf_a − Gf_b} for b ≤ a plus e^{Gb_a − Gb_b} for b ≥ a.
+    # Diagonal sub-blocks, exact, one exp per pair: e^{Gf_a − Gf_b} for key b before query a,
+    # e^{Gb_a − Gb_b} for b after a (both exponents ≤ 0), and 1 + 1 on the diagonal.
     a = jnp.arange(L)
-    lower = (a[None, :] <= a[:, None])[..., None]  # [L(a), L(b), 1]
-    upper = (a[None, :] >= a[:, None])[..., None]
+    before = (a[None, :] < a[:, None])[..., None]  # [L(a), L(b), 1]
+    after = (a[None, :] > a[:, None])[..., None]
     dGf = Gfs[..., :, None, :] - Gfs[..., None, :, :]  # [B, NT, H, S, L(a), L(b), K]
     dGb = Gbs[..., :, None, :] - Gbs[..., None, :, :]
-    w = jnp.exp(jnp.where(lower, dGf, -jnp.inf)) + jnp.exp(jnp.where(upper, dGb, -jnp.inf))
+    diag = jnp.eye(L, dtype=q.dtype)[..., None]
+    w = jnp.exp(jnp.where(before, dGf, jnp.where(after, dGb, 0))) + diag
     # Elementwise in the accumulation dtype (fla warns against bf16 here), reduced over K.
     A_diag = jnp.sum(qs[..., :, None, :] * w * ks[..., None, :, :], axis=-1)  # [B, NT, H, S, L, L]
     eye = jnp.eye(S, dtype=A_diag.dtype)[:, None, :, None]  # [S, 1, S, 1]
@@ -67,8 +70,8 @@ def _in_chunk_scores(q, k, Gf, Gb, L):
     if S == 1:
         return A
 
-    # Off-diagonal: reference row r = first row of the query sub-block (forward; keys from earlier
-    # sub-blocks) or its last row (backward; keys from later sub-blocks).
+    # Off-diagonal: reference row r = first row of the query sub-block in the forward direction
+    # (keys from earlier sub-blocks), its last row in the backward one (keys from later sub-blocks).
     Gf_r = Gfs[..., :, 0, :]  # [B, NT, H, S, K]
     Gb_r = Gbs[..., :, -1, :]
     q_off = jnp.concatenate(
@@ -77,19 +80,13 @@ def _in_chunk_scores(q, k, Gf, Gb, L):
     key_block = jnp.arange(C) // L
     before = (key_block[None, :] < jnp.arange(S)[:, None])[..., None]  # [S, C, 1]
     after = (key_block[None, :] > jnp.arange(S)[:, None])[..., None]
-    kf = k[..., None, :, :] * jnp.exp(
-        jnp.where(before, Gf_r[..., :, None, :] - Gf[..., None, :, :], -jnp.inf)
-    )  # [B, NT, H, S, C, K]
-    kb = k[..., None, :, :] * jnp.exp(
-        jnp.where(after, Gb_r[..., :, None, :] - Gb[..., None, :, :], -jnp.inf)
-    )
-    k_off = jnp.concatenate([kf, kb], axis=-1)  # [B, NT, H, S, C, 2K]
-    A_off = jnp.einsum(
-        "...ilk,...isk->...ils",
-        q_off,
-        k_off,
-        precision=_HIGHEST,
-    )  # [B, NT, H, S, L, C]
+    dGf = Gf_r[..., :, None, :] - Gf[..., None, :, :]  # [B, NT, H, S, C, K]
+    dGb = Gb_r[..., :, None, :] - Gb[..., None, :, :]
+    # One exp per (sub-block, key): a key is before or after the query sub-block, never both; the
+    # sub-block's own keys get e^0 here and are zeroed by the `where`s below (finite values only).
+    k_dec = k[..., None, :, :] * jnp.exp(jnp.where(before, dGf, jnp.where(after, dGb, 0)))
+    k_off = jnp.concatenate([jnp.where(before, k_dec, 0), jnp.where(after, k_dec, 0)], axis=-1)
+    A_off = jnp.einsum("...ilk,...isk->...ils", q_off, k_off, precision=_HIGHEST)  # [.., S, L, C]
     return A + A_off.reshape(*lead, C, C)
 
 
