@@ -63,6 +63,12 @@ def _use_short_path(n, params):
     return math.ceil(n / params.chunk) <= params.short_max_chunks
 
 
+def _matmul_dtype(dtype):
+    """Dot operand dtype: the input dtype, except fp16 -> bf16, since fp32 states and the fast
+    diagonal's factors (up to e^88) overflow fp16; bf16 runs at the same tensor-core rate."""
+    return jnp.bfloat16 if dtype == jnp.float16 else dtype
+
+
 def _check(q, v, params):
     _, _, _, K = q.shape
     V = v.shape[-1]
@@ -129,17 +135,12 @@ def _diag_factors(x):
     return jnp.exp(x - xm), jnp.exp(xm - x)
 
 
-def _diag_dtype(mm):
-    # fp16 cannot hold the fast form's factors (up to e^88); bf16 has the fp32 exponent range.
-    return jnp.float32 if mm == jnp.float16 else mm
-
-
 def _diag_scores(q, k, x, reverse, exact, mm):
     """D[t, s] = sum_d q_td k_sd exp(X_td - X_sd) for s at or before t in the direction: [R, R]."""
     if exact:
         return jnp.sum(q[:, None, :] * k[None, :, :] * _diag_decay(x, reverse), axis=2)
     eq, ek = _diag_factors(x)
-    d = _dot(q * eq, k * ek, _diag_dtype(mm), trans_b=True)
+    d = _dot(q * eq, k * ek, mm, trans_b=True)
     return jnp.where(_diag_mask(x.shape[0], reverse), d, 0.0)
 
 
@@ -151,7 +152,7 @@ def _diag_grads(q, k, x, dd, reverse, exact, mm):
         d = jnp.sum(q[:, None, :] * k[None, :, :] * e, axis=2)
         return d, jnp.sum(w * k[None, :, :], axis=1), jnp.sum(w * q[:, None, :], axis=0)
     eq, ek = _diag_factors(x)
-    qh, kh, dm = q * eq, k * ek, _diag_dtype(mm)
+    qh, kh, dm = q * eq, k * ek, mm
     mask = _diag_mask(x.shape[0], reverse)
     d = jnp.where(mask, _dot(qh, kh, dm, trans_b=True), 0.0)
     dd = jnp.where(mask, dd, 0.0)
@@ -451,7 +452,7 @@ def _states(inputs, params, adjoints):
     B, N, H, K = inputs[0].shape
     V = inputs[2].shape[-1] if adjoints else inputs[1].shape[-1]
     nt = math.ceil(N / params.chunk)
-    mm = inputs[1].dtype if adjoints else inputs[0].dtype
+    mm = _matmul_dtype(inputs[1].dtype if adjoints else inputs[0].dtype)
     state = jax.ShapeDtypeStruct((B, H, nt * K, V), jnp.float32)
     nout = 4 if adjoints else 2
     kernel = functools.partial(_bigla_states_kernel, n=N, bt=params.chunk, mm=mm, adjoints=adjoints)
@@ -477,7 +478,7 @@ def _bigla_fwd(q, k, v, gf, gb, params):
     gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
     inputs = (q, k, v, gf, gb)
     out_shape = jax.ShapeDtypeStruct(v.shape, v.dtype)
-    statics = dict(n=N, bt=params.chunk, mm=q.dtype, exact=params.exact_diagonal)
+    statics = dict(n=N, bt=params.chunk, mm=_matmul_dtype(q.dtype), exact=params.exact_diagonal)
     if _use_short_path(N, params):
         kernel = functools.partial(_bigla_fwd_short_kernel, **statics)
         return _call(
@@ -509,7 +510,7 @@ def _bigla_bwd(q, k, v, gf, gb, do, params):
     V = v.shape[-1]
     inputs = (q, k, v, gf.astype(jnp.float32), gb.astype(jnp.float32), do.astype(v.dtype))
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, gf, gb)]
-    statics = dict(n=N, bt=params.chunk, mm=q.dtype, exact=params.exact_diagonal)
+    statics = dict(n=N, bt=params.chunk, mm=_matmul_dtype(q.dtype), exact=params.exact_diagonal)
     if _use_short_path(N, params):
         kernel = functools.partial(_bigla_bwd_short_kernel, **statics)
         return _call(
