@@ -1,4 +1,4 @@
-"""Shared test setup: fake CPU devices for sharding tests, x64 fixture, golden-file paths, GPU marker."""
+"""Shared test setup: fake CPU devices (sharding tests), x64 fixture, golden paths, GPU marker."""
 
 import os
 
@@ -14,7 +14,9 @@ import jax
 import pytest
 
 GOLDEN_DIR = pathlib.Path(
-    os.environ.get("VIG_GOLDEN_DIR", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden")
+    os.environ.get(
+        "VIG_GOLDEN_DIR", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+    )
 )
 
 
@@ -36,7 +38,9 @@ def x64():
 def pytest_collection_modifyitems(config, items):
     if jax.default_backend() == "gpu":
         return
-    skip = pytest.mark.skip(reason="needs a GPU (compiled Pallas/Triton); run `pytest -m gpu` there")
+    skip = pytest.mark.skip(
+        reason="needs a GPU (compiled Pallas/Triton); run `pytest -m gpu` there"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

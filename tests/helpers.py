@@ -12,11 +12,13 @@ def rel_err(got, want):
 
 
 def assert_close(name, got, want, tol):
-    """Fails unless max |got - want| <= tol * max |want|; the message names the tensor and both errors."""
+    """Fails unless max|got - want| <= tol * max|want|; the message names tensor and errors."""
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)
     assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    assert np.isfinite(got).all(), f"{name}: {np.size(got) - np.isfinite(got).sum()} non-finite values"
+    assert np.isfinite(got).all(), (
+        f"{name}: {np.size(got) - np.isfinite(got).sum()} non-finite values"
+    )
     abs_err = np.abs(got - want).max(initial=0.0)
     err = rel_err(got, want)
     assert err <= tol, f"{name}: max abs err {abs_err:.3e}, relative {err:.3e} > tol {tol:.1e}"

@@ -1,18 +1,17 @@
-"""BiGLA written straight from the recurrence (spec/vig.md, GLA layer step 5): the definition of correct.
+"""BiGLA straight from the recurrence (spec/vig.md, GLA layer step 5): the definition of correct.
 
 Per batch element and head, with states S in R^{K x V}:
-  forward   S_f[t] = diag(exp(gf[t])) S_f[t-1] + k[t]^T v[t],   o_f[t] = q[t] S_f[t]   (left to right)
-  backward  S_b[t] = diag(exp(gb[t])) S_b[t+1] + k[t]^T v[t],   o_b[t] = q[t] S_b[t]   (right to left)
+  forward   S_f[t] = diag(exp(gf[t])) S_f[t-1] + k[t]^T v[t],  o_f[t] = q[t] S_f[t]  (left to right)
+  backward  S_b[t] = diag(exp(gb[t])) S_b[t+1] + k[t]^T v[t],  o_b[t] = q[t] S_b[t]  (right to left)
   o = (o_f + o_b) / 2            (token t sees itself in both directions)
 """
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 
 def bigla_reference(q, k, v, gf, gb):
-    """One `lax.scan` over tokens per direction; accumulates in float32 (float64 for float64 inputs).
+    """One `lax.scan` over tokens per direction; accumulates in float32 (float64 for float64 input).
 
     Args:
       q, k: [B, N, H, K].
