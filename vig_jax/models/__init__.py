@@ -50,7 +50,7 @@ def create_model(
       ValueError: unknown name (lists the known names and the closest match) or unknown override.
     """
     if name not in VARIANTS:
-        close = difflib.get_close_matches(name, VARIANTS, n=1)
+        close = difflib.get_close_matches(name.lower(), VARIANTS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())}")
     cls, defaults = VARIANTS[name]
