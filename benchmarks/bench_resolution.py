@@ -30,6 +30,7 @@ unpadded). Results: `<out>.json` and `<out>.md` (default benchmarks/results/reso
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -130,60 +131,74 @@ def run_case(case: dict) -> dict:
     params = jax.jit(lambda x: model.init(key, x, train=False)["params"])(init_images)
     out["params"] = sum(x.size for x in jax.tree.leaves(params))
 
-    # Inference.
-    try:
-        infer = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
-        compiled = infer.lower(params, images).compile()
-        out["infer_xla_bytes"] = _memory_analysis_bytes(compiled)
-
-        def call_infer(k=1):
-            for _ in range(k):
-                y = compiled(params, images)
-            y.block_until_ready()
-
-        sec, k = _time_runs(call_infer, case["iters"], case["warmup"])
-        out.update(infer="ok", infer_ms=sec * 1e3, infer_img_s=b / sec, infer_calls_per_run=k)
-        out["infer_peak_bytes"] = _peak_bytes(device)
-        del compiled, infer
-    except Exception as exc:  # noqa: BLE001 - any failure is recorded, the sweep goes on
-        out["infer"] = _status(exc)
-    if out["infer"] != "ok":
-        out["train"] = f"not run (inference: {out['infer']})"
-        return out
-
     # Training step: AdamW, state donated. The dropout key is fixed (DropPath in ViG draws from
     # it); a new key per step would only add a host-side op to the timed loop.
-    try:
-        tx = optax.adamw(1e-3, weight_decay=0.05)
+    tx = optax.adamw(1e-3, weight_decay=0.05)
 
-        def step(state, x, y):
-            p, opt_state = state
+    def step(state, x, y):
+        p, opt_state = state
 
-            def loss_fn(p):
-                logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
-                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-            loss, grads = jax.value_and_grad(loss_fn)(p)
-            updates, opt_state = tx.update(grads, opt_state, p)
-            return (optax.apply_updates(p, updates), opt_state), loss
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), loss
 
-        state = (params, jax.jit(tx.init)(params))
-        compiled = jax.jit(step, donate_argnums=0).lower(state, images, labels).compile()
-        out["train_xla_bytes"] = _memory_analysis_bytes(compiled)
-        holder = [state]
+    # Both programs compile at once (XLA compiles without the GIL); the training state is
+    # abstract here, so nothing is allocated before the inference peak is read.
+    abstract_state = jax.eval_shape(lambda p: (p, tx.init(p)), params)
+    lowered = {
+        "infer": jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)).lower(
+            params, images
+        ),
+        "train": jax.jit(step, donate_argnums=0).lower(abstract_state, images, labels),
+    }
+    if not case["train"]:
+        del lowered["train"]
+        out["train"] = "not run (OOM at a smaller size)"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {mode: pool.submit(low.compile) for mode, low in lowered.items()}
+    compiled = {}
+    for mode, future in futures.items():
+        try:
+            compiled[mode] = future.result()
+            out[f"{mode}_xla_bytes"] = _memory_analysis_bytes(compiled[mode])
+        except Exception as exc:  # a failure is recorded and the sweep goes on
+            out[mode] = _status(exc)
 
-        def call_train(k=1):
-            st = holder[0]
-            for _ in range(k):
-                st, loss = compiled(st, images, labels)
-            jax.block_until_ready((st, loss))
-            holder[0] = st
+    if "infer" in compiled:
+        try:
 
-        sec, k = _time_runs(call_train, case["iters"], case["warmup"])
-        out.update(train="ok", train_ms=sec * 1e3, train_img_s=b / sec, train_calls_per_run=k)
-        out["train_peak_bytes"] = _peak_bytes(device)
-    except Exception as exc:  # noqa: BLE001
-        out["train"] = _status(exc)
+            def call_infer(k=1):
+                for _ in range(k):
+                    y = compiled["infer"](params, images)
+                y.block_until_ready()
+
+            sec, k = _time_runs(call_infer, case["iters"], case["warmup"])
+            out.update(infer="ok", infer_ms=sec * 1e3, infer_img_s=b / sec, infer_calls_per_run=k)
+            out["infer_peak_bytes"] = _peak_bytes(device)
+        except Exception as exc:
+            out["infer"] = _status(exc)
+        del compiled["infer"]
+
+    if "train" in compiled:
+        try:
+            holder = [(params, jax.jit(tx.init)(params))]
+
+            def call_train(k=1):
+                state = holder[0]
+                for _ in range(k):
+                    state, loss = compiled["train"](state, images, labels)
+                jax.block_until_ready((state, loss))
+                holder[0] = state
+
+            sec, k = _time_runs(call_train, case["iters"], case["warmup"])
+            out.update(train="ok", train_ms=sec * 1e3, train_img_s=b / sec, train_calls_per_run=k)
+            out["train_peak_bytes"] = _peak_bytes(device)
+        except Exception as exc:
+            out["train"] = _status(exc)
     return out
 
 
@@ -201,7 +216,7 @@ def run_flops(jobs: list) -> None:
                 gmacs=c.macs / 1e9,
                 matmul_gflops=c.matmul_flops / 1e9,
             )
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             res = {"error": _status(exc)}
         print(RESULT_TAG + json.dumps({"model": name, "size": size, **res}), flush=True)
 
@@ -241,6 +256,9 @@ def _run_child(case: dict, env: dict, timeout_s: float) -> dict:
         return {"infer": f"timeout after {timeout_s:.0f} s", "train": "not run (timeout)"}
     results = _parse_results(proc.stdout)
     if proc.returncode != 0 or not results:
+        # Some allocation failures abort the process instead of raising (e.g. inside cuDNN).
+        if any(m in proc.stderr for m in OOM_MARKERS):
+            return {"infer": "OOM", "train": "OOM", "note": "process aborted"}
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[:400]
         status = f"crashed (rc={proc.returncode}): {tail}"
         return {"infer": status, "train": status}
@@ -274,7 +292,7 @@ def sweep(args) -> dict:
         stderr=subprocess.PIPE,
         text=True,
     )
-    cases, oom_at = [], {}
+    cases, infer_oom, train_oom = [], set(), set()
     for size in args.sizes:
         batch = args.batch or batch_for(size)
         for name in models:
@@ -284,11 +302,12 @@ def sweep(args) -> dict:
                 batch=batch,
                 iters=args.iters,
                 warmup=args.warmup,
+                train=name not in train_oom,  # a smaller size already ran out of memory
                 create_kwargs=_case_kwargs(name, args),
             )
             elapsed = time.time() - start
-            if name in oom_at:
-                res = {"infer": f"not run (OOM at {oom_at[name]})", "train": "not run"}
+            if name in infer_oom:
+                res = {"infer": "not run (OOM at a smaller size)", "train": "not run"}
             elif elapsed > args.budget_s:
                 res = {"infer": "not run (time budget)", "train": "not run (time budget)"}
             else:
@@ -297,7 +316,9 @@ def sweep(args) -> dict:
                 res = _run_child(case, env, args.budget_s + GRACE_S - elapsed)
                 res["wall_s"] = round(time.time() - t0, 1)
                 if res.get("infer") == "OOM":
-                    oom_at[name] = size
+                    infer_oom.add(name)
+                if res.get("train") == "OOM":
+                    train_oom.add(name)
             cases.append({**case, **res})
             print(_progress_line(cases[-1], time.time() - start), flush=True)
     try:
@@ -313,7 +334,7 @@ def sweep(args) -> dict:
         f = flops.get((c["model"], c["size"]), {})
         c.update({k: v for k, v in f.items() if k not in ("model", "size", "params")})
         c.setdefault("params", f.get("params"))
-    first = next((c for c in cases if "device" in c), {})
+    first = dict(next((c for c in cases if "device" in c), {}))
     for c in cases:  # recorded once, in meta
         for key in ("device", "platform", "jax", "jaxlib"):
             c.pop(key, None)
@@ -413,7 +434,7 @@ def to_markdown(result: dict) -> str:
         ("train img/s", "train_img_s", 1.0, ",.1f", True),
         ("infer peak GB", "infer_peak_bytes", 2**-30, ".2f", False),
         ("train peak GB", "train_peak_bytes", 2**-30, ".2f", False),
-        ("GMACs", "gmacs", 1.0, ".2f", False),
+        ("GMACs", "gmacs", 1.0, ".3g", False),
     ]
     by_key = {(c["model"], c["size"]): c for c in result["cases"]}
     for pair in meta["pairs"]:

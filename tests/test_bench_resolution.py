@@ -35,7 +35,8 @@ def test_bench_resolution_smoke_writes_results_and_plots(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.with_suffix(".json").read_text())
-    assert result["meta"]["smoke"] and result["meta"]["token_multiple"] == 64
+    meta = result["meta"]
+    assert meta["smoke"] and meta["token_multiple"] == 64 and meta["device"] == "cpu"
     cases = {c["model"]: c for c in result["cases"]}
     assert set(cases) == {"vig_t", "deit_t"}
     for name, c in cases.items():

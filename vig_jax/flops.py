@@ -114,8 +114,6 @@ def count_module(model, image_hw: tuple[int, int]) -> FlopCount:
     flops, opaque = matmul_flops(traced.jaxpr.jaxpr)
     compiled = traced.lower().compile()
     cost = compiled.cost_analysis()
-    if isinstance(cost, list):  # some jax versions return one dict per computation
-        cost = cost[0]
     return FlopCount(
         params=sum(math.prod(x.shape) for x in jax.tree.leaves(variables.get("params", {}))),
         xla_flops=float(cost["flops"]),
