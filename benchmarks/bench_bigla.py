@@ -187,14 +187,15 @@ def main():
     ap.add_argument("--cases", default="vig_t_224,vig_s_224,vig_b_224,vig_t_512,vig_t_1024")
     ap.add_argument("--impls", default="pallas,chunked,reference")
     ap.add_argument("--parity-cases", default="vig_s_224,vig_t_1024,vigh_t_s4")
+    ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--num-warps", type=int, default=4)
-    ap.add_argument("--short-max-chunks", type=int, default=4)
-    ap.add_argument("--exact-diagonal", type=int, default=1, help="1: exact [16,16,K] form")
+    ap.add_argument("--short-max-chunks", type=int, default=1)
+    ap.add_argument("--exact-diagonal", type=int, default=0, help="1: exact [16,16,K] form")
     ap.add_argument(
         "--sweep",
         default="",
         help="first time pallas variants on vig_s_224 and use the fastest fwd+bwd for the table; "
-        "';'-separated num_warps:short_max_chunks:exact_diagonal, e.g. '4:0:0;8:0:0'",
+        "';'-separated num_warps:short_max_chunks:exact_diagonal[:chunk], e.g. '4:0:0;4:0:0:128'",
     )
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=20)
@@ -205,6 +206,7 @@ def main():
         SMOKE_CASES if args.smoke else {c: CASES[c] for c in args.parity_cases.split(",") if c}
     )
     params = KernelParams(
+        chunk=args.chunk,
         num_warps=args.num_warps,
         short_max_chunks=args.short_max_chunks,
         exact_diagonal=bool(args.exact_diagonal),
@@ -239,9 +241,13 @@ def main():
         inputs, do = make_inputs(shape, dtype)
         best = None
         for spec in args.sweep.split(";"):
-            nw, smax, ex = (int(x) for x in spec.split(":"))
+            nw, smax, ex, *chunk = (int(x) for x in spec.split(":"))
             p = dataclasses.replace(
-                params, num_warps=nw, short_max_chunks=smax, exact_diagonal=bool(ex)
+                params,
+                num_warps=nw,
+                short_max_chunks=smax,
+                exact_diagonal=bool(ex),
+                chunk=chunk[0] if chunk else params.chunk,
             )
             t0 = time.perf_counter()
             f = impl_fn("pallas", p)
