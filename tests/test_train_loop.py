@@ -6,6 +6,8 @@ with the same params and per-step losses. A third starts from a copy of a good c
 a config that makes the loss NaN and must stop naming the step, keeping the good checkpoint.
 """
 
+import fcntl
+import json
 import os
 import pathlib
 import shutil
@@ -13,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -20,6 +23,7 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from tests.helpers import assert_close
+from vig_jax.convert import save_params
 from vig_jax.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -45,10 +49,18 @@ FLAGS = [
 RESUME_TOL = 1e-6
 
 
-@pytest.fixture(scope="module")
+def _session_dir(tmp_path_factory):
+    """A folder shared by this session's xdist workers (each has its own basetemp below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
 def env(tmp_path_factory):
-    # All runs share one persistent compilation cache: restarts skip recompiling.
-    cache = tmp_path_factory.mktemp("jax_cache")
+    # All runs (of every xdist worker) share one persistent compilation cache: restarts and
+    # later runs skip recompiling.
+    cache = _session_dir(tmp_path_factory) / "train_loop_jax_cache"
+    cache.mkdir(exist_ok=True)
     return {
         **os.environ,
         "JAX_COMPILATION_CACHE_DIR": str(cache),
@@ -94,8 +106,10 @@ def _wait_for_checkpoint(proc, workdir, above, timeout=300):
 
 def _params(workdir, step):
     path = pathlib.Path(workdir).absolute() / "checkpoints" / str(step) / "state"
-    with ocp.PyTreeCheckpointer() as ckptr:
-        state = ckptr.restore(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sharding info not provided")  # read as saved
+        with ocp.PyTreeCheckpointer() as ckptr:
+            state = ckptr.restore(path)
     return state["params"]
 
 
@@ -104,11 +118,18 @@ def _last_per_step(workdir, key):
     return {m["step"]: m[key] for m in read_metrics(workdir) if key in m}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, env):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    rc, out = _finish(_start(workdir, env))
-    assert rc == 0, out
+    """The uninterrupted run, made once per session even when several xdist workers need it."""
+    root = _session_dir(tmp_path_factory)
+    workdir = root / "train_loop_uninterrupted"
+    with open(root / "train_loop_uninterrupted.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / "train_loop_uninterrupted.done").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            rc, out = _finish(_start(workdir, env))
+            assert rc == 0, out
+            (root / "train_loop_uninterrupted.done").write_text("ok")
     return workdir
 
 
@@ -156,11 +177,11 @@ def test_resume_after_sigkill_and_sigterm_matches_uninterrupted(reference, tmp_p
         assert rc == 0, out
         assert f"resumed from step {stopped}" in out
 
-    want = _params(reference, TOTAL_STEPS)
-    got = _params(workdir, TOTAL_STEPS)
-    for name in want:
-        for (path, w), g in zip(_leaves(want[name]), _leaves(got[name]), strict=True):
-            assert_close(f"{name}/{path}", g, w, RESUME_TOL)
+    want = _leaves(_params(reference, TOTAL_STEPS))
+    got = _leaves(_params(workdir, TOTAL_STEPS))
+    for (path, w), (path_got, g) in zip(want, got, strict=True):
+        assert path == path_got
+        assert_close(path, g, w, RESUME_TOL)
     want_losses = _last_per_step(reference, "train/loss")
     got_losses = _last_per_step(workdir, "train/loss")
     assert sorted(got_losses) == sorted(want_losses)
@@ -187,3 +208,32 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(referen
     assert "NonFiniteLossError" in out and "at step 7" in out
     assert "last good checkpoint is step 6" in out
     assert _steps(workdir) == [6]
+
+
+def _evaluate_cli(checkpoint, env):
+    flags = [f for f in FLAGS if not f.startswith("--config.loop")]
+    out = subprocess.run(
+        [sys.executable, "-m", "vig_jax.evaluate", f"--checkpoint={checkpoint}", *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_evaluate_cli_on_training_and_converted_checkpoints(reference, tmp_path, env):
+    want = {m["step"]: m for m in read_metrics(reference) if "eval/loss" in m}[TOTAL_STEPS]
+    got = _evaluate_cli(reference, env)
+    assert got["step"] == TOTAL_STEPS
+    for key in ("eval/loss", "eval/top1", "eval/top5"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    # The converter's format: params/ (orbax) + model.json.
+    converted = tmp_path / "converted"
+    save_params(_params(reference, TOTAL_STEPS), converted, model_name="vig_t", num_classes=10)
+    got = _evaluate_cli(converted, env)
+    assert got["step"] is None
+    for key in ("eval/loss", "eval/top1", "eval/top5"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
