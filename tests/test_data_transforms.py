@@ -1,10 +1,12 @@
 """Host-side transforms (data/transforms.py, data/randaugment.py): shapes, ranges, determinism."""
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from vig_jax.data import randaugment, transforms
+from vig_jax.data import png, randaugment, transforms
 
 DEIT = dict(
     kind="deit",
@@ -197,3 +199,14 @@ def test_randaugment_changes_images_keeps_shape_and_is_deterministic():
     # P(both ops skipped) = 1/4 per image; 12 images all unchanged has probability 6e-8.
     assert sum(not np.array_equal(o, np.asarray(img)) for o in outs) >= 6
     np.testing.assert_array_equal(np.asarray(ra(img, np.random.default_rng(5))), outs[5])
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (28, 28, 1), (5, 7, 3)], ids=str)
+def test_encode_png_round_trips_through_pillow(shape):
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(png.encode_png(image))))
+    np.testing.assert_array_equal(decoded.reshape(shape), image)
+    with pytest.raises(ValueError, match="uint8"):
+        png.encode_png(image.astype(np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        png.encode_png(np.zeros((4, 4, 2), np.uint8))
