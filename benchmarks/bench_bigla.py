@@ -117,6 +117,21 @@ def time_fn(fn, args, iters, repeats):
     return float(np.median(times)) / iters
 
 
+def breakdown(shape, dtype, params, iters, repeats):
+    """µs of the long plan's launches: states kernels alone and whole forward / backward passes
+    (the chunk kernels take the difference)."""
+    from pallas_kernels.bigla import pallas as P
+
+    (q, k, v, gf, gb), do = make_inputs(shape, dtype)
+    fns = {
+        "fwd_states": (lambda *a: P._states(a, params, adjoints=False), (k, v, gf, gb)),
+        "fwd_all": (lambda *a: P._bigla_fwd(*a, params), (q, k, v, gf, gb)),
+        "bwd_states": (lambda *a: P._states(a, params, adjoints=True), (q, k, v, gf, gb, do)),
+        "bwd_all": (lambda *a: P._bigla_bwd(*a, params), (q, k, v, gf, gb, do)),
+    }
+    return {name: time_fn(f, a, iters, repeats) * 1e6 for name, (f, a) in fns.items()}
+
+
 def copy_bandwidth(iters, repeats, nbytes):
     """Bytes/s of a device-to-device elementwise pass (read + write counted)."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
@@ -196,6 +211,9 @@ def main():
         default="",
         help="first time pallas variants on vig_s_224 and use the fastest fwd+bwd for the table; "
         "';'-separated num_warps:short_max_chunks:exact_diagonal[:chunk], e.g. '4:0:0;4:0:0:128'",
+    )
+    ap.add_argument(
+        "--breakdown", action="store_true", help="also time each launch of the long plan per case"
     )
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=20)
@@ -289,6 +307,10 @@ def main():
                 {k: f"{v:.1f}" for k, v in r["time_us"][p].items()},
                 f"floor {r['floor_us'][p]:.1f}",
             )
+        if args.breakdown:
+            long_params = dataclasses.replace(params, short_max_chunks=0)
+            r["breakdown_us"] = breakdown(shape, dtype, long_params, iters, repeats)
+            print(case, "breakdown", {k: f"{v:.1f}" for k, v in r["breakdown_us"].items()})
         results["cases"][case] = r
         save()
     print(markdown(results))
