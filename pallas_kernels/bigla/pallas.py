@@ -188,25 +188,36 @@ def _load_chunk(refs, c, bt, n):
 # Per-chunk bodies, shared by both plans.
 
 
-def _load_blocks(refs, c, bt, n):
-    """Sub-blocks of chunk c: list over i of [arrays of [BC, d]] (fp32), one per ref."""
-    return [
-        [_load_rows(r, c * bt + i * SUB_CHUNK, SUB_CHUNK, n).astype(jnp.float32) for r in refs]
-        for i in range(bt // SUB_CHUNK)
-    ]
+class _Rows:
+    """Sub-block reader of chunk c: rows(j, i) is sub-block i of input j, [BC, d] fp32 (times the
+    input's scale), read at its use site. Re-reading hits L1/L2; keeping every input of the chunk
+    live across the body costs ~100 registers per thread at 4 warps (see notes_bigla.md)."""
+
+    def __init__(self, refs, c, bt, n, scales=None):
+        self.refs, self.c, self.bt, self.n = refs, c, bt, n
+        self.scales = scales or (1.0,) * len(refs)
+        self.nb = bt // SUB_CHUNK
+
+    def __call__(self, j, i):
+        x = _load_rows(self.refs[j], self.c * self.bt + i * SUB_CHUNK, SUB_CHUNK, self.n)
+        x = x.astype(jnp.float32)
+        return x if self.scales[j] == 1.0 else self.scales[j] * x
+
+    def width(self, j):
+        return self.refs[j].shape[-1]
 
 
-def _fwd_chunk(blocks, sf, sb, mm, exact):
-    """o of one chunk, [BC, V] per sub-block, from its blocks (q, k, v, gf, gb) and entering
-    states Sf, Sb [K, V]."""
-    nb = len(blocks)
-    V = blocks[0][2].shape[1]
+def _fwd_chunk(rows, sf, sb, mm, exact):
+    """o of one chunk, [BC, V] per sub-block, from its rows (q, k, v, gf, gb: a `_Rows`) and
+    entering states Sf, Sb [K, V]."""
+    nb = rows.nb
+    V = rows.width(2)
     acc = [jnp.zeros((SUB_CHUNK, V), jnp.float32) for _ in range(nb)]
     diag = [None] * nb
     for reverse, s, gi in ((False, sf, 3), (True, sb, 4)):
         order = list(range(nb))[::-1] if reverse else list(range(nb))
         for step, i in enumerate(order):
-            q, k, v, g = blocks[i][0], blocks[i][1], blocks[i][2], blocks[i][gi]
+            q, k, v, g = rows(0, i), rows(1, i), rows(2, i), rows(gi, i)
             total, x = _decays(g, reverse)
             acc[i] = acc[i] + _dot(q * jnp.exp(x), s, mm)
             d = _diag_scores(q, k, x, reverse, exact, mm)
@@ -215,52 +226,52 @@ def _fwd_chunk(blocks, sf, sb, mm, exact):
                 ke = k * jnp.exp(total[None, :] - x)
                 s = jnp.exp(total)[:, None] * s + _dot(ke, v, mm, trans_a=True)
     # The diagonal counts in both directions, as in the spec; the mean halves everything once.
-    return [0.5 * (acc[i] + _dot(diag[i], blocks[i][2], mm)) for i in range(nb)]
+    return [0.5 * (acc[i] + _dot(diag[i], rows(2, i), mm)) for i in range(nb)]
 
 
-def _bwd_chunk(blocks, states, mm, exact):
+def _bwd_chunk(rows, states, mm, exact):
     """Gradients of one chunk per sub-block: (dq, dk, dv, dgf, dgb), each [BC, d] fp32.
 
-    blocks: per sub-block (q, k, v, gf, gb, do') with do' = do / 2.
+    rows: `_Rows` of (q, k, v, gf, gb, do') with do' = do / 2.
     states: (Sf entering, Sb entering, dSf = adjoint of Sf leaving, dSb = adjoint of Sb leaving).
     """
-    nb = len(blocks)
-    q_, k_, v_, do_ = ([b[j] for b in blocks] for j in (0, 1, 2, 5))
-    zeros_k = jnp.zeros_like(q_[0])
+    nb = rows.nb
+    q_, k_, v_, do_ = (functools.partial(rows, j) for j in (0, 1, 2, 5))  # q_(i): sub-block i
+    zeros_k = jnp.zeros((SUB_CHUNK, rows.width(0)), jnp.float32)
     dq = [zeros_k] * nb
     dk = [zeros_k] * nb
-    dv = [jnp.zeros_like(v_[0])] * nb
+    dv = [jnp.zeros((SUB_CHUNK, rows.width(2)), jnp.float32)] * nb
     diag = [None] * nb
-    ddiag = [_dot(do_[i], v_[i], mm, trans_b=True) for i in range(nb)]  # dD = do' v^T: [BC, BC]
+    ddiag = [_dot(do_(i), v_(i), mm, trans_b=True) for i in range(nb)]  # dD = do' v^T: [BC, BC]
     dgates = []
     for reverse, gi, s_in, u_out in (
         (False, 3, states[0], states[2]),
         (True, 4, states[1], states[3]),
     ):
         order = list(range(nb))[::-1] if reverse else list(range(nb))
-        decays = [_decays(b[gi], reverse) for b in blocks]
+        decays = [_decays(rows(gi, i), reverse) for i in range(nb)]
         # Forward in the direction: consume the state entering each sub-block at once (its dq
         # term) instead of keeping a list of [K, V] states, which would spill registers.
         dq_d, dk_d = [None] * nb, [None] * nb
         s = s_in
         for i in order:
             total, x = decays[i]
-            dq_d[i] = _dot(do_[i], s, mm, trans_b=True) * jnp.exp(x)
-            ke = k_[i] * jnp.exp(total[None, :] - x)
-            s = jnp.exp(total)[:, None] * s + _dot(ke, v_[i], mm, trans_a=True)
+            dq_d[i] = _dot(do_(i), s, mm, trans_b=True) * jnp.exp(x)
+            ke = k_(i) * jnp.exp(total[None, :] - x)
+            s = jnp.exp(total)[:, None] * s + _dot(ke, v_(i), mm, trans_a=True)
         tail = jnp.sum(s * u_out, axis=1)  # [K]: dL/d(gates of all later chunks), fla's b_dgk
         # Against the direction: the adjoint of the state leaving each sub-block, used at once.
         u = u_out
         for i in order[::-1]:
             total, x = decays[i]
             ekx = jnp.exp(total[None, :] - x)
-            dk_d[i] = _dot(v_[i], u, mm, trans_b=True) * ekx
-            dv[i] = dv[i] + _dot(k_[i] * ekx, u, mm)
+            dk_d[i] = _dot(v_(i), u, mm, trans_b=True) * ekx
+            dv[i] = dv[i] + _dot(k_(i) * ekx, u, mm)
             if i != order[0]:
-                u = jnp.exp(total)[:, None] * u + _dot(q_[i] * jnp.exp(x), do_[i], mm, trans_a=True)
+                u = jnp.exp(total)[:, None] * u + _dot(q_(i) * jnp.exp(x), do_(i), mm, trans_a=True)
         r = [None] * nb
         for i in order:
-            q, k = q_[i], k_[i]
+            q, k = q_(i), k_(i)
             d, dq_diag, dk_diag = _diag_grads(q, k, decays[i][1], ddiag[i], reverse, exact, mm)
             diag[i] = d if diag[i] is None else diag[i] + d
             dq_d[i] = dq_d[i] + dq_diag
@@ -276,7 +287,7 @@ def _bwd_chunk(blocks, states, mm, exact):
             dg[i] = later[None, :] + total_r[None, :] - x_r + r[i]
             later = later + total_r
         dgates.append(dg)
-    dv = [dv[i] + _dot(diag[i], do_[i], mm, trans_a=True) for i in range(nb)]
+    dv = [dv[i] + _dot(diag[i], do_(i), mm, trans_a=True) for i in range(nb)]
     return [(dq[i], dk[i], dv[i], dgates[0][i], dgates[1][i]) for i in range(nb)]
 
 
@@ -310,9 +321,9 @@ def _bigla_fwd_short_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, o_ref, *, n, bt
             s = _state_step(s, k, v, gb, True, mm)
     s = jnp.zeros((K, V), jnp.float32)
     for c in range(nt):
-        blocks = _load_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref), cid[c], bt, n)
+        rows = _Rows((q_ref, k_ref, v_ref, gf_ref, gb_ref), cid[c], bt, n)
         _store_blocks(
-            (o_ref,), [(o,) for o in _fwd_chunk(blocks, s, sb[c], mm, exact)], cid[c], bt, n
+            (o_ref,), [(o,) for o in _fwd_chunk(rows, s, sb[c], mm, exact)], cid[c], bt, n
         )
         if c + 1 < nt:
             k, v, gf = _load_chunk((k_ref, v_ref, gf_ref), cid[c], bt, n)
@@ -356,14 +367,13 @@ def _bigla_fwd_chunk_kernel(
     q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm, exact
 ):
     c = pl.program_id(0)
-    blocks = _load_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
-    out = _fwd_chunk(blocks, sf_ref[...], sb_ref[...], mm, exact)
+    rows = _Rows((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
+    out = _fwd_chunk(rows, sf_ref[...], sb_ref[...], mm, exact)
     _store_blocks((o_ref,), [(o,) for o in out], c, bt, n)
 
 
-def _load_bwd_blocks(refs, c, bt, n):
-    blocks = _load_blocks(refs, c, bt, n)
-    return [b[:5] + [0.5 * b[5]] for b in blocks]  # fold the mean's 1/2 into do
+def _bwd_rows(refs, c, bt, n):
+    return _Rows(refs, c, bt, n, scales=(1.0,) * 5 + (0.5,))  # fold the mean's 1/2 into do
 
 
 def _bigla_bwd_short_kernel(
@@ -385,10 +395,8 @@ def _bigla_bwd_short_kernel(
             ds = _adjoint_step(ds, q, 0.5 * do, gf, False, mm)
     s, ds = zero, zero
     for c in range(nt):
-        blocks = _load_bwd_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), cid[c], bt, n)
-        _store_blocks(
-            out_refs, _bwd_chunk(blocks, (s, sb[c], dsf[c], ds), mm, exact), cid[c], bt, n
-        )
+        rows = _bwd_rows((q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), cid[c], bt, n)
+        _store_blocks(out_refs, _bwd_chunk(rows, (s, sb[c], dsf[c], ds), mm, exact), cid[c], bt, n)
         if c + 1 < nt:
             q, k, v, gf, gb, do = _load_chunk(
                 (q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), cid[c], bt, n
@@ -415,9 +423,9 @@ def _bigla_bwd_chunk_kernel(
     exact,
 ):
     c = pl.program_id(0)
-    blocks = _load_bwd_blocks((q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), c, bt, n)
+    rows = _bwd_rows((q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), c, bt, n)
     states = (sf_ref[...], sb_ref[...], dsf_ref[...], dsb_ref[...])
-    _store_blocks(out_refs, _bwd_chunk(blocks, states, mm, exact), c, bt, n)
+    _store_blocks(out_refs, _bwd_chunk(rows, states, mm, exact), c, bt, n)
 
 
 # ----------------------------------------------------------------------------------------------
