@@ -58,8 +58,10 @@ class KernelParams:
 
 
 def _use_short_path(n, params):
-    """One program per (b, h) while NT is small: it saves the states round trip through HBM and two
-    launches; beyond a few chunks the unrolled code and the (B*H)-only parallelism stop paying."""
+    """One program per (b, h) saves the states' HBM round trip and two launches, but unrolls the
+    chunk loop. Measured on H100 (notes_bigla.md): at NT = 4 it ran slower than the chunk-parallel
+    plan (384 programs, each a long dependent chain) and took minutes to compile, hence the default
+    short_max_chunks = 1: only a single-chunk sequence (N <= BT) takes it."""
     return math.ceil(n / params.chunk) <= params.short_max_chunks
 
 
