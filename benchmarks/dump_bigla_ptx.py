@@ -29,10 +29,11 @@ def main():
         )
         do = jax.random.normal(keys[5], (B, N, H, 64), jnp.bfloat16)
 
-        def loss(*args):
-            return jnp.vdot(bigla(*args, impl="pallas").astype(jnp.float32), do.astype(jnp.float32))
+        def loss(q, k, v, gf, gb, do):
+            return jnp.vdot(bigla(q, k, v, gf, gb, impl="pallas").astype(jnp.float32), do)
 
-        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, gf, gb)
+        grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+        grads = grad_fn(q, k, v, gf, gb, do.astype(jnp.float32))
         jax.block_until_ready(grads)
         print(f"dumped B={B} N={N} H={H}")
 
