@@ -1,0 +1,118 @@
+"""vig_jax/train/checkpoint.py and metrics.py: round trips on small pytrees (no model compile)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+from vig_jax.train import optim, sharding
+from vig_jax.train.checkpoint import Checkpointer, restore_params
+from vig_jax.train.metrics import MetricsWriter, read_metrics
+from vig_jax.train.state import init_state
+
+
+def _state(use_ema):
+    def init_params(key):
+        k1, k2 = jax.random.split(key)
+        return {
+            "dense": {"kernel": jax.random.normal(k1, (8, 16)), "bias": jnp.zeros(16)},
+            "pos_embed": jax.random.normal(k2, (1, 4, 16)),
+        }
+
+    tx = optax.adamw(1e-3, mask=optim.decay_mask)
+    state = init_state(init_params, tx, jax.random.PRNGKey(0), use_ema=use_ema)
+    # Make params, moments and EMA differ so a swapped restore would show.
+    grads = jax.tree_util.tree_map(jnp.ones_like, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(
+        step=state.step + 3, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
+
+
+def _abstract(state, mesh, fsdp):
+    abstract = jax.eval_shape(lambda: state)
+    shardings = sharding.state_shardings(abstract, mesh, fsdp=fsdp, fsdp_min_size=16)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
+
+
+def _assert_trees_equal(got, want):
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("use_ema", [False, True], ids=["no_ema", "ema"])
+def test_checkpoint_round_trip_into_fsdp_layout(tmp_path, use_ema):
+    state = _state(use_ema)
+    data_state = {"next_index": 48, "epoch": 1}
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=2)
+    for step in (1, 2, 3):
+        ckpt.save(step, state, data_state)
+    ckpt.wait()
+    assert ckpt.latest_step() == 3
+    mesh = sharding.make_mesh()
+    restored, restored_data = ckpt.restore(3, _abstract(state, mesh, fsdp=True))
+    ckpt.close()
+    _assert_trees_equal(restored, state)
+    assert restored_data == data_state
+    assert restored.params["dense"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
+        None, "data"
+    )
+    # keep=2: the oldest is gone.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3"]
+
+    abstract_params = _abstract(state, mesh, fsdp=False).params
+    params, step = restore_params(tmp_path, abstract_params, use_ema=False)
+    assert step == 3
+    _assert_trees_equal(params, state.params)
+    if use_ema:
+        ema, _ = restore_params(tmp_path / "checkpoints", abstract_params, use_ema=True)
+        _assert_trees_equal(ema, state.ema)
+    else:
+        with pytest.raises(ValueError, match="ema_decay"):
+            restore_params(tmp_path, abstract_params, use_ema=True)
+
+
+def test_checkpoint_keeps_grain_bytes_state(tmp_path):
+    state = _state(False)
+    ckpt = Checkpointer(tmp_path, keep=1)
+    ckpt.save(5, state, b'{"pos": 3}')
+    ckpt.wait()
+    _, data_state = ckpt.restore(5, _abstract(state, sharding.make_mesh(), fsdp=False))
+    ckpt.close()
+    assert data_state == b'{"pos": 3}'
+
+
+def test_restore_params_without_checkpoint_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        restore_params(tmp_path, {}, use_ema=False)
+
+
+def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
+    writer = MetricsWriter(tmp_path, enabled=True)
+    writer.write(1, {"train/loss": 2.5, "train/lr": np.float32(1e-3)})
+    writer.write(2, {"eval/top1": 0.25})
+    writer.close()
+    assert read_metrics(tmp_path) == [
+        {"step": 1, "train/loss": 2.5, "train/lr": pytest.approx(1e-3)},
+        {"step": 2, "eval/top1": 0.25},
+    ]
+    (event_file,) = (tmp_path / "tensorboard").iterdir()
+    # The legacy loader returns events as written (the default one migrates scalars to tensors).
+    scalars = {
+        (e.step, v.tag): v.simple_value
+        for e in LegacyEventFileLoader(str(event_file)).Load()
+        for v in e.summary.value
+    }
+    assert scalars == {
+        (1, "train/loss"): 2.5,
+        (1, "train/lr"): pytest.approx(1e-3),
+        (2, "eval/top1"): 0.25,
+    }
+    # Other processes write nothing.
+    MetricsWriter(tmp_path / "other", enabled=False).write(1, {"x": 1.0})
+    assert not (tmp_path / "other").exists()
