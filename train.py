@@ -16,8 +16,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, ten
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     False,
-    "call jax.distributed.initialize() first: one process per host, coordinator from the cluster "
-    "environment (SLURM, Cloud TPU, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID)",
+    "call jax.distributed.initialize() first: one process per host; coordinator, process count "
+    "and id are auto-detected from the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU)",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
