@@ -152,8 +152,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
                 with oom_hint():
                     state, metrics = trainer.train_step(state, global_batch)
                 window.append((step, metrics))
-                last = step == total_steps or stop.requested
-                save = last or step % loop.ckpt_every_steps == 0
+                last = step == total_steps
+                # SIGTERM: save right away, no evaluation (grace periods before SIGKILL are short).
+                save = last or stop.requested or step % loop.ckpt_every_steps == 0
                 if save or step % loop.log_every_steps == 0:
                     host = _check_finite(window, last_ckpt)
                     mean = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
