@@ -11,6 +11,7 @@ import threading
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vig_jax import data
 from vig_jax.train import optim, sharding
@@ -87,6 +88,19 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _stop_agreed(requested: bool, step: int, every: int) -> bool:
+    """Whether all processes stop after `step`: any process's SIGTERM stops every process.
+
+    With several processes the flags are gathered every `every` steps only (a collective), so
+    all processes save the same step; a single process checks every step.
+    """
+    if jax.process_count() == 1:
+        return requested
+    if step % every:
+        return False
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(requested))))
+
+
 def _check_finite(window: list[tuple[int, dict]], last_good_step: int | None) -> list[dict]:
     """Host copies of the window's metrics; raises at the first non-finite loss or gradient.
 
@@ -154,7 +168,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
                 window.append((step, metrics))
                 last = step == total_steps
                 # SIGTERM: save right away, no evaluation (grace periods before SIGKILL are short).
-                save = last or stop.requested or step % loop.ckpt_every_steps == 0
+                stopping = _stop_agreed(stop.requested, step, loop.log_every_steps)
+                save = last or stopping or step % loop.ckpt_every_steps == 0
                 if save or step % loop.log_every_steps == 0:
                     host = _check_finite(window, last_ckpt)
                     mean = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -169,7 +184,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
                 if save:
                     ckpt.save(step, state, train_iter.get_state())
                     last_ckpt = step
-                if stop.requested:
+                if stopping:
                     progress.write(f"SIGTERM: saved checkpoint at step {step}, exiting")
                     break
     finally:
