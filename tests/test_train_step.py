@@ -12,7 +12,7 @@ import pytest
 from configs import common
 from tests.helpers import assert_close
 from vig_jax.train import sharding
-from vig_jax.train.trainer import make_trainer
+from vig_jax.train.trainer import make_trainer, oom_hint
 
 NUM_CLASSES = 10
 STEPS_PER_EPOCH = 10
@@ -183,3 +183,13 @@ def test_eval_step_counts_only_unmasked_examples(single):
     assert sums["loss_sum"] == pytest.approx(nll[:5].sum(), rel=1e-5)
     assert sums["top1"] == (rank[:5] < 1).sum()
     assert sums["top5"] == (rank[:5] < 5).sum()
+
+
+def test_oom_error_gets_config_hint():
+    with pytest.raises(RuntimeError, match="grad_accum_steps") as info:
+        with oom_hint():
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1 GB")
+    assert "RESOURCE_EXHAUSTED" in str(info.value)  # XLA's message is kept
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        with oom_hint():
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
