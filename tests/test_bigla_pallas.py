@@ -52,9 +52,12 @@ def reference64(args, do):
 
 def check_all(got, want, tol_o, tol_grad):
     assert_close("o", got[0], want[0], tol_o)
+    # N = 1: a lone token's gates act on nothing, so their gradient is 0 up to the rounding left by
+    # the cancellation in q * dq - k * dk, whose scale is that of dq.
+    zero_bound = tol_grad * max(1.0, float(np.abs(np.asarray(want[1], np.float64)).max()))
     for name, g, w in zip(GRAD_NAMES, got[1:], want[1:], strict=True):
-        if not np.any(w):  # N = 1: a lone token's gates act on nothing, their gradient is 0
-            assert np.abs(np.asarray(g, np.float64)).max() <= 1e-6, f"{name} should be 0"
+        if not np.any(w):
+            assert np.abs(np.asarray(g, np.float64)).max() <= zero_bound, f"{name} should be 0"
             continue
         assert_close(name, g, w, tol_grad)
 
