@@ -34,6 +34,7 @@ FLAGS = [
     "--config=configs/demo.py",
     "--config.model.overrides.embed_dim=32",
     "--config.model.overrides.depth=1",
+    "--config.model.dtype=bfloat16",  # bf16 compute; params and optimizer state stay float32
     "--config.data.image_size=32",
     "--config.data.batch_size=16",
     "--config.data.eval_batch_size=32",
@@ -104,13 +105,16 @@ def _wait_for_checkpoint(proc, workdir, above, timeout=300):
     pytest.fail(f"no checkpoint > {above} within {timeout} s")
 
 
-def _params(workdir, step):
+def _state(workdir, step):
     path = pathlib.Path(workdir).absolute() / "checkpoints" / str(step) / "state"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sharding info not provided")  # read as saved
         with ocp.PyTreeCheckpointer() as ckptr:
-            state = ckptr.restore(path)
-    return state["params"]
+            return ckptr.restore(path)
+
+
+def _params(workdir, step):
+    return _state(workdir, step)["params"]
 
 
 def _last_per_step(workdir, key):
@@ -143,6 +147,14 @@ def test_train_e2e_writes_metrics_and_checkpoints(reference):
         assert 0.0 <= m["eval/top1"] <= m["eval/top5"] <= 1.0 and np.isfinite(m["eval/loss"])
     # keep_checkpoints=2 of the saves at 2, 4, 6, 8.
     assert _steps(reference) == [6, 8]
+    # bf16 compute, float32 state: every saved float array (params, Adam moments) is float32.
+    floats = [
+        (path, leaf.dtype)
+        for path, leaf in _leaves(_state(reference, TOTAL_STEPS))
+        if np.issubdtype(leaf.dtype, np.floating)
+    ]
+    assert any(path.startswith("/opt_state") for path, _ in floats)
+    assert all(dtype == np.float32 for _, dtype in floats), floats
     # TensorBoard events readable without TensorFlow, with the same scalars.
     (event_file,) = (reference / "tensorboard").iterdir()
     tags = {
@@ -195,7 +207,10 @@ def _leaves(tree, prefix=""):
     if isinstance(tree, dict):
         for k in sorted(tree):
             yield from _leaves(tree[k], f"{prefix}/{k}")
-    else:
+    elif isinstance(tree, list | tuple):
+        for i, x in enumerate(tree):
+            yield from _leaves(x, f"{prefix}/{i}")
+    elif tree is not None:
         yield prefix, np.asarray(tree)
 
 
