@@ -70,6 +70,11 @@ def steps_per_epoch(config_path: str, overrides: list[str]) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def read_metrics(path: pathlib.Path) -> list[dict]:
+    """The JSON lines of train.py's metrics.jsonl, in order."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def summarise(metrics: list[dict], spe: int) -> dict:
     """Per-epoch train loss, test top-1 per evaluation, final and best top-1.
 
@@ -145,10 +150,8 @@ def main(argv: list[str]) -> int:
         print(f"train.py failed with exit code {rc}", file=sys.stderr)
         return rc
 
-    from vig_jax.train.metrics import read_metrics  # after the run: keeps JAX out of the timing
-
     spe = steps_per_epoch(args.config, overrides)
-    summary = summarise(read_metrics(args.workdir), spe)
+    summary = summarise(read_metrics(pathlib.Path(args.workdir) / "metrics.jsonl"), spe)
     device = device_description()
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
