@@ -11,8 +11,7 @@ Threshold: 35% top-1 on 1000 test images, 3.5x chance (10%, balanced classes). A
 nothing, or only the label prior, stays far below. The control run keeps everything but
 replaces every training label with a random class (fresh per batch): nothing links images to
 labels, so it must stay under the same threshold, and under 25% (it measures ~17%: its
-near-constant predictions land on a few classes). That
-proves the first test can fail.
+near-constant predictions land on a few classes). That proves the first test can fail.
 
 Needs the IDX files (`apt-get install dataset-fashion-mnist` or $VIG_FASHION_MNIST_DIR): skipped
 with that message otherwise.
