@@ -27,6 +27,8 @@ from tests.test_data_pipeline import shared_tfds_dir
 from vig_jax.data import fashion_mnist
 from vig_jax.train import loop
 
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 THRESHOLD = 0.35  # test top-1 that learning must reach and shuffled labels must not
 STEPS = 128
