@@ -203,3 +203,32 @@ def test_bigla_rejects_bad_input(case):
 def test_bigla_pallas_on_cpu_needs_interpret():
     with pytest.raises(ValueError, match="needs a GPU"):
         bigla(*_good(), impl="pallas")
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 3, 32, 64), (2, 64, 3, 16, 32)], ids=str)
+def test_chunked_single_chunk_default_compile_matches_reference(shape):
+    """One chunk (N <= C) at the default XLA:CPU optimisation level, forward and gradients.
+
+    Regression: written as `A v + (q e^G) S_in`, an add of two einsums, the chunked output was
+    garbage (up to 1e34) under a default-level jit on jax 0.10.2 when NT = 1; -O0 hid it.
+    """
+    B, N, H, K, V = shape
+    args = _inputs(7, B, N, H, K, V, jnp.float32)
+    do = jax.random.normal(jax.random.key(1), (B, N, H, V), jnp.float32)
+
+    def out_and_grads(fn):
+        def run(*args):
+            o, vjp = jax.vjp(fn, *args)
+            return o, vjp(do)
+
+        return jax.jit(run)(*args)
+
+    chunked = lambda *a: bigla_chunked(*a, chunk_size=64)
+    want = out_and_grads(bigla_reference)
+    for _ in range(3):  # the failure read stale memory: dirty freed buffers first
+        jax.block_until_ready(jnp.full((1 << 20,), 1e30, jnp.float32) * 3)
+        assert_close("o (forward alone)", jax.jit(chunked)(*args), want[0], TOL[jnp.float32])
+    got = out_and_grads(chunked)
+    assert_close("o", got[0], want[0], TOL[jnp.float32])
+    for name, g, w in zip(GRAD_NAMES, got[1], want[1], strict=True):
+        assert_close(name, g, w, TOL[jnp.float32])

@@ -141,7 +141,6 @@ def bigla_chunked(q, k, v, gf, gb, *, chunk_size=64):
     Gb = lax.cumsum(gb, axis=3, reverse=True)  # inclusive reverse: Gb_t − Gb_s = Σ_{t≤r<s} gb_r
 
     A = _in_chunk_scores(q, k, Gf, Gb, _sub_block(C))  # [B, NT, H, C, C]
-    o = jnp.einsum("...ts,...sv->...tv", A, v, precision=_HIGHEST)
 
     # Chunk totals: forward decays over the whole chunk to its last row, backward to its first row.
     Gf_last, Gb_first = Gf[..., -1:, :], Gb[..., :1, :]  # [B, NT, H, 1, K]
@@ -152,8 +151,12 @@ def bigla_chunked(q, k, v, gf, gb, *, chunk_size=64):
     )  # [2, B, NT, H, C, K]
     u = jnp.einsum("d...ck,...cv->d...kv", k_end, v, precision=_HIGHEST)  # [2, B, NT, H, K, V]
     s_in = _states_in(decay, u)  # [2, B, NT, H, K, V]
-    q_in = jnp.stack([q * jnp.exp(Gf), q * jnp.exp(Gb)])  # [2, B, NT, H, C, K]
-    o = o + jnp.einsum("d...ck,d...kv->...cv", q_in, s_in, precision=_HIGHEST)  # [B, NT, H, C, V]
+    # Intra-chunk and state terms as ONE matmul: [A | q e^Gf | q e^Gb] @ [v; S_f,in; S_b,in].
+    # (Also a workaround: XLA:CPU in jax 0.10.2 returned garbage under jit for `A v + q_in S_in`
+    # written as an add of two einsums when NT = 1.)
+    lhs = jnp.concatenate([A, q * jnp.exp(Gf), q * jnp.exp(Gb)], axis=-1)  # [B, NT, H, C, C+2K]
+    rhs = jnp.concatenate([v, s_in[0], s_in[1]], axis=-2)  # [B, NT, H, C+2K, V]
+    o = jnp.einsum("...tj,...jv->...tv", lhs, rhs, precision=_HIGHEST)  # [B, NT, H, C, V]
 
     o = (o / 2).swapaxes(2, 3).reshape(B, -1, H, o.shape[-1])[:, :N]  # [B, N, H, V]
     return o.astype(out_dtype)
