@@ -126,3 +126,28 @@ def test_source_dir_precedence(monkeypatch):
     monkeypatch.setenv(fashion_mnist.SOURCE_DIR_ENV, "/from/env")
     assert str(fashion_mnist.resolve_source_dir()) == "/from/env"
     assert str(fashion_mnist.resolve_source_dir("/from/arg")) == "/from/arg"
+
+
+def test_fashion_mnist_train_iterator_with_worker_processes(data_dir):
+    """Grain's worker processes unpickle the source: the local builder must survive pickling
+    (TFDS's default pickling re-ran __init__ with keywords this builder does not take)."""
+    kwargs = dict(
+        dataset="fashion_mnist",
+        data_dir=data_dir,
+        split="train",
+        image_size=28,
+        batch_size=8,
+        seed=0,
+        augment={"kind": "none"},
+        shard_index=0,
+        shard_count=1,
+    )
+    with_workers = data.make_train_iterator(num_workers=1, **kwargs)
+    in_process = data.make_train_iterator(num_workers=0, **kwargs)
+    try:
+        a, b = next(with_workers), next(in_process)
+    finally:
+        with_workers.close()
+        in_process.close()
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])

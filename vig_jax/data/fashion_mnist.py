@@ -74,6 +74,14 @@ class LocalFashionMNIST(mnist.FashionMNIST, skip_registration=True):
         super().__init__(data_dir=data_dir, file_format="array_record")
         self._source_dir = resolve_source_dir(source_dir)
 
+    def __getstate__(self):
+        # Grain's worker processes unpickle the data source, and TFDS's own pickling re-runs
+        # __init__ with the base class's keywords (config, version); this one takes these two.
+        return {"data_dir": self._original_state["data_dir"], "source_dir": str(self._source_dir)}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download: the files are local
         check_source_files(self._source_dir)
