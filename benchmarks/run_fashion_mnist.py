@@ -33,6 +33,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--out-dir", default=str(DEFAULT_OUT), help="PNG/JSON destination")
     parser.add_argument("--source-dir", help="directory of the four IDX .gz files")
     parser.add_argument("--config", default="configs/fashion_mnist.py", help="config file")
+    parser.add_argument(
+        "--from-metrics",
+        help="skip training: summarise and plot this metrics.jsonl (e.g. one copied back from a "
+        "GPU run) with --wall-s and --device as recorded there",
+    )
+    parser.add_argument("--wall-s", type=float, help="with --from-metrics: the run's wall time")
+    parser.add_argument("--device", help="with --from-metrics: the device the run used")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -143,16 +150,22 @@ def main(argv: list[str]) -> int:
         f"--workdir={args.workdir}",
         *overrides,
     ]
-    start = time.perf_counter()
-    rc = subprocess.run(command, cwd=ROOT, env=env).returncode
-    wall = time.perf_counter() - start
-    if rc:
-        print(f"train.py failed with exit code {rc}", file=sys.stderr)
-        return rc
+    metrics_path = pathlib.Path(args.workdir) / "metrics.jsonl"
+    if args.from_metrics:
+        if args.wall_s is None or args.device is None:
+            raise SystemExit("--from-metrics needs --wall-s and --device")
+        metrics_path, wall, device = pathlib.Path(args.from_metrics), args.wall_s, args.device
+    else:
+        start = time.perf_counter()
+        rc = subprocess.run(command, cwd=ROOT, env=env).returncode
+        wall = time.perf_counter() - start
+        if rc:
+            print(f"train.py failed with exit code {rc}", file=sys.stderr)
+            return rc
+        device = device_description()
 
     spe = steps_per_epoch(args.config, overrides)
-    summary = summarise(read_metrics(pathlib.Path(args.workdir) / "metrics.jsonl"), spe)
-    device = device_description()
+    summary = summarise(read_metrics(metrics_path), spe)
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
@@ -170,9 +183,7 @@ def main(argv: list[str]) -> int:
         "train_loss_per_epoch": summary["train_loss_per_epoch"],
     }
     (out_dir / "fashion_mnist.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out_dir / "fashion_mnist_metrics.jsonl").write_text(
-        (pathlib.Path(args.workdir) / "metrics.jsonl").read_text()
-    )
+    (out_dir / "fashion_mnist_metrics.jsonl").write_text(metrics_path.read_text())
     title = (
         f"ViG-H small on Fashion-MNIST: final {100 * summary['final_test_top1']:.2f}%, "
         f"best {100 * summary['best_test_top1']:.2f}%, {wall:.0f} s on {device.split(',')[0]}"
