@@ -1,0 +1,85 @@
+"""Scaling benchmark: smoke run on 1 and 2 fake CPU devices, efficiency, device env, checks."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench_scaling.py"
+
+_spec = importlib.util.spec_from_file_location("bench_scaling", SCRIPT)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_smoke_on_one_and_two_fake_devices(tmp_path):
+    # Two subprocesses (1 and 2 devices), each compiling two tiny steps: ~30 s of CPU.
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "scaling.json"
+    # FSDP (the smoke lowers fsdp_min_size so the tiny model's kernels are sharded) covers both
+    # modes' machinery: on 1 device it is plain data parallel.
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--devices", "1", "2", "--fsdp"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["smoke"] and r["fsdp"] and r["dtype"] == "float32" and r["platform"] == "cpu"
+    assert r["loss_rtol"] == bench.LOSS_RTOL["float32"] == 1e-4
+    assert r["loss_global_batch"] == 8 and r["skipped_devices"] == [] and r["jax"]
+    cases = {c["devices"]: c for c in r["cases"]}
+    assert sorted(cases) == [1, 2]
+    for n, c in cases.items():
+        assert c["global_batch"] == 4 * n and c["img_per_s"] > 0
+        assert c["efficiency"] == pytest.approx(c["img_per_s"] / (n * cases[1]["img_per_s"]))
+        assert c["peak_gb_per_device"] == [None] * n  # CPU has no memory_stats
+        assert len(c["loss_curve"]) == 8
+    assert cases[1]["efficiency"] == 1.0 and cases[1]["loss_max_rel_diff"] == 0.0
+    # Same global batch, seed and keys split over 2 devices (FSDP): float32 agreement.
+    assert cases[2]["loss_max_rel_diff"] <= r["loss_rtol"] and cases[2]["loss_agrees"]
+    # The curve is not flat (per-step augmentation keys and updates), so agreement is not trivial.
+    curve = cases[1]["loss_curve"]
+    assert max(curve) - min(curve) > 10 * r["loss_rtol"] * abs(curve[0])
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("| devices | global batch | img/s | efficiency |") and "| 2 | 8 |" in md
+
+
+def test_scaling_efficiency():
+    eff = bench.scaling_efficiency({4: 3000.0, 1: 1000.0, 2: 1900.0})
+    assert list(eff) == [1, 2, 4]
+    assert eff == pytest.approx({1: 1.0, 2: 0.95, 4: 0.75})
+    assert bench.scaling_efficiency({2: 1900.0, 8: 7000.0}) == {2: None, 8: None}
+
+
+def test_max_rel_diff():
+    assert bench.max_rel_diff([2.0, 1.1, 3.0], [2.0, 1.0, 3.0]) == pytest.approx(0.1)
+    assert bench.max_rel_diff([1.0], [1.0]) == 0.0
+    with pytest.raises(ValueError, match="equal length"):
+        bench.max_rel_diff([1.0, 2.0], [1.0])
+
+
+def test_child_env_restricts_devices():
+    base = {"XLA_FLAGS": "--foo --xla_force_host_platform_device_count=4", "PATH": "/bin"}
+    cpu = bench.child_env(2, "cpu", base, smoke=False)
+    assert cpu["XLA_FLAGS"] == "--foo  --xla_force_host_platform_device_count=2"
+    assert cpu["JAX_PLATFORMS"] == "cpu" and cpu["PATH"] == "/bin"
+    assert bench.child_env(4, "gpu", {}, smoke=False)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    gpu = bench.child_env(2, "gpu", {"CUDA_VISIBLE_DEVICES": "3,5,6"}, smoke=False)
+    assert gpu["CUDA_VISIBLE_DEVICES"] == "3,5"
+
+
+def test_loss_batch_must_split_over_every_device_count():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--devices", "1", "3", "--loss-batch", "128"])
+    args = bench.parse_args(["--devices", "1", "2", "8"])
+    assert (args.loss_batch, args.loss_steps, args.steps, args.per_device_batch) == (
+        128,
+        50,
+        20,
+        128,
+    )
