@@ -83,3 +83,26 @@ def test_loss_batch_must_split_over_every_device_count():
         20,
         128,
     )
+
+
+def test_summarize_flags_disagreeing_curves():
+    args = bench.parse_args(["--devices", "1", "2", "4"])  # GPU defaults: bf16, tolerance 2e-2
+    base = {"compile_s": 1.0, "step_ms_median": 1.0, "device_kind": "H100", "jax": "0.11.2"}
+    cases = [
+        {**base, "devices": 1, "global_batch": 128, "img_per_s": 1000.0, "loss_curve": [7.0, 6.0]},
+        {**base, "devices": 2, "global_batch": 256, "img_per_s": 1800.0, "loss_curve": [7.0, 6.1]},
+        {**base, "devices": 4, "global_batch": 512, "img_per_s": 3000.0, "loss_curve": [7.0, 6.3]},
+    ]
+    for c in cases:
+        c["peak_gb_per_device"] = [10.0] * c["devices"]
+    r = bench.summarize(args, cases, "gpu")
+    assert r["loss_rtol"] == 2e-2 and r["dtype"] == "bfloat16" and r["device_kind"] == "H100"
+    got = {c["devices"]: (c["efficiency"], c["loss_max_rel_diff"], c["loss_agrees"]) for c in cases}
+    assert got[1] == (1.0, 0.0, True)
+    assert got[2] == (pytest.approx(0.9), pytest.approx(0.1 / 6), True)
+    assert got[4] == (pytest.approx(0.75), pytest.approx(0.05), False)
+    md = bench.markdown(r)
+    assert "| 4 | 512 | 3,000 | 0.750 | 1.0 | 10.00 | 5.0e-02 | 1.0 |" in md
+    # Without a 1-device case there is nothing to compare against.
+    r = bench.summarize(args, [dict(cases[1])], "gpu")
+    assert r["cases"][0]["efficiency"] is None and r["cases"][0]["loss_agrees"] is None
