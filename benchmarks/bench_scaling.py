@@ -36,7 +36,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -121,22 +120,12 @@ def _config(args, batch: int):
     return c
 
 
-def _fixed_batch(batch: int, size: int, seed: int) -> dict:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return {
-        "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-        "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
-    }
-
-
 def run_case(args, n: int) -> dict:
     """Throughput, per-device peak memory and the loss curve on the N visible devices."""
     import jax
     import numpy as np
 
-    from benchmarks.bench_train_step import STEPS_PER_EPOCH
+    from benchmarks.bench_train_step import STEPS_PER_EPOCH, compile_and_time, synthetic_batch
     from vig_jax.train import sharding
     from vig_jax.train.trainer import make_trainer, oom_hint
 
@@ -152,27 +141,20 @@ def run_case(args, n: int) -> dict:
     )
     with oom_hint():
         state = trainer.init(jax.random.PRNGKey(0))
-        batch = sharding.global_batch(_fixed_batch(batch_size, args.image_size, 0), mesh)
-        t0 = time.perf_counter()
-        step = trainer.train_step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
-        times = []
-        for i in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
+        batch = sharding.global_batch(synthetic_batch(batch_size, args.image_size, 0), mesh)
+        state, compile_s, times, _ = compile_and_time(
+            trainer, state, batch, warmup=args.warmup, steps=args.steps
+        )
     median = float(np.median(times))
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
-    del state, batch, step
+    del state, batch
 
     config = _config(args, args.loss_batch)
     config.optimizer.warmup_epochs = args.loss_steps  # warmup over the curve (steps_per_epoch=1)
     trainer = make_trainer(config, mesh=mesh, num_classes=NUM_CLASSES, steps_per_epoch=1)
     with oom_hint():
         state = trainer.init(jax.random.PRNGKey(0))
-        batch = sharding.global_batch(_fixed_batch(args.loss_batch, args.image_size, 1), mesh)
+        batch = sharding.global_batch(synthetic_batch(args.loss_batch, args.image_size, 1), mesh)
         losses = []
         for _ in range(args.loss_steps):
             state, metrics = trainer.train_step(state, batch)

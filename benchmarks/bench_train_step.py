@@ -77,6 +77,35 @@ def git_sha() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def synthetic_batch(batch: int, size: int, seed: int) -> dict:
+    """A fixed random batch as the data pipeline yields it: image uint8 [B, S, S, 3], label [B]."""
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
+    }
+
+
+def compile_and_time(trainer, state, batch, *, warmup: int, steps: int):
+    """Compiles `trainer.train_step` for (state, batch), then runs warmup + steps steps on it.
+
+    Returns:
+      (state, compile seconds, wall seconds of each of the `steps` timed steps, loss of every step).
+    """
+    t0 = time.perf_counter()
+    step = trainer.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(metrics["loss"]))
+    return state, compile_s, times, losses
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="vig_s")
@@ -106,28 +135,12 @@ def main():
         config, mesh=mesh, num_classes=NUM_CLASSES, steps_per_epoch=STEPS_PER_EPOCH
     )
     state = trainer.init(jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
     s = args.image_size
-    batch = sharding.global_batch(
-        {
-            "image": rng.integers(0, 256, (args.batch, s, s, 3), dtype=np.uint8),
-            "label": rng.integers(0, NUM_CLASSES, args.batch).astype(np.int32),
-        },
-        mesh,
+    batch = sharding.global_batch(synthetic_batch(args.batch, s, 0), mesh)
+    state, compile_s, times, losses = compile_and_time(
+        trainer, state, batch, warmup=args.warmup, steps=args.steps
     )
-    t0 = time.perf_counter()
-    step = trainer.train_step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
     print(f"compiled in {compile_s:.1f} s", flush=True)
-
-    times, losses = [], []
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(float(metrics["loss"]))
     if not np.isfinite(losses).all():
         raise FloatingPointError(f"non-finite loss in the benchmark: {losses}")
     median = float(np.median(times))
