@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -155,13 +156,27 @@ def main(argv: list[str]) -> int:
         if args.wall_s is None or args.device is None:
             raise SystemExit("--from-metrics needs --wall-s and --device")
         metrics_path, wall, device = pathlib.Path(args.from_metrics), args.wall_s, args.device
+        stopped_early = None  # unknown
     else:
         start = time.perf_counter()
-        rc = subprocess.run(command, cwd=ROOT, env=env).returncode
+        child = subprocess.Popen(command, cwd=ROOT, env=env)
+        # A time limit's SIGTERM goes on to train.py, which saves a checkpoint and stops; the
+        # epochs it finished are still summarised and plotted (marked "stopped_early").
+        terminated = []
+
+        def forward_sigterm(*_):
+            terminated.append(True)
+            child.terminate()
+
+        signal.signal(signal.SIGTERM, forward_sigterm)
+        rc = child.wait()
         wall = time.perf_counter() - start
-        if rc:
+        if rc and not metrics_path.exists():
             print(f"train.py failed with exit code {rc}", file=sys.stderr)
             return rc
+        if rc:
+            print(f"train.py exit code {rc}; summarising its metrics", file=sys.stderr)
+        stopped_early = bool(terminated) or rc != 0
         device = device_description()
 
     spe = steps_per_epoch(args.config, overrides)
@@ -174,6 +189,7 @@ def main(argv: list[str]) -> int:
         "best_epoch": summary["best_epoch"],
         "steps": summary["steps"],
         "steps_per_epoch": spe,
+        "stopped_early": stopped_early,  # SIGTERM (time limit) or a failed exit before the end
         "wall_s": round(wall, 1),  # train.py process: start-up, preparation, compile, training
         "command": shlex.join(command[1:]),
         "env": {"VIG_FASHION_MNIST_DIR": env.get("VIG_FASHION_MNIST_DIR")},
