@@ -58,8 +58,8 @@ def device_description() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def steps_per_epoch(config_path: str, overrides: list[str]) -> int:
-    """Optimizer steps per epoch of the run (train split size // batch size), via the config."""
+def schedule(config_path: str, overrides: list[str]) -> tuple[int, int]:
+    """(optimizer steps per epoch, planned total steps) of the run, via the config."""
     code = (
         "import sys; from absl import flags; from ml_collections import config_flags\n"
         "c = config_flags.DEFINE_config_file('config', None)\n"
@@ -67,7 +67,8 @@ def steps_per_epoch(config_path: str, overrides: list[str]) -> int:
         "from vig_jax import data\n"
         "d = c.value.data\n"
         "info = data.dataset_info(d.dataset, d.data_dir)\n"
-        "print(info.num_examples[d.train_split] // d.batch_size)\n"
+        "spe = info.num_examples[d.train_split] // d.batch_size\n"
+        "print(spe, round(spe * c.value.optimizer.epochs))\n"
     )
     argv = [f"--config={config_path}", *overrides]
     out = subprocess.run(
@@ -75,7 +76,8 @@ def steps_per_epoch(config_path: str, overrides: list[str]) -> int:
     )
     if out.returncode:
         raise RuntimeError(f"reading the config failed:\n{out.stderr}")
-    return int(out.stdout.strip().splitlines()[-1])
+    spe, total = out.stdout.strip().splitlines()[-1].split()
+    return int(spe), int(total)
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:
@@ -143,7 +145,7 @@ def main(argv: list[str]) -> int:
     if args.source_dir:
         source = pathlib.Path(args.source_dir).resolve()
         env["VIG_FASHION_MNIST_DIR"] = str(source)
-        os.environ["VIG_FASHION_MNIST_DIR"] = str(source)  # for steps_per_epoch's subprocess
+        os.environ["VIG_FASHION_MNIST_DIR"] = str(source)  # for schedule's subprocess
     command = [
         sys.executable,
         "train.py",
@@ -179,8 +181,10 @@ def main(argv: list[str]) -> int:
         stopped_early = bool(terminated) or rc != 0
         device = device_description()
 
-    spe = steps_per_epoch(args.config, overrides)
+    spe, planned_steps = schedule(args.config, overrides)
     summary = summarise(read_metrics(metrics_path), spe)
+    if stopped_early is None:  # --from-metrics: judge by the steps the metrics reach
+        stopped_early = summary["steps"] < planned_steps
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
@@ -189,6 +193,7 @@ def main(argv: list[str]) -> int:
         "best_epoch": summary["best_epoch"],
         "steps": summary["steps"],
         "steps_per_epoch": spe,
+        "planned_steps": planned_steps,
         "stopped_early": stopped_early,  # SIGTERM (time limit) or a failed exit before the end
         "wall_s": round(wall, 1),  # train.py process: start-up, preparation, compile, training
         "command": shlex.join(command[1:]),
@@ -204,6 +209,11 @@ def main(argv: list[str]) -> int:
         f"ViG-H small on Fashion-MNIST: final {100 * summary['final_test_top1']:.2f}%, "
         f"best {100 * summary['best_test_top1']:.2f}%, {wall:.0f} s on {device.split(',')[0]}"
     )
+    if stopped_early:
+        title += (
+            f"\nstopped at epoch {summary['steps'] / spe:.1f} of {planned_steps / spe:.0f} "
+            "(time limit)"
+        )
     plot(summary, out_dir / "fashion_mnist.png", title)
     print(
         f"final test top-1 {summary['final_test_top1']:.4f}, best {summary['best_test_top1']:.4f} "
