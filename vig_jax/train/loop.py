@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 from vig_jax import data
 from vig_jax.train import optim, sharding
 from vig_jax.train.checkpoint import Checkpointer
-from vig_jax.train.metrics import MetricsWriter, Progress
+from vig_jax.train.metrics import MetricsWriter, Progress, peak_memory_gb
 from vig_jax.train.trainer import Trainer, make_trainer, oom_hint
 
 
@@ -174,8 +174,13 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
                     host = _check_finite(window, last_ckpt)
                     mean = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
                     mean["train/lr"] = float(host[-1]["lr"])
+                    mean["train/img_per_s"] = progress.update(
+                        step, mean["train/loss"], mean["train/lr"]
+                    )
+                    peak = peak_memory_gb()
+                    if peak is not None:
+                        mean["device/peak_memory_gb"] = peak
                     writer.write(step, mean)
-                    progress.update(step, mean["train/loss"], mean["train/lr"])
                     window = []
                 if last or step % loop.eval_every_steps == 0:
                     eval_metrics = _evaluate_all(trainer, state, config)

@@ -57,6 +57,14 @@ class MetricsWriter:
             self._events.close()
 
 
+def peak_memory_gb() -> float | None:
+    """The largest `peak_bytes_in_use` of this process's devices in GB, None where the backend
+    keeps no memory statistics (CPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) / 1e9 if peaks else None
+
+
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
     """All lines of `workdir/metrics.jsonl`, in order."""
     with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
@@ -77,8 +85,9 @@ class Progress:
         )
         self._last = (initial, time.perf_counter())
 
-    def update(self, step: int, loss: float, lr: float) -> None:
-        """Moves the bar to `step` (steps done) and shows the latest values."""
+    def update(self, step: int, loss: float, lr: float) -> float:
+        """Moves the bar to `step` (steps done), shows the latest values and returns the img/s
+        since the previous update (all processes together)."""
         last_step, last_time = self._last
         now = time.perf_counter()
         rate = (step - last_step) * self._batch_size / max(now - last_time, 1e-9)
@@ -86,6 +95,7 @@ class Progress:
         shown = f"{loss:.4f}" if math.isfinite(loss) else str(loss)
         self._bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{rate:,.0f}", refresh=False)
         self._bar.update(step - self._bar.n)
+        return rate
 
     def write(self, message: str) -> None:
         """Prints above the bar (or plainly when disabled, on process 0)."""
