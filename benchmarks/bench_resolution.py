@@ -1,6 +1,7 @@
 """ViG vs DeiT across input resolutions: throughput, peak memory, FLOPs, params (issue 7).
 
     python benchmarks/bench_resolution.py              # GPU, ~8 min on an H100; prints progress
+    python benchmarks/bench_resolution.py --jobs 4     # 4 cases compile at once, timed in turn
     python benchmarks/bench_resolution.py --smoke      # CPU check: depth-1 models, tiny images
 
 Pairs (paper claims): ViG-T vs DeiT-T and ViG-S vs DeiT-B, at 224..1024 and larger sizes while the
@@ -20,6 +21,21 @@ temporaries, `compiled.memory_analysis()`) is recorded too. The subprocess gets
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 (unless set) so that "OOM" means the card, not the default 75 %
 pool. An out-of-memory error is recorded as "OOM" and the run goes on.
 
+Concurrency (`--jobs J`, default 1): up to J case processes run at once; they compile
+concurrently and hold `gpu_lock.timing_lock()` only for warm-up and timed runs (both modes), so no
+two timings overlap. They run without GPU memory preallocation (`gpu_lock.concurrent_env`), so
+each peak is still its own process's. Cases start in the output order (sizes as given, the pairs'
+models within a size); none starts after `--budget-s`, and one still running GRACE_S later is
+killed ("timeout"). A model's case is skipped (inference OOM) or not trained (training OOM) when
+an earlier size of that model ran out of memory, as far as is known when the case starts (with
+J > 1 an earlier size may still be running). Under J > 1 a case's memory is not alone on the card:
+the others hold their inputs and parameters, and XLA's autotuning while they compile allocates and
+runs kernels on the GPU (which may also disturb the timing in progress); an OOM at the largest
+sizes may need a rerun with `--jobs 1` to be sure.
+The results are rewritten after every finished case (cases to come: "pending"); SIGTERM kills the
+children and writes "not run (benchmark stopped)" for the rest, so a run cut off by a time limit
+still leaves everything it finished.
+
 FLOPs: `vig_jax.flops.count_model` (XLA cost analysis of the batch-1 forward, ViG with the chunked
 BiGLA since XLA sees no FLOPs inside a Pallas kernel) in one CPU subprocess that runs alongside.
 
@@ -32,16 +48,23 @@ unpadded). Results: `<out>.json` and `<out>.md` (default benchmarks/results/reso
 import argparse
 import concurrent.futures
 import datetime
+import functools
 import json
 import os
 import pathlib
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.gpu_lock import concurrent_env, timing_lock  # noqa: E402
+
 DEFAULT_SIZES = (224, 384, 512, 768, 1024, 1536, 2048)
 DEFAULT_PAIRS = ("vig_t:deit_t", "vig_s:deit_b")
 RESULT_TAG = "RESULT "
@@ -168,38 +191,58 @@ def run_case(case: dict) -> dict:
         except Exception as exc:  # a failure is recorded and the sweep goes on
             out[mode] = _status(exc)
 
-    if "infer" in compiled:
-        try:
-
-            def call_infer(k=1):
-                for _ in range(k):
-                    y = compiled["infer"](params, images)
-                y.block_until_ready()
-
-            sec, k = _time_runs(call_infer, case["iters"], case["warmup"])
-            out.update(infer="ok", infer_ms=sec * 1e3, infer_img_s=b / sec, infer_calls_per_run=k)
-            out["infer_peak_bytes"] = _peak_bytes(device)
-        except Exception as exc:
-            out["infer"] = _status(exc)
-        del compiled["infer"]
-
-    if "train" in compiled:
-        try:
-            holder = [(params, jax.jit(tx.init)(params))]
-
-            def call_train(k=1):
-                state = holder[0]
-                for _ in range(k):
-                    state, loss = compiled["train"](state, images, labels)
-                jax.block_until_ready((state, loss))
-                holder[0] = state
-
-            sec, k = _time_runs(call_train, case["iters"], case["warmup"])
-            out.update(train="ok", train_ms=sec * 1e3, train_img_s=b / sec, train_calls_per_run=k)
-            out["train_peak_bytes"] = _peak_bytes(device)
-        except Exception as exc:
-            out["train"] = _status(exc)
+    # Compiled above, outside the lock; only warm-up and timed runs hold it (other benchmark
+    # processes may be compiling meanwhile, see gpu_lock). Peaks are read after each mode's timing.
+    # The optimizer-state init compiles here too; it runs (allocates) only after inference.
+    opt_init = jax.jit(tx.init).lower(params).compile() if "train" in compiled else None
+    with timing_lock():
+        if "infer" in compiled:
+            _time_infer(compiled.pop("infer"), params, images, case, device, out)
+        if "train" in compiled:
+            _time_train(compiled.pop("train"), opt_init, params, images, labels, case, device, out)
     return out
+
+
+def _time_infer(compiled, params, images, case: dict, device, out: dict) -> None:
+    """Times the compiled forward; records img/s and the inference peak (or the error) in `out`."""
+    try:
+
+        def call(k=1):
+            for _ in range(k):
+                y = compiled(params, images)
+            y.block_until_ready()
+
+        sec, k = _time_runs(call, case["iters"], case["warmup"])
+        b = case["batch"]
+        out.update(infer="ok", infer_ms=sec * 1e3, infer_img_s=b / sec, infer_calls_per_run=k)
+        out["infer_peak_bytes"] = _peak_bytes(device)
+    except Exception as exc:
+        out["infer"] = _status(exc)
+
+
+def _time_train(compiled, opt_init, params, images, labels, case: dict, device, out: dict) -> None:
+    """Times the compiled (donating) train step; records img/s and the process peak in `out`.
+
+    `opt_init` is the compiled AdamW init: the optimizer state is allocated here, after inference.
+    """
+    import jax
+
+    try:
+        holder = [(params, opt_init(params))]
+
+        def call(k=1):
+            state = holder[0]
+            for _ in range(k):
+                state, loss = compiled(state, images, labels)
+            jax.block_until_ready((state, loss))
+            holder[0] = state
+
+        sec, k = _time_runs(call, case["iters"], case["warmup"])
+        b = case["batch"]
+        out.update(train="ok", train_ms=sec * 1e3, train_img_s=b / sec, train_calls_per_run=k)
+        out["train_peak_bytes"] = _peak_bytes(device)
+    except Exception as exc:
+        out["train"] = _status(exc)
 
 
 def run_flops(jobs: list) -> None:
@@ -248,21 +291,71 @@ def _parse_results(stdout: str) -> list:
     ]
 
 
-def _run_child(case: dict, env: dict, timeout_s: float) -> dict:
+def _start_child(case: dict, env: dict) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--child-case", json.dumps(case)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_child(proc: subprocess.Popen, timeout_s: float) -> dict:
+    """The case result of a child started by `_start_child`; killed after `timeout_s`."""
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        stdout, stderr = proc.communicate(timeout=max(timeout_s, 0.0))
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return {"infer": f"timeout after {timeout_s:.0f} s", "train": "not run (timeout)"}
-    results = _parse_results(proc.stdout)
+    results = _parse_results(stdout)
     if proc.returncode != 0 or not results:
         # Some allocation failures abort the process instead of raising (e.g. inside cuDNN).
-        if any(m in proc.stderr for m in OOM_MARKERS):
+        if any(m in stderr for m in OOM_MARKERS):
             return {"infer": "OOM", "train": "OOM", "note": "process aborted"}
-        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[:400]
+        tail = " | ".join(stderr.strip().splitlines()[-3:])[:400]
         status = f"crashed (rc={proc.returncode}): {tail}"
         return {"infer": status, "train": status}
     return results[-1]
+
+
+class _FlopCounter:
+    """The CPU subprocess counting FLOPs; its results are read as they come, for partial writes."""
+
+    def __init__(self, jobs: list, env: dict):
+        self._stderr = tempfile.TemporaryFile("w+")  # read only on failure; a pipe could fill
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--child-flops", json.dumps(jobs)],
+            env={**env, "JAX_PLATFORMS": "cpu"},
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self._results, self._lock = {}, threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            for r in _parse_results(line):
+                with self._lock:
+                    self._results[(r["model"], r["size"])] = r
+
+    def results(self) -> dict:
+        """{(model, size): {params, xla_gflops, gmacs, matmul_gflops} or {error}} so far."""
+        with self._lock:
+            return dict(self._results)
+
+    def close(self, timeout_s: float) -> None:
+        """Waits up to `timeout_s` for the remaining counts, then kills the counter."""
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            if timeout_s > 0:  # 0: the sweep was stopped, nothing more was expected
+                print("FLOP counter timed out; counts so far only", flush=True)
+        self._reader.join()
+        if self.proc.returncode and self.proc.returncode > 0:
+            self._stderr.seek(0)
+            print(f"FLOP counter failed: {self._stderr.read().strip()[-400:]}", flush=True)
+        self._stderr.close()
 
 
 def _case_kwargs(name: str, args) -> dict:
@@ -278,66 +371,122 @@ def _case_kwargs(name: str, args) -> dict:
     return kwargs
 
 
-def sweep(args) -> dict:
+def _plan(args) -> list:
+    """The cases in output order: sizes in the given order, each with every model of the pairs."""
     pairs = [tuple(p.split(":")) for p in args.pairs]
     models = list(dict.fromkeys(m for pair in pairs for m in pair))
+    return [
+        dict(
+            model=name,
+            size=size,
+            batch=args.batch or batch_for(size),
+            iters=args.iters,
+            warmup=args.warmup,
+            create_kwargs=_case_kwargs(name, args),
+        )
+        for size in args.sizes
+        for name in models
+    ]
+
+
+def sweep(args, write) -> dict:
+    """Runs every case of `_plan(args)`, up to `args.jobs` child processes at once.
+
+    Cases start in plan order, each only while the time budget lasts; one running at the budget
+    gets GRACE_S more, then it is killed. A model that ran out of memory at an earlier size is
+    not run again (inference) or not trained (training), as far as that is known when the case
+    starts. `write(result)` is called after every finished case with the results so far (cases
+    still to come marked "pending"), and once at the end; the final result is returned.
+    """
     env = _child_env(args.smoke)
     start = time.time()
+    plan = _plan(args)
     overrides = {"depth": 1} if args.smoke else {}
-    flops_jobs = [[m, s, overrides] for s in args.sizes for m in models]
-    flops_proc = subprocess.Popen(
-        [sys.executable, __file__, "--child-flops", json.dumps(flops_jobs)],
-        env={**env, "JAX_PLATFORMS": "cpu"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    cases, infer_oom, train_oom = [], set(), set()
-    for size in args.sizes:
-        batch = args.batch or batch_for(size)
-        for name in models:
-            case = dict(
-                model=name,
-                size=size,
-                batch=batch,
-                iters=args.iters,
-                warmup=args.warmup,
-                train=name not in train_oom,  # a smaller size already ran out of memory
-                create_kwargs=_case_kwargs(name, args),
-            )
+    flops = _FlopCounter([[c["model"], c["size"], overrides] for c in plan], env)
+    done = [None] * len(plan)  # finished case records, in plan order
+    infer_oom, train_oom, live = set(), set(), set()
+    lock = threading.Lock()  # guards everything above, the console and the result files
+    stopped = threading.Event()
+    order = iter(range(len(plan)))  # the next case to start
+    lock_dir = tempfile.TemporaryDirectory(prefix="vig_bench_lock_") if args.jobs > 1 else None
+    if lock_dir:  # children compile concurrently and take turns timing (gpu_lock)
+        env = concurrent_env(pathlib.Path(lock_dir.name) / "gpu.lock", env)
+
+    def snapshot(pending: str) -> dict:
+        return _result(args, plan, done, flops.results(), time.time() - start, pending)
+
+    def finish(i: int, record: dict) -> None:  # called with `lock` held
+        done[i] = record
+        print(_progress_line(record, time.time() - start), flush=True)
+        write(snapshot("pending"))
+
+    def run_next_case() -> None:
+        with lock:
+            if stopped.is_set():
+                return
+            # The index is taken under the lock, so cases start (or are skipped) in plan order.
+            i = next(order)
+            case = plan[i]
             elapsed = time.time() - start
-            if name in infer_oom:
-                res = {"infer": "not run (OOM at a smaller size)", "train": "not run"}
-            elif elapsed > args.budget_s:
-                res = {"infer": "not run (time budget)", "train": "not run (time budget)"}
-            else:
-                t0 = time.time()
-                # Hard stop: whatever runs at the budget gets GRACE_S more, then it is killed.
-                res = _run_child(case, env, args.budget_s + GRACE_S - elapsed)
-                res["wall_s"] = round(time.time() - t0, 1)
-                if res.get("infer") == "OOM":
-                    infer_oom.add(name)
-                if res.get("train") == "OOM":
-                    train_oom.add(name)
-            cases.append({**case, **res})
-            print(_progress_line(cases[-1], time.time() - start), flush=True)
+            if case["model"] in infer_oom:
+                finish(i, {**case, "infer": "not run (OOM at a smaller size)", "train": "not run"})
+                return
+            if elapsed > args.budget_s:
+                budget = "not run (time budget)"
+                finish(i, {**case, "infer": budget, "train": budget})
+                return
+            case = {**case, "train": case["model"] not in train_oom}
+            proc = _start_child(case, env)  # under the lock: a stopped sweep kills every child
+            live.add(proc)
+        # Hard stop: whatever runs at the budget gets GRACE_S more, then it is killed.
+        res = _wait_child(proc, args.budget_s + GRACE_S - elapsed)
+        with lock:
+            live.discard(proc)
+            if stopped.is_set():
+                return
+            res["wall_s"] = round(time.time() - start - elapsed, 1)
+            if res.get("infer") == "OOM":
+                infer_oom.add(case["model"])
+            if res.get("train") == "OOM":
+                train_oom.add(case["model"])
+            finish(i, {**case, **res})
+
+    pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
+    completed = False
     try:
-        stdout, stderr = flops_proc.communicate(timeout=GRACE_S)
-    except subprocess.TimeoutExpired:
-        flops_proc.kill()
-        stdout, stderr = flops_proc.communicate()
-        print("FLOP counter timed out; counts so far only", flush=True)
-    flops = {(r["model"], r["size"]): r for r in _parse_results(stdout)}
-    if flops_proc.returncode:
-        print(f"FLOP counter failed: {stderr.strip()[-400:]}", flush=True)
-    for c in cases:
+        for future in [pool.submit(run_next_case) for _ in plan]:
+            future.result()
+        completed = True
+    finally:
+        if not completed:  # an error, or SIGTERM (see main): no child outlives the sweep
+            with lock:
+                stopped.set()
+                for proc in live:
+                    proc.kill()
+                write(snapshot("not run (benchmark stopped)"))
+        pool.shutdown(wait=True, cancel_futures=True)
+        flops.close(GRACE_S if completed else 0.0)
+        if lock_dir:
+            lock_dir.cleanup()
+    result = snapshot("pending")
+    write(result)
+    return result
+
+
+def _result(args, plan: list, done: list, flops: dict, elapsed: float, pending: str) -> dict:
+    """The result document: meta and one record per planned case (FLOPs merged in)."""
+    cases = []
+    for case, record in zip(plan, done, strict=True):
+        c = dict(record) if record else {**case, "infer": pending, "train": pending}
         f = flops.get((c["model"], c["size"]), {})
         c.update({k: v for k, v in f.items() if k not in ("model", "size", "params")})
         c.setdefault("params", f.get("params"))
+        cases.append(c)
     first = dict(next((c for c in cases if "device" in c), {}))
     for c in cases:  # recorded once, in meta
         for key in ("device", "platform", "jax", "jaxlib"):
             c.pop(key, None)
+    n_done = sum(r is not None for r in done)
     return {
         "meta": {
             "device": first.get("device"),
@@ -354,9 +503,17 @@ def sweep(args) -> dict:
             "warmup": args.warmup,
             "pairs": args.pairs,
             "smoke": args.smoke,
-            "total_s": round(time.time() - start, 1),
+            "jobs": args.jobs,
+            "cases_done": f"{n_done}/{len(plan)}",
+            "total_s": round(elapsed, 1),
             "memory": "fresh process per (model, size); infer_peak = inference alone, "
-            "train_peak = process peak after inference + training; *_xla_bytes = XLA estimate",
+            "train_peak = process peak after inference + training; *_xla_bytes = XLA estimate"
+            + (
+                f"; {args.jobs} processes at once (compiling concurrently, timing one at a "
+                "time), no preallocation"
+                if args.jobs > 1
+                else ""
+            ),
             "flops": "vig_jax.flops: XLA cost analysis of the batch-1 forward "
             "(ViG: chunked BiGLA); gmacs = xla_gflops / 2",
         },
@@ -364,6 +521,7 @@ def sweep(args) -> dict:
     }
 
 
+@functools.cache
 def _git_sha() -> str | None:
     try:
         return subprocess.run(
@@ -482,6 +640,12 @@ def main(argv=None):
         default=420.0,
         help=f"start no case after this many seconds; a running one is killed {GRACE_S:.0f} s on",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="case processes at once: they compile concurrently and take turns timing",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/resolution"))
     parser.add_argument(
         "--smoke", action="store_true", help="CPU check: depth-1 models, tiny sizes"
@@ -508,16 +672,32 @@ def main(argv=None):
     for p in args.pairs:
         if p.count(":") != 1:
             parser.error(f"--pairs takes vig:deit names, got {p!r}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
 
-    result = sweep(args)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
+    # A time limit's SIGTERM stops the sweep: children are killed and the results so far are
+    # written (unfinished cases "not run (benchmark stopped)"); the files are rewritten after
+    # every case anyway, so even a SIGKILL leaves every finished case on disk.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    result = sweep(args, functools.partial(write_results, out))
     print(
         f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} "
         f"in {result['meta']['total_s']:.0f} s"
     )
+
+
+def write_results(out: pathlib.Path, result: dict) -> None:
+    """Writes `<out>.json` and `<out>.md`, each replaced at once (a reader never sees half)."""
+    for suffix, text in (
+        (".json", json.dumps(result, indent=1) + "\n"),
+        (".md", to_markdown(result)),
+    ):
+        path = out.with_suffix(suffix)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":
