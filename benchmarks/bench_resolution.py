@@ -465,11 +465,13 @@ def sweep(args, write) -> dict:
                     proc.kill()
                 write(snapshot("not run (benchmark stopped)"))
         pool.shutdown(wait=True, cancel_futures=True)
-        flops.close(GRACE_S if completed else 0.0)
-        if lock_dir:
-            lock_dir.cleanup()
-    result = snapshot("pending")
-    write(result)
+        try:
+            flops.close(GRACE_S if completed else 0.0)
+        finally:  # also when stopped while waiting for the FLOP counts: keep those that came
+            if lock_dir:
+                lock_dir.cleanup()
+            result = snapshot("pending" if completed else "not run (benchmark stopped)")
+            write(result)
     return result
 
 
