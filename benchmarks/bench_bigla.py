@@ -1,16 +1,25 @@
 """BiGLA benchmark: parity of the Pallas kernel with the reference, then forward and fwd+bwd
 times of pallas / chunked (XLA) / reference at ViG head shapes, against the HBM floor.
 
-GPU:  PYTHONUNBUFFERED=1 python benchmarks/bench_bigla.py --out DIR [--cases vig_s_224,...]
+GPU:  PYTHONUNBUFFERED=1 python benchmarks/bench_bigla.py --out DIR --jobs 4 [--cases a,b]
 CPU:  python benchmarks/bench_bigla.py --smoke --out DIR   (interpret mode, tiny shapes)
 
 Timing runs `iters` calls inside one jit (a `fori_loop` whose carry passes through
-`optimization_barrier`, so calls are neither hoisted nor dead-code eliminated), compile excluded,
-median over `repeats` such calls. The floor is the bytes that must move (inputs read once, outputs
-written once) over the bandwidth of a large measured device-to-device copy.
+`optimization_barrier`, so calls are neither hoisted nor dead-code eliminated), compiled ahead of
+time, median over `repeats` such calls. The floor is the bytes that must move (inputs read once,
+outputs written once) over the bandwidth of a large measured device-to-device copy.
+
+`--jobs J` (J > 1): the parent measures the copy bandwidth and runs the `--sweep` itself, then
+runs every parity case and every timing case in its own child process, up to J at once. Children
+compile concurrently (most of the wall time: XLA + Triton) and hold a file lock
+(benchmarks/gpu_lock.py) only for their GPU work, so no two timings overlap. bigla.json / bigla.md
+are rewritten after every finished case, in the order of the case lists; a failed child leaves an
+`error` string for its case.
+`--jobs 1` (default) runs everything in this one process.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -19,6 +28,7 @@ import pathlib
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -27,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_lock import concurrent_env, timing_lock  # noqa: E402
 from pallas_kernels.bigla.pallas import KernelParams, bigla_pallas  # noqa: E402
 from pallas_kernels.bigla.reference import bigla_reference  # noqa: E402
 
@@ -44,6 +55,8 @@ CASES = {
     "vigh_t_s4": (128, 49, 24, 16, 32),
 }
 SMOKE_CASES = {"smoke_short": (1, 40, 2, 16, 32), "smoke_long": (1, 300, 1, 16, 32)}
+IMPLS = ("pallas", "chunked", "reference")
+RESULT_TAG = "RESULT "
 
 
 def make_inputs(shape, dtype, seed=0):
@@ -64,6 +77,8 @@ def impl_fn(name, params):
         return functools.partial(bigla_pallas, params=params)
     if name == "reference":
         return bigla_reference
+    if name != "chunked":
+        raise ValueError(f"impl {name!r} is not one of {IMPLS}")
     from pallas_kernels.bigla.chunked import bigla_chunked
 
     return functools.partial(bigla_chunked, chunk_size=params.chunk)
@@ -88,15 +103,21 @@ def rel_err(got, want):
 def parity(shape, dtype, params):
     """Max relative error (err / max|ref|) of o and the five gradients, reference in float32."""
     args, do = make_inputs(shape, dtype, seed=1)
-    got = jax.jit(fwd_bwd(impl_fn("pallas", params)))(args, do)
     args32 = [x.astype(jnp.float32) for x in args]
-    want = jax.jit(fwd_bwd(bigla_reference))(args32, do.astype(jnp.float32))
+    do32 = do.astype(jnp.float32)
+    got_fn = jax.jit(fwd_bwd(impl_fn("pallas", params))).lower(args, do).compile()
+    want_fn = jax.jit(fwd_bwd(bigla_reference)).lower(args32, do32).compile()
+    # Compiled outside the lock; the (short) runs hold it so that they never overlap another
+    # process's timing on the GPU; the comparison is host work, after.
+    with timing_lock():
+        got = jax.block_until_ready(got_fn(args, do))
+        want = jax.block_until_ready(want_fn(args32, do32))
     names = ("o", "dq", "dk", "dv", "dgf", "dgb")
     return {n: rel_err(g, w) for n, g, w in zip(names, got, want, strict=True)}
 
 
-def time_fn(fn, args, iters, repeats):
-    """Median seconds per call of fn(*args) over `repeats` jitted loops of `iters` calls."""
+def compile_loop(fn, args, iters):
+    """fn(*args) called `iters` times in one jitted `fori_loop`, compiled ahead of time."""
 
     def loop(args):
         def body(_, carry):
@@ -107,14 +128,43 @@ def time_fn(fn, args, iters, repeats):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out0)
         return jax.lax.fori_loop(0, iters, body, (args, zeros))[1]
 
-    run = jax.jit(loop)
-    jax.block_until_ready(run(args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) / iters
+    return jax.jit(loop).lower(args).compile()
+
+
+def time_fns(fns, iters, repeats):
+    """Median seconds per call of each fn(*args) in `fns` {name: (fn, args)}, over `repeats`
+    loops of `iters` calls. All are compiled first, outside the timing lock, then warmed up and
+    timed under one hold of the lock. Returns ({name: seconds}, {name: error string}): a program
+    that fails to compile or run is reported and the others go on."""
+    compiled, errors = {}, {}
+    for name, (fn, args) in fns.items():
+        try:
+            compiled[name] = compile_loop(fn, args, iters)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    times = {}
+    with timing_lock():
+        for name, run in compiled.items():
+            args = fns[name][1]
+            try:
+                jax.block_until_ready(run(args))  # warm up
+                ts = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(run(args))
+                    ts.append(time.perf_counter() - t0)
+                times[name] = float(np.median(ts)) / iters
+            except Exception as e:  # noqa: BLE001 - report and go on
+                errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    return times, errors
+
+
+def time_fn(fn, args, iters, repeats):
+    """Median seconds per call of fn(*args) (see time_fns); raises if it fails."""
+    times, errors = time_fns({"fn": (fn, args)}, iters, repeats)
+    if errors:
+        raise RuntimeError(errors["fn"])
+    return times["fn"]
 
 
 def breakdown(shape, dtype, params, iters, repeats):
@@ -129,7 +179,10 @@ def breakdown(shape, dtype, params, iters, repeats):
         "bwd_states": (lambda *a: P._states(a, params, adjoints=True), (q, k, v, gf, gb, do)),
         "bwd_all": (lambda *a: P._bigla_bwd(*a, params), (q, k, v, gf, gb, do)),
     }
-    return {name: time_fn(f, a, iters, repeats) * 1e6 for name, (f, a) in fns.items()}
+    times, errors = time_fns(fns, iters, repeats)
+    if errors:
+        raise RuntimeError(f"breakdown: {errors}")
+    return {name: times[name] * 1e6 for name in fns}
 
 
 def copy_bandwidth(iters, repeats, nbytes):
@@ -158,7 +211,63 @@ def git_sha():
         return "unknown"
 
 
+def time_case(shape, dtype, params, impls, copy_gbps, iters, repeats, with_breakdown):
+    """Timing case: µs of fwd and fwd_bwd per impl, the HBM floor, optionally the breakdown."""
+    inputs, do = make_inputs(shape, dtype)
+    r = {"shape": list(shape), "time_us": {"fwd": {}, "fwd_bwd": {}}, "floor_us": {}}
+    fns = {}
+    for p, backward in (("fwd", False), ("fwd_bwd", True)):
+        r["floor_us"][p] = io_bytes(shape, dtype, backward) / (copy_gbps * 1e9) * 1e6
+        for name in impls:
+            f = impl_fn(name, params)
+            fn = (lambda *a, f=f: fwd_bwd(f)(a[:5], a[5])) if backward else f
+            fns[(p, name)] = (fn, (*inputs, do) if backward else inputs)
+    times, errors = time_fns(fns, iters, repeats)
+    for (p, name), t in times.items():
+        r["time_us"][p][name] = t * 1e6
+    for (p, name), e in errors.items():
+        print(f"{shape} {p} {name}: {e}")
+    if errors:
+        r["errors"] = {f"{p}/{name}": e for (p, name), e in errors.items()}
+    if with_breakdown:
+        long_params = dataclasses.replace(params, short_max_chunks=0)
+        r["breakdown_us"] = breakdown(shape, dtype, long_params, iters, repeats)
+    return r
+
+
+def case_summary(kind, r):
+    """One line of key numbers of a finished parity or timing case."""
+    if "error" in r:
+        return "ERROR " + r["error"].strip().splitlines()[-1][:300]
+    if kind == "parity":
+        return " ".join(f"{k} {v:.1e}" for k, v in r.items())
+    parts = []
+    for p, t in r["time_us"].items():
+        parts.append(p + " " + " ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    parts.append(" ".join(f"floor {p} {v:.1f}" for p, v in r["floor_us"].items()))
+    if "breakdown_us" in r:
+        parts.append("breakdown " + " ".join(f"{k} {v:.1f}" for k, v in r["breakdown_us"].items()))
+    return " | ".join(parts) + " µs"
+
+
+def run_child(cmd, env, timeout_s):
+    """Runs one child case; returns (result dict or {"error": ...}, the child's own log lines)."""
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:g} s"}, []
+    log = [ln for ln in proc.stdout.splitlines() if not ln.startswith(RESULT_TAG)]
+    found = [ln[len(RESULT_TAG) :] for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not found:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])[-1500:]
+        return {"error": f"child exited with {proc.returncode}: {tail}"}, log
+    return json.loads(found[-1]), log
+
+
 def markdown(results):
+    def f(x):
+        return "—" if x is None else f"{x:.1f}"
+
     lines = [
         f"Device: {results['device']}; jax {results['jax']}; git {results['git_sha'][:10]}; "
         f"copy bandwidth {results['copy_GBps']:.0f} GB/s; {results['dtype']} q/k/v, fp32 gates.",
@@ -168,14 +277,14 @@ def markdown(results):
         "|---|---|---|---|---|---|---|---|",
     ]
     for case, r in results["cases"].items():
+        if "error" in r:
+            msg = r["error"].strip().splitlines()[-1][:120].replace("|", "/")
+            lines.append(f"| {case} {tuple(r['shape'])} | error: {msg} | | | | | | |")
+            continue
         for p in ("fwd", "fwd_bwd"):
             t = r["time_us"][p]
             fl = r["floor_us"][p]
             pal, chk, ref = t.get("pallas"), t.get("chunked"), t.get("reference")
-
-            def f(x):
-                return "—" if x is None else f"{x:.1f}"
-
             lines.append(
                 f"| {case} {tuple(r['shape'])} | {p} | {f(pal)} | {f(chk)} | {f(ref)} | {fl:.1f} "
                 f"| {f(pal / fl if pal else None)} | {f(chk / pal if chk and pal else None)} |"
@@ -191,16 +300,19 @@ def markdown(results):
             lines.append(f"- {spec}: fwd {t['fwd_us']:.1f}, fwd+bwd {t['fwd_bwd_us']:.1f}")
     lines += ["", "Parity (max |Δ| / max |ref|, bf16 inputs vs fp32 reference):", ""]
     for case, r in results["parity"].items():
-        lines.append(f"- {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in r.items()))
+        if "error" in r:
+            lines.append(f"- {case}: error: " + r["error"].strip().splitlines()[-1][:300])
+        else:
+            lines.append(f"- {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in r.items()))
     return "\n".join(lines) + "\n"
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="folder for bigla.json and bigla.md")
+    ap.add_argument("--out", help="folder for bigla.json and bigla.md (required)")
     ap.add_argument("--smoke", action="store_true", help="CPU interpret mode, tiny shapes")
     ap.add_argument("--cases", default="vig_t_224,vig_s_224,vig_b_224,vig_t_512,vig_t_1024")
-    ap.add_argument("--impls", default="pallas,chunked,reference")
+    ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--parity-cases", default="vig_s_224,vig_t_1024,vigh_t_s4")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--num-warps", type=int, default=4)
@@ -215,23 +327,108 @@ def main():
     ap.add_argument(
         "--breakdown", action="store_true", help="also time each launch of the long plan per case"
     )
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=20)
-    args = ap.parse_args()
-
-    cases = SMOKE_CASES if args.smoke else {c: CASES[c] for c in args.cases.split(",") if c}
-    parity_cases = (
-        SMOKE_CASES if args.smoke else {c: CASES[c] for c in args.parity_cases.split(",") if c}
+    ap.add_argument("--iters", type=int, help="calls per timed loop (default 20, smoke 1)")
+    ap.add_argument("--repeats", type=int, help="timed loops, median taken (default 20, smoke 2)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="J > 1: each parity / timing case in a child process, up to J compiling at once, "
+        "timings serialised by a lock; 1: everything in this process",
     )
-    params = KernelParams(
+    ap.add_argument(
+        "--case-timeout-s",
+        type=float,
+        default=1800.0,
+        help="with --jobs > 1: a child still running after this long is killed (case: error)",
+    )
+    # Internal: one case, run by the parent in a child process ("parity:NAME" or "time:NAME"),
+    # with the parent's resolved kernel params, iters/repeats and copy bandwidth.
+    ap.add_argument("--child-case", help=argparse.SUPPRESS)
+    ap.add_argument("--copy-gbps", type=float, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    known = SMOKE_CASES if args.smoke else CASES
+    for flag in ("cases", "parity_cases"):  # ignored under --smoke
+        unknown = [c for c in getattr(args, flag).split(",") if c and c not in CASES]
+        if unknown and not args.smoke:
+            ap.error(f"--{flag.replace('_', '-')}: unknown {unknown}; known: {list(CASES)}")
+    bad = [i for i in args.impls.split(",") if i not in IMPLS]
+    if bad:
+        ap.error(f"--impls: unknown {bad}; known: {list(IMPLS)}")
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.child_case:
+        kind, _, name = args.child_case.partition(":")
+        if kind not in ("parity", "time") or name not in known or args.copy_gbps is None:
+            ap.error(f"bad child case {args.child_case!r} (copy bandwidth {args.copy_gbps})")
+    elif not args.out:
+        ap.error("--out is required")
+    if args.iters is None:
+        args.iters = 1 if args.smoke else 20
+    if args.repeats is None:
+        args.repeats = 2 if args.smoke else 20
+    return args
+
+
+def kernel_params(args):
+    return KernelParams(
         chunk=args.chunk,
         num_warps=args.num_warps,
         short_max_chunks=args.short_max_chunks,
         exact_diagonal=bool(args.exact_diagonal),
         interpret=args.smoke,
     )
+
+
+def child_main(args):
+    """Runs one case in this (child) process and prints its result as one RESULT line."""
+    kind, _, name = args.child_case.partition(":")
+    shape = (SMOKE_CASES if args.smoke else CASES)[name]
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
-    iters, repeats = (1, 2) if args.smoke else (args.iters, args.repeats)
+    params = kernel_params(args)
+    if kind == "parity":
+        r = parity(shape, dtype, params)
+    else:
+        impls = args.impls.split(",")
+        r = time_case(
+            shape, dtype, params, impls, args.copy_gbps, args.iters, args.repeats, args.breakdown
+        )
+    print(RESULT_TAG + json.dumps(r), flush=True)
+
+
+def child_cmd(args, params, copy_gbps, kind, name):
+    """The command line of the child process for one case, with every resolved setting."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child-case", f"{kind}:{name}"]
+    cmd += ["--chunk", str(params.chunk), "--num-warps", str(params.num_warps)]
+    cmd += ["--short-max-chunks", str(params.short_max_chunks)]
+    cmd += ["--exact-diagonal", str(int(params.exact_diagonal)), "--impls", args.impls]
+    cmd += ["--iters", str(args.iters), "--repeats", str(args.repeats)]
+    cmd += ["--copy-gbps", repr(copy_gbps)]
+    return cmd + ["--smoke"] * args.smoke + ["--breakdown"] * args.breakdown
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child_case:
+        child_main(args)
+        return
+
+    lock_dir = child_env = None
+    if args.jobs > 1:
+        lock_dir = tempfile.TemporaryDirectory(prefix="bench_bigla_")
+        child_env = concurrent_env(os.path.join(lock_dir.name, "gpu.lock"))
+        # Before JAX starts its backend: this process too must not preallocate the GPU, and its
+        # own timings (copy bandwidth, sweep) take the lock like the children's.
+        os.environ.update(child_env)
+
+    cases = SMOKE_CASES if args.smoke else {c: CASES[c] for c in args.cases.split(",") if c}
+    parity_cases = (
+        SMOKE_CASES if args.smoke else {c: CASES[c] for c in args.parity_cases.split(",") if c}
+    )
+    params = kernel_params(args)
+    dtype = jnp.float32 if args.smoke else jnp.bfloat16
+    iters, repeats = args.iters, args.repeats
     impls = args.impls.split(",")
     results = {
         "device": jax.devices()[0].device_kind,
@@ -239,6 +436,7 @@ def main():
         "jax": jax.__version__,
         "git_sha": git_sha(),
         "dtype": jnp.dtype(dtype).name,
+        "jobs": args.jobs,
         "params": dataclasses.asdict(params),
         "parity": {},
         "cases": {},
@@ -282,38 +480,57 @@ def main():
         params = best[1]
         results["params"] = dataclasses.asdict(params)
 
-    for case, shape in parity_cases.items():
-        results["parity"][case] = parity(shape, dtype, params)
-        print("parity", case, {k: f"{v:.1e}" for k, v in results["parity"][case].items()})
-        save()
-
-    for case, shape in cases.items():
-        inputs, do = make_inputs(shape, dtype)
-        r = {"shape": shape, "time_us": {"fwd": {}, "fwd_bwd": {}}, "floor_us": {}}
-        for p, backward in (("fwd", False), ("fwd_bwd", True)):
-            bw = results["copy_GBps"] * 1e9
-            r["floor_us"][p] = io_bytes(shape, dtype, backward) / bw * 1e6
-            for name in impls:
-                f = impl_fn(name, params)
-                fn = (lambda *a, f=f: fwd_bwd(f)(a[:5], a[5])) if backward else f
-                a = (*inputs, do) if backward else inputs
-                try:
-                    r["time_us"][p][name] = time_fn(fn, a, iters, repeats) * 1e6
-                except Exception as e:  # noqa: BLE001 - report and go on (e.g. chunked absent)
-                    print(f"{case} {p} {name}: {type(e).__name__}: {str(e)[:300]}")
-            print(
-                case,
-                p,
-                {k: f"{v:.1f}" for k, v in r["time_us"][p].items()},
-                f"floor {r['floor_us'][p]:.1f}",
+    if args.jobs == 1:
+        for case, shape in parity_cases.items():
+            results["parity"][case] = parity(shape, dtype, params)
+            print("parity", case, case_summary("parity", results["parity"][case]))
+            save()
+        for case, shape in cases.items():
+            results["cases"][case] = time_case(
+                shape, dtype, params, impls, results["copy_GBps"], iters, repeats, args.breakdown
             )
-        if args.breakdown:
-            long_params = dataclasses.replace(params, short_max_chunks=0)
-            r["breakdown_us"] = breakdown(shape, dtype, long_params, iters, repeats)
-            print(case, "breakdown", {k: f"{v:.1f}" for k, v in r["breakdown_us"].items()})
-        results["cases"][case] = r
-        save()
+            print(case, case_summary("time", results["cases"][case]))
+            save()
+    else:
+        run_children(args, params, child_env, results, parity_cases, cases, save)
+        lock_dir.cleanup()
     print(markdown(results))
+
+
+def run_children(args, params, env, results, parity_cases, cases, save):
+    """Every parity and timing case in its own child process (environment `env`), up to
+    `args.jobs` at once; results merged in the order of the case lists and saved after each
+    finished child."""
+    jobs = [("parity", c) for c in parity_cases] + [("time", c) for c in cases]
+    done = {}
+    start = time.perf_counter()
+
+    def run(job):
+        t0 = time.perf_counter()
+        cmd = child_cmd(args, params, results["copy_GBps"], *job)
+        r, log = run_child(cmd, env, args.case_timeout_s)
+        return r, log, time.perf_counter() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run, job): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            kind, case = futures[future]
+            r, log, wall_s = future.result()
+            if kind == "time" and "error" in r:
+                r = {"shape": list(cases[case]), **r}
+            done[kind, case] = r
+            results["parity"] = {
+                c: done["parity", c] for c in parity_cases if ("parity", c) in done
+            }
+            results["cases"] = {c: done["time", c] for c in cases if ("time", c) in done}
+            save()
+            for line in log:
+                print("  " + line)
+            print(
+                f"[{len(done)}/{len(jobs)}] {kind} {case}: {case_summary(kind, r)} "
+                f"({wall_s:.0f} s; {time.perf_counter() - start:.0f} s since the first child)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
