@@ -1,0 +1,123 @@
+"""Model benchmark driver: smoke run with --jobs 2, stable incremental results, timeouts, flags."""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench_models.py"
+
+_spec = importlib.util.spec_from_file_location("bench_models", SCRIPT)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+from benchmarks.gpu_lock import LOCK_ENV  # noqa: E402  (importable once bench put REPO on the path)
+
+
+def test_smoke_two_jobs_writes_every_case_in_order(tmp_path):
+    # vig_t only (1 block): two children (infer, train) compiling at once, ~30 s of CPU.
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "models"
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--models", "vig_t", "--jobs", "2"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    meta, results = data["meta"], data["results"]
+    assert meta["jobs"] == 2 and meta["smoke"] and meta["platform"] == "cpu" and meta["device"]
+    assert (meta["batch"], meta["size"], meta["models"], meta["impls"]) == (
+        2,
+        64,
+        ["vig_t"],
+        ["chunked"],
+    )
+    assert [(r["model"], r["impl"], r["mode"]) for r in results] == [
+        ("vig_t", "chunked", "infer"),
+        ("vig_t", "chunked", "train"),
+    ]
+    for r in results:
+        assert "error" not in r, r
+        assert r["params"] > 0 and r["peak_bytes"] is None  # CPU has no memory_stats
+        for key in ("compile_s", "step_ms_median", "step_ms_min", "img_per_s", "wall_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["step_ms_min"] <= r["step_ms_median"]
+        assert r["img_per_s"] == pytest.approx(2 / (r["step_ms_median"] / 1e3))
+        assert 0 <= r["lock_wait_s"] < r["wall_s"]
+    # chunked vs reference, float32: the two algorithms agree to rounding.
+    assert results[0]["parity_rel_err"] < 1e-5 and "parity_rel_err" not in results[1]
+    # One progress line per finished case.
+    assert proc.stdout.count("[1/2]") == 1 and proc.stdout.count("[2/2]") == 1
+    md = out.with_suffix(".md").read_text()
+    assert "| vig_t | chunked |" in md and "error" not in md
+
+
+def test_run_all_keeps_case_order_and_writes_after_each_case(tmp_path, monkeypatch):
+    # Children finish in reverse order; every intermediate file holds the finished cases in order.
+    cases = [
+        ("vig_t", "chunked", "infer"),
+        ("vig_t", "chunked", "train"),
+        ("vig_s", "pallas", "infer"),
+    ]
+    seen = []
+
+    def fake_child(case, passthrough, env, timeout_s):
+        assert env is not None and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+        assert os.path.isdir(os.path.dirname(env[LOCK_ENV]))
+        time.sleep(0.3 * (len(cases) - cases.index(case)))
+        name, impl, mode = case
+        if case == cases[1]:
+            return dict(model=name, impl=impl, mode=mode, error="boom", wall_s=1.0)
+        return dict(
+            model=name, impl=impl, mode=mode, device="cpu", platform="cpu", params=1,
+            compile_s=1.0, lock_wait_s=0.0, step_ms_median=2.0, step_ms_min=1.0, img_per_s=1e3,
+            peak_bytes=None, parity_rel_err=0.0 if mode == "infer" else None, wall_s=1.0,
+        )  # fmt: skip
+
+    real_write = bench._write
+
+    def spy_write(out, meta, results):
+        real_write(out, meta, results)
+        seen.append([(r["model"], r["impl"], r["mode"]) for r in results])
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    monkeypatch.setattr(bench, "_write", spy_write)
+    meta = dict(jax="x", jaxlib="x", git_sha=None, models=["vig_t", "vig_s"], batch=2, size=64)
+    meta.update(impls=["chunked", "pallas"], dtype="bf16", steps=3, warmup=1, jobs=3)
+    out = tmp_path / "m"
+    results = bench.run_all(cases, [], meta, out, jobs=3, timeout_s=9.0)
+    assert [(r["model"], r["impl"], r["mode"]) for r in results] == cases
+    assert seen == [cases[2:], cases[1:], cases]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["mode"] for r in data["results"]] == ["infer", "train", "infer"]
+    assert data["meta"]["device"] == "cpu" and data["results"][1]["error"] == "boom"
+    md = out.with_suffix(".md").read_text()
+    assert "- vig_t chunked train: boom" in md and "| vig_s | pallas | 1,000 |" in md
+
+
+def test_run_child_timeout_is_an_error(tmp_path):
+    # The child is killed while still importing JAX; the case becomes an error, nothing raises.
+    r = bench.run_child(("vig_t", "chunked", "infer"), ["--smoke"], None, timeout_s=0.2)
+    assert (r["model"], r["impl"], r["mode"]) == ("vig_t", "chunked", "infer")
+    assert r["error"].startswith("timed out after 0.2 s") and r["wall_s"] < 30
+
+
+def test_parse_args():
+    args = bench.parse_args(["--smoke"])
+    assert args.models == ["vig_t", "vig_h_t"] and args.impls == ["chunked"]
+    assert (args.batch, args.size, args.jobs, args.timeout_s) == (2, 64, 1, 900.0)
+    args = bench.parse_args(["--jobs", "4", "--timeout-s", "60"])
+    assert args.models == list(bench.MODELS) and args.impls == ["pallas", "chunked"]
+    assert (args.jobs, args.timeout_s, args.batch) == (4, 60.0, 128)
+    for bad in (["--jobs", "0"], ["--timeout-s", "0"], ["--models", "vig_x"], ["--impls", "cuda"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    with pytest.raises(SystemExit):  # smoke has tiny variants of vig_t and vig_h_t only
+        bench.parse_args(["--smoke", "--models", "vig_s"])
