@@ -8,6 +8,7 @@ import math
 import pathlib
 import subprocess
 import sys
+import threading
 
 import jax.numpy as jnp
 
@@ -86,6 +87,38 @@ def test_failed_or_hung_child_is_an_error():
     assert r["error"].startswith("child exited with 2") and "no_such_case" in r["error"], r
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     assert bench.run_child(sleeper, None, timeout_s=0.5) == ({"error": "timed out after 0.5 s"}, [])
+
+
+def test_children_merge_in_case_order_whatever_finishes_first(monkeypatch):
+    args = bench.parse_args(["--smoke", "--out", "unused", "--jobs", "4"])
+    params = bench.dataclasses.replace(bench.kernel_params(args), chunk=128, num_warps=8)
+    results = {"copy_GBps": 2.5, "parity": {}, "cases": {}}
+    snapshots, three_done, cmds = [], threading.Event(), {}
+
+    def save():
+        snapshots.append((list(results["parity"]), list(results["cases"])))
+        if len(snapshots) == 3:
+            three_done.set()
+
+    def fake_run_child(cmd, env, timeout_s):
+        kind, name = cmd[cmd.index("--child-case") + 1].split(":")
+        cmds[kind, name] = cmd
+        assert env == {"LOCK": "x"} and timeout_s == args.case_timeout_s
+        if (kind, name) == ("parity", "smoke_short"):
+            assert three_done.wait(60)  # finishes last
+        if (kind, name) == ("time", "smoke_short"):
+            return {"error": "boom"}, ["a log line"]
+        return ({"o": 1e-7} if kind == "parity" else {"time_us": {}, "floor_us": {}}), []
+
+    monkeypatch.setattr(bench, "run_child", fake_run_child)
+    cases = bench.SMOKE_CASES
+    bench.run_children(args, params, {"LOCK": "x"}, results, cases, cases, save)
+    assert len(snapshots) == 4 and "smoke_short" not in snapshots[2][0]
+    assert list(results["parity"]) == list(results["cases"]) == list(cases)
+    assert results["cases"]["smoke_short"] == {"shape": [1, 40, 2, 16, 32], "error": "boom"}
+    # Children get the resolved kernel params and the parent's copy bandwidth.
+    cmd = " ".join(cmds["time", "smoke_long"])
+    assert "--chunk 128 --num-warps 8" in cmd and "--copy-gbps 2.5" in cmd and "--smoke" in cmd
 
 
 def test_markdown_shows_failed_cases():
