@@ -50,18 +50,22 @@ def _images(batch, size, dtype, seed=0):
     return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), dtype)
 
 
-def _init_and_reference(name, size, overrides):
-    """float32 params and reference logits [2, 1000] of 2 images of `size`, from one compile.
+def _init(name, size, overrides, with_logits):
+    """float32 params, plus reference logits [2, 1000] if `with_logits`, of 2 images of `size`.
 
     Parameters are float32 and independent of the BiGLA impl, the compute dtype and the batch, so
-    every case shares this init (same key as before: key 0). Initialising through impl="reference"
-    keeps the Pallas kernel out of this program (no extra Triton compile).
+    every case initialises the same way (key 0) on 2 images. Going through impl="reference" keeps
+    the Pallas kernel out of this program (no extra Triton compile); with `with_logits` one compile
+    gives both params and the parity reference, without it XLA drops the forward pass.
+    Returns (params, logits or None, images [2, size, size, 3]).
     """
     images = _images(2, size, jnp.float32, seed=1)
     ref = create_model(name, bigla_impl="reference", **overrides)
-    init = jax.jit(lambda x: ref.init_with_output(jax.random.key(0), x, train=False))
-    want, variables = init(images)
-    return variables["params"], want, images
+    key = jax.random.key(0)
+    if with_logits:
+        logits, variables = jax.jit(lambda x: ref.init_with_output(key, x, train=False))(images)
+        return variables["params"], logits, images
+    return jax.jit(lambda x: ref.init(key, x, train=False))(images)["params"], None, images
 
 
 def _parity(name, impl, params, want, images, overrides):
@@ -116,7 +120,7 @@ def run_case(name, impl, mode, args):
     result = dict(
         model=name, impl=impl, mode=mode, device=device.device_kind, platform=device.platform
     )
-    params, want, parity_images = _init_and_reference(name, args.size, overrides)
+    params, want, parity_images = _init(name, args.size, overrides, with_logits=mode == "infer")
     result["params"] = int(sum(x.size for x in jax.tree.leaves(params)))
     if mode == "infer":
         result["parity_rel_err"] = _parity(name, impl, params, want, parity_images, overrides)
@@ -128,7 +132,10 @@ def run_case(name, impl, mode, args):
     start = time.perf_counter()
     with timing_lock():
         result["lock_wait_s"] = time.perf_counter() - start
+        locked_from = time.time()
         times = _time_steps(step, state, args.warmup, args.steps)
+        # Unix seconds of warm-up + timing: the windows of a run's cases must not overlap.
+        result["timed_unix"] = [locked_from, time.time()]
     median = float(np.median(times))
     stats = device.memory_stats() or {}  # None on CPU
     result.update(

@@ -51,6 +51,9 @@ def test_smoke_two_jobs_writes_every_case_in_order(tmp_path):
         assert r["step_ms_min"] <= r["step_ms_median"]
         assert r["img_per_s"] == pytest.approx(2 / (r["step_ms_median"] / 1e3))
         assert 0 <= r["lock_wait_s"] < r["wall_s"]
+    # The lock serialised warm-up + timing: the two windows do not overlap.
+    (a0, a1), (b0, b1) = sorted(r["timed_unix"] for r in results)
+    assert a0 < a1 <= b0 < b1
     # chunked vs reference, float32: the two algorithms agree to rounding.
     assert results[0]["parity_rel_err"] < 1e-5 and "parity_rel_err" not in results[1]
     # One progress line per finished case.
