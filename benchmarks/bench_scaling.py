@@ -262,6 +262,13 @@ def parse_args(argv):
     p.add_argument(
         "--out", help="JSON path (.md beside it); default benchmarks/results/scaling*.json"
     )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="no run: combine the cases of earlier results (e.g. 1 and 2 devices measured in "
+        "separate calls, with the same other flags) into --out",
+    )
     # Internal: one device count, run by the parent in a subprocess.
     p.add_argument("--case", type=int, help=argparse.SUPPRESS)
     p.add_argument("--case-out", help=argparse.SUPPRESS)
@@ -284,18 +291,25 @@ def main(argv=None):
         result = run_case(args, args.case)
         pathlib.Path(args.case_out).write_text(json.dumps(result))
         return
-    platform_name, available = probe_devices(args.smoke, max(args.devices))
-    counts = sorted(set(n for n in args.devices if n <= available))
-    skipped = sorted(set(args.devices) - set(counts))
-    if skipped:
-        print(
-            f"skipping device counts {skipped}: only {available} {platform_name} devices",
-            flush=True,
-        )
-    cases = []
-    for n in counts:
-        print(f"--- {n} device(s)", flush=True)
-        cases.append(run_in_subprocess(args, n, platform_name))
+    if args.merge:
+        parts = [json.loads(pathlib.Path(f).read_text()) for f in args.merge]
+        cases = sorted((c for part in parts for c in part["cases"]), key=lambda c: c["devices"])
+        if len({c["devices"] for c in cases}) != len(cases):
+            raise SystemExit(f"--merge: a device count appears twice in {args.merge}")
+        platform_name, skipped = parts[0]["platform"], []
+    else:
+        platform_name, available = probe_devices(args.smoke, max(args.devices))
+        counts = sorted(set(n for n in args.devices if n <= available))
+        skipped = sorted(set(args.devices) - set(counts))
+        if skipped:
+            print(
+                f"skipping device counts {skipped}: only {available} {platform_name} devices",
+                flush=True,
+            )
+        cases = []
+        for n in counts:
+            print(f"--- {n} device(s)", flush=True)
+            cases.append(run_in_subprocess(args, n, platform_name))
     result = summarize(args, cases, platform_name)
     result["skipped_devices"] = skipped
     default = "scaling_smoke.json" if args.smoke else "scaling.json"

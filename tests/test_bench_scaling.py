@@ -106,3 +106,26 @@ def test_summarize_flags_disagreeing_curves():
     # Without a 1-device case there is nothing to compare against.
     r = bench.summarize(args, [dict(cases[1])], "gpu")
     assert r["cases"][0]["efficiency"] is None and r["cases"][0]["loss_agrees"] is None
+
+
+def test_merge_combines_separate_runs(tmp_path):
+    """1 and 2 devices measured in separate calls: --merge recomputes efficiency and agreement."""
+    args = bench.parse_args(["--devices", "1"])
+    base = {"compile_s": 1.0, "step_ms_median": 1.0, "device_kind": "H100", "jax": "0.11.2"}
+    one = {**base, "devices": 1, "global_batch": 128, "img_per_s": 1000.0}
+    two = {**base, "devices": 2, "global_batch": 256, "img_per_s": 1900.0}
+    one["loss_curve"], two["loss_curve"] = [7.0, 6.0], [7.0, 6.06]
+    files = []
+    for case in (two, one):  # order of the files does not matter
+        case["peak_gb_per_device"] = [10.0] * case["devices"]
+        path = tmp_path / f"part{case['devices']}.json"
+        path.write_text(json.dumps(bench.summarize(args, [dict(case)], "gpu")))
+        files.append(str(path))
+    out = tmp_path / "merged.json"
+    bench.main(["--merge", *files, "--out", str(out)])
+    merged = json.loads(out.read_text())
+    got = [(c["devices"], c["efficiency"], c["loss_agrees"]) for c in merged["cases"]]
+    assert got == [(1, 1.0, True), (2, pytest.approx(0.95), True)]
+    assert "| 2 | 256 | 1,900 | 0.950 |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="appears twice"):
+        bench.main(["--merge", files[1], files[1], "--out", str(out)])
