@@ -120,8 +120,11 @@ def _config(args, batch: int):
     return c
 
 
-def run_case(args, n: int) -> dict:
-    """Throughput, per-device peak memory and the loss curve on the N visible devices."""
+def run_case(args, n: int, report=lambda partial: None) -> dict:
+    """Throughput, per-device peak memory and the loss curve on the N visible devices.
+
+    `report(result)` is called once the throughput is measured (with loss_curve None), so that a
+    case stopped during its loss curve still leaves its throughput."""
     import jax
     import numpy as np
 
@@ -148,6 +151,18 @@ def run_case(args, n: int) -> dict:
     median = float(np.median(times))
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
     del state, batch
+    result = {
+        "devices": n,
+        "global_batch": batch_size,
+        "compile_s": compile_s,
+        "step_ms_median": median * 1e3,
+        "img_per_s": batch_size / median,
+        "peak_gb_per_device": [None if p is None else p / 1e9 for p in peaks],
+        "loss_curve": None,
+        "device_kind": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+    }
+    report(result)
 
     config = _config(args, args.loss_batch)
     config.optimizer.warmup_epochs = args.loss_steps  # warmup over the curve (steps_per_epoch=1)
@@ -161,39 +176,39 @@ def run_case(args, n: int) -> dict:
             losses.append(float(metrics["loss"]))
     if not np.isfinite(losses).all():
         raise FloatingPointError(f"non-finite loss on {n} devices: {losses}")
-    return {
-        "devices": n,
-        "global_batch": batch_size,
-        "compile_s": compile_s,
-        "step_ms_median": median * 1e3,
-        "img_per_s": batch_size / median,
-        "peak_gb_per_device": [None if p is None else p / 1e9 for p in peaks],
-        "loss_curve": losses,
-        "device_kind": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
-    }
+    return {**result, "loss_curve": losses}
 
 
 def run_in_subprocess(args, n: int, platform_name: str) -> dict:
-    """`run_case(args, n)` in a fresh Python that sees only the first N devices."""
+    """`run_case(args, n)` in a fresh Python that sees only the first N devices. A child that
+    fails or outlives --case-timeout-s gives what it reported so far plus an "error"."""
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "case.json"
         cmd = [sys.executable, __file__, *args.argv, "--case", str(n), "--case-out", str(out)]
-        subprocess.run(
-            cmd, env=child_env(n, platform_name, os.environ, smoke=args.smoke), check=True
-        )
-        return json.loads(out.read_text())
+        env = child_env(n, platform_name, os.environ, smoke=args.smoke)
+        try:
+            proc = subprocess.run(cmd, env=env, timeout=args.case_timeout_s)
+            error = f"exit code {proc.returncode}" if proc.returncode else None
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {args.case_timeout_s:.0f} s"
+        result = json.loads(out.read_text()) if out.exists() else {"devices": n}
+        if error:
+            result["error"] = error
+        return result
 
 
 def summarize(args, cases: list[dict], platform_name: str) -> dict:
     """The result document: cases with efficiency and loss agreement against 1 device."""
-    eff = scaling_efficiency({c["devices"]: c["img_per_s"] for c in cases})
-    ref = next((c["loss_curve"] for c in cases if c["devices"] == 1), None)
+    eff = scaling_efficiency({c["devices"]: c["img_per_s"] for c in cases if "img_per_s" in c})
+    ref = next((c.get("loss_curve") for c in cases if c["devices"] == 1), None)
     rtol = LOSS_RTOL[args.dtype]
-    for c in cases:
-        c["efficiency"] = eff[c["devices"]]
-        c["loss_max_rel_diff"] = None if ref is None else max_rel_diff(c["loss_curve"], ref)
-        c["loss_agrees"] = None if ref is None else c["loss_max_rel_diff"] <= rtol
+    for c in cases:  # a case cut short (see run_in_subprocess) lacks some numbers: None there
+        c["efficiency"] = eff.get(c["devices"])
+        curve = c.get("loss_curve")
+        c["loss_max_rel_diff"] = None if ref is None or curve is None else max_rel_diff(curve, ref)
+        c["loss_agrees"] = (
+            None if c["loss_max_rel_diff"] is None else c["loss_max_rel_diff"] <= rtol
+        )
     return {
         "model": args.model,
         "smoke": args.smoke,
@@ -210,8 +225,8 @@ def summarize(args, cases: list[dict], platform_name: str) -> dict:
         "augment": "full recipe (random erasing, mixup/cutmix, label smoothing, drop path)",
         "platform": platform_name,
         "host": platform.platform(),
-        "jax": cases[0]["jax"] if cases else None,
-        "device_kind": cases[0]["device_kind"] if cases else None,
+        "jax": next((c["jax"] for c in cases if "jax" in c), None),
+        "device_kind": next((c["device_kind"] for c in cases if "device_kind" in c), None),
         "cases": cases,
     }
 
@@ -226,6 +241,9 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in result["cases"]:
+        if "img_per_s" not in c:
+            lines.append(f"| {c['devices']} | {c.get('error', 'not measured')} |||||||")
+            continue
         peaks = [p for p in c["peak_gb_per_device"] if p is not None]
         lines.append(
             f"| {c['devices']} | {c['global_batch']} | {c['img_per_s']:,.0f} "
@@ -233,6 +251,7 @@ def markdown(result: dict) -> str:
             f"| {fmt(max(peaks) if peaks else None, '.2f')} | {fmt(c['loss_max_rel_diff'], '.1e')} "
             f"| {c['compile_s']:.1f} |"
         )
+    errors = [f"{c['devices']} device(s): {c['error']}" for c in result["cases"] if "error" in c]
     r = result
     lines += [
         "",
@@ -242,6 +261,8 @@ def markdown(result: dict) -> str:
         f"{r['warmup']} warm-up. Loss: {r['loss_steps']} steps at global batch "
         f"{r['loss_global_batch']} on every device count, tolerance {r['loss_rtol']:.0e}.",
     ]
+    if errors:
+        lines += ["", "Cut short: " + "; ".join(errors) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -269,6 +290,12 @@ def parse_args(argv):
         help="no run: combine the cases of earlier results (e.g. 1 and 2 devices measured in "
         "separate calls, with the same other flags) into --out",
     )
+    p.add_argument(
+        "--case-timeout-s",
+        type=float,
+        default=1200.0,
+        help="stop a device count's process after this long (its throughput, if measured, stays)",
+    )
     # Internal: one device count, run by the parent in a subprocess.
     p.add_argument("--case", type=int, help=argparse.SUPPRESS)
     p.add_argument("--case-out", help=argparse.SUPPRESS)
@@ -288,9 +315,22 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.case is not None:
-        result = run_case(args, args.case)
-        pathlib.Path(args.case_out).write_text(json.dumps(result))
+        case_out = pathlib.Path(args.case_out)
+        result = run_case(args, args.case, report=lambda r: case_out.write_text(json.dumps(r)))
+        case_out.write_text(json.dumps(result))
         return
+    default = "scaling_smoke.json" if args.smoke else "scaling.json"
+    out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / default)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(cases, platform_name, skipped):
+        result = summarize(args, cases, platform_name)
+        result["skipped_devices"] = skipped
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        table = markdown(result)
+        out.with_suffix(".md").write_text(table)
+        return table
+
     if args.merge:
         parts = [json.loads(pathlib.Path(f).read_text()) for f in args.merge]
         cases = sorted((c for part in parts for c in part["cases"]), key=lambda c: c["devices"])
@@ -310,15 +350,8 @@ def main(argv=None):
         for n in counts:
             print(f"--- {n} device(s)", flush=True)
             cases.append(run_in_subprocess(args, n, platform_name))
-    result = summarize(args, cases, platform_name)
-    result["skipped_devices"] = skipped
-    default = "scaling_smoke.json" if args.smoke else "scaling.json"
-    out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / default)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+            write(cases, platform_name, skipped)  # every finished case is on disk at once
+    print(write(cases, platform_name, skipped))
 
 
 if __name__ == "__main__":

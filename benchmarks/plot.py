@@ -34,19 +34,21 @@ FIGURES = (
 
 
 def _series(cases: list, model: str, key: str, scale: float):
-    """Sizes and values of one model's completed runs, and a note on the first failed size."""
+    """Sizes and values of one model's completed runs, and a note naming the sizes not measured
+    with why (e.g. " (not run: 384², 1536²; OOM: 2048²)")."""
     mode = key.split("_")[0]
-    xs, ys, note = [], [], ""
+    xs, ys, missing = [], [], {}
     for c in sorted((c for c in cases if c["model"] == model), key=lambda c: c["size"]):
         status = c.get(mode, "ok") if mode in ("infer", "train") else "ok"
         value = c.get(key)
         if status != "ok" or value is None:
-            if status != "ok" and not note:
-                note = f" ({status.split(' (')[0]} from {c['size']}²)"
+            if status != "ok":
+                missing.setdefault(status.split(" (")[0], []).append(f"{c['size']}²")
             continue
         xs.append(c["size"])
         ys.append(value * scale)
-    return xs, ys, note
+    note = "; ".join(f"{why}: {', '.join(sizes)}" for why, sizes in missing.items())
+    return xs, ys, f" ({note})" if note else ""
 
 
 def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:

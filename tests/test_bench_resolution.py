@@ -110,7 +110,7 @@ def test_bench_resolution_oom_is_recorded_not_raised():
     assert "2.00 / 4.00 (2.00×)" in md  # train peak GB, DeiT / ViG
     assert "| 2048² | 1 |" in md and "40.0 / OOM" in md
     xs, ys, note = plot._series(cases, "deit_t", "train_img_s", 1.0)
-    assert xs == [1024] and note == " (OOM from 2048²)"
+    assert xs == [1024] and note == " (OOM: 2048²)"
 
 
 class _FakeProc:  # hashable, like subprocess.Popen

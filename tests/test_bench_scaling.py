@@ -129,3 +129,22 @@ def test_merge_combines_separate_runs(tmp_path):
     assert "| 2 | 256 | 1,900 | 0.950 |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="appears twice"):
         bench.main(["--merge", files[1], files[1], "--out", str(out)])
+
+
+def test_cases_cut_short_are_reported_not_raised():
+    """A device count killed during its loss curve keeps its throughput; one killed before
+    timing shows its error; the summary and table still come out."""
+    args = bench.parse_args(["--devices", "1", "2", "4"])
+    base = {"compile_s": 1.0, "step_ms_median": 1.0, "device_kind": "H100", "jax": "0.11.2"}
+    one = {**base, "devices": 1, "global_batch": 128, "img_per_s": 1000.0, "loss_curve": [7.0]}
+    two = {**base, "devices": 2, "global_batch": 256, "img_per_s": 1800.0, "loss_curve": None}
+    two["error"] = "timed out after 300 s"
+    four = {"devices": 4, "error": "exit code 1"}
+    for c in (one, two):
+        c["peak_gb_per_device"] = [5.0] * c["devices"]
+    r = bench.summarize(args, [one, two, four], "gpu")
+    got = [(c["devices"], c["efficiency"], c["loss_agrees"]) for c in r["cases"]]
+    assert got == [(1, 1.0, True), (2, pytest.approx(0.9), None), (4, None, None)]
+    md = bench.markdown(r)
+    assert "| 2 | 256 | 1,800 | 0.900 |" in md and "| 4 | exit code 1 |" in md
+    assert "2 device(s): timed out after 300 s" in md
