@@ -40,20 +40,61 @@ def _train_iterator(config, shard_batch: int):
     )
 
 
-def evaluate(trainer: Trainer, params, config) -> dict[str, float]:
-    """One pass over `config.data.eval_split`: {"loss", "top1", "top5"} over the real examples."""
-    d = config.data
-    batches = data.make_eval_iterator(
-        dataset=d.dataset,
-        data_dir=d.data_dir,
-        split=d.eval_split,
-        image_size=d.image_size,
-        crop_pct=d.crop_pct,
-        batch_size=d.eval_batch_size // jax.process_count(),
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        num_workers=d.num_workers,
-    )
+# A host copy of the eval batches is kept when they fit in this many bytes (Fashion-MNIST's test
+# split at 56 px: 94 MB; ImageNet's validation split at 224 px, 7.5 GB, is read again every time).
+EVAL_CACHE_MAX_BYTES = 2 << 30
+
+
+class EvalBatches:
+    """This process's batches of `config.data.eval_split`, iterable once per evaluation.
+
+    The first pass reads them through the input pipeline; if they fit in `max_bytes` they are kept
+    in host memory and later passes replay them (the eval transform is deterministic, so they are
+    the same batches), which saves restarting the pipeline's worker processes for every evaluation
+    (each evaluation took ~5 s in the H100 Fashion-MNIST run, for 10k 56-px images that need a
+    fraction of a second of GPU time). Otherwise every pass reads them again.
+    """
+
+    def __init__(self, config, max_bytes: int = EVAL_CACHE_MAX_BYTES):
+        self._config, self._max_bytes = config, max_bytes
+        self._cached: list[dict[str, np.ndarray]] | None = None
+
+    def _read(self):
+        d = self._config.data
+        return data.make_eval_iterator(
+            dataset=d.dataset,
+            data_dir=d.data_dir,
+            split=d.eval_split,
+            image_size=d.image_size,
+            crop_pct=d.crop_pct,
+            batch_size=d.eval_batch_size // jax.process_count(),
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+            num_workers=d.num_workers,
+        )
+
+    def __iter__(self):
+        if self._cached is not None:
+            yield from self._cached
+            return
+        kept, size = [], 0
+        for batch in self._read():
+            if kept is not None:
+                size += sum(x.nbytes for x in batch.values())
+                if size <= self._max_bytes:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        if kept is not None:
+            self._cached = kept
+
+
+def evaluate(trainer: Trainer, params, config, batches: EvalBatches | None = None):
+    """One pass over `config.data.eval_split` (or over `batches`, to reuse them across calls):
+    {"loss", "top1", "top5"} over the real examples."""
+    if batches is None:
+        batches = EvalBatches(config, max_bytes=0)
     sums = None
     for local in batches:
         out = trainer.eval_step(params, sharding.global_batch(local, trainer.mesh))
@@ -158,6 +199,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     if start:
         progress.write(f"resumed from step {start} in {workdir / 'checkpoints'}")
     eval_metrics: dict[str, float] = {}
+    eval_batches = EvalBatches(config)
     window: list[tuple[int, dict]] = []  # device metrics of the steps not yet logged
     try:
         with _StopRequest() as stop:
@@ -183,7 +225,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
                     writer.write(step, mean)
                     window = []
                 if last or step % loop.eval_every_steps == 0:
-                    eval_metrics = _evaluate_all(trainer, state, config)
+                    eval_metrics = _evaluate_all(trainer, state, config, eval_batches)
                     writer.write(step, eval_metrics)
                     progress.write(f"step {step}: " + _format(eval_metrics))
                 if save:
@@ -200,10 +242,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     return eval_metrics
 
 
-def _evaluate_all(trainer: Trainer, state, config) -> dict[str, float]:
-    out = {f"eval/{k}": v for k, v in evaluate(trainer, state.params, config).items()}
+def _evaluate_all(trainer: Trainer, state, config, batches: EvalBatches) -> dict[str, float]:
+    out = {f"eval/{k}": v for k, v in evaluate(trainer, state.params, config, batches).items()}
     if state.ema is not None:
-        out |= {f"eval_ema/{k}": v for k, v in evaluate(trainer, state.ema, config).items()}
+        ema = evaluate(trainer, state.ema, config, batches)
+        out |= {f"eval_ema/{k}": v for k, v in ema.items()}
     return out
 
 
