@@ -1,5 +1,7 @@
 """Assertions shared by the tests."""
 
+import importlib.util
+
 import numpy as np
 
 
@@ -22,3 +24,12 @@ def assert_close(name, got, want, tol):
     abs_err = np.abs(got - want).max(initial=0.0)
     err = rel_err(got, want)
     assert err <= tol, f"{name}: max abs err {abs_err:.3e}, relative {err:.3e} > tol {tol:.1e}"
+
+
+def load_module(path, name):
+    """The Python file at `path` imported as a module called `name` (benchmark scripts, configs:
+    files that are not part of an installed package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

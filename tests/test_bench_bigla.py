@@ -2,7 +2,6 @@
 ahead-of-time compile outside the timing lock, child failures and timeouts recorded as errors."""
 
 import contextlib
-import importlib.util
 import json
 import math
 import pathlib
@@ -12,12 +11,12 @@ import threading
 
 import jax.numpy as jnp
 
+from tests.helpers import load_module
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_bigla.py"
 
-_spec = importlib.util.spec_from_file_location("bench_bigla", SCRIPT)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_module(SCRIPT, "bench_bigla")
 
 # float32 interpret-mode Pallas vs the float32 reference: ~4e-7 measured, so 1e-5 is loose yet far
 # below what a wrong gate, direction or chunk boundary gives (O(1)).

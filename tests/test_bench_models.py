@@ -1,6 +1,5 @@
 """Model benchmark driver: smoke run with --jobs 2, stable incremental results, timeouts, flags."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,12 +10,12 @@ import time
 
 import pytest
 
+from tests.helpers import load_module
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_models.py"
 
-_spec = importlib.util.spec_from_file_location("bench_models", SCRIPT)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_module(SCRIPT, "bench_models")
 
 from benchmarks.gpu_lock import LOCK_ENV  # noqa: E402  (importable once bench put REPO on the path)
 

@@ -2,7 +2,6 @@
 the concurrent sweep's scheduling (order, budget, OOM skips, incremental writes)."""
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,15 +11,14 @@ import threading
 
 import pytest
 
+from tests.helpers import load_module
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_resolution.py"
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "benchmarks" / f"{name}.py", name)
 
 
 bench = _load("bench_resolution")

@@ -1,6 +1,5 @@
 """Scaling benchmark: smoke run on 1 and 2 fake CPU devices, efficiency, device env, checks."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -9,12 +8,12 @@ import sys
 
 import pytest
 
+from tests.helpers import load_module
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_scaling.py"
 
-_spec = importlib.util.spec_from_file_location("bench_scaling", SCRIPT)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_module(SCRIPT, "bench_scaling")
 
 
 def test_smoke_on_one_and_two_fake_devices(tmp_path):

@@ -1,12 +1,12 @@
 """configs/: each config loads, carries the official recipe, builds its model; clear CLI errors."""
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from tests.helpers import load_module
 from vig_jax.models import create_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -23,10 +23,7 @@ RECIPES = {
 
 def load(name):
     path = ROOT / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_module(path, f"configs.{name}").get_config()
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

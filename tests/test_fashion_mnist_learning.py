@@ -17,12 +17,12 @@ Needs the IDX files (`apt-get install dataset-fashion-mnist` or $VIG_FASHION_MNI
 with that message otherwise.
 """
 
-import importlib.util
 import pathlib
 
 import numpy as np
 import pytest
 
+from tests.helpers import load_module
 from tests.test_data_pipeline import shared_tfds_dir
 from vig_jax.data import fashion_mnist
 from vig_jax.train import loop
@@ -47,10 +47,7 @@ def data_dir(tmp_path_factory):
 def small_config(data_dir):
     """configs/fashion_mnist.py with a model, subset and schedule that fit a CI budget."""
     path = ROOT / "configs" / "fashion_mnist.py"
-    spec = importlib.util.spec_from_file_location("fashion_mnist", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_module(path, "fashion_mnist").get_config()
     c.model.dtype = "float32"  # bf16 is slower on CPU
     c.model.bigla_impl = "reference"  # 49 and 16 tokens: the token scan beats padded chunks
     c.model.overrides.dims = (16, 32)
