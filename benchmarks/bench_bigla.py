@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.child_results import git_sha, log_lines, parse_results, print_result  # noqa: E402
 from benchmarks.gpu_lock import concurrent_env, timing_lock  # noqa: E402
 from pallas_kernels.bigla.pallas import KernelParams, bigla_pallas  # noqa: E402
 from pallas_kernels.bigla.reference import bigla_reference  # noqa: E402
@@ -56,7 +57,6 @@ CASES = {
 }
 SMOKE_CASES = {"smoke_short": (1, 40, 2, 16, 32), "smoke_long": (1, 300, 1, 16, 32)}
 IMPLS = ("pallas", "chunked", "reference")
-RESULT_TAG = "RESULT "
 
 
 def make_inputs(shape, dtype, seed=0):
@@ -202,15 +202,6 @@ def io_bytes(shape, dtype, backward):
     return 2 * fwd + tok * V * s  # + read inputs and do again, write 5 grads (same sizes as inputs)
 
 
-def git_sha():
-    if os.environ.get("GIT_SHA"):
-        return os.environ["GIT_SHA"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def time_case(shape, dtype, params, impls, copy_gbps, iters, repeats, with_breakdown):
     """Timing case: µs of fwd and fwd_bwd per impl, the HBM floor, optionally the breakdown."""
     inputs, do = make_inputs(shape, dtype)
@@ -256,14 +247,14 @@ def run_child(cmd, env, timeout_s):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:g} s"}, []
-    log = [ln for ln in proc.stdout.splitlines() if not ln.startswith(RESULT_TAG)]
-    found = [ln[len(RESULT_TAG) :] for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    log = log_lines(proc.stdout)
+    found = parse_results(proc.stdout)
     # A RESULT line is printed after all the work, so it stands even if the process then fails
     # on the way out (GPU runtimes sometimes crash at interpreter exit).
     if not found:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])[-1500:]
         return {"error": f"child exited with {proc.returncode}: {tail}"}, log
-    return json.loads(found[-1]), log
+    return found[-1], log
 
 
 def markdown(results):
@@ -396,7 +387,7 @@ def child_main(args):
         r = time_case(
             shape, dtype, params, impls, args.copy_gbps, args.iters, args.repeats, args.breakdown
         )
-    print(RESULT_TAG + json.dumps(r), flush=True)
+    print_result(r)
 
 
 def child_cmd(args, params, copy_gbps, kind, name):

@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.child_results import git_sha, parse_results, print_result  # noqa: E402
 from benchmarks.gpu_lock import concurrent_env, timing_lock  # noqa: E402
 from vig_jax.models import create_model  # noqa: E402
 
@@ -147,17 +148,6 @@ def run_case(name, impl, mode, args):
     return result
 
 
-def _git_sha():
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-        )
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return None
-
-
 def _markdown(meta, results):
     impls = sorted({r["impl"] for r in results})
     lines = [
@@ -223,9 +213,9 @@ def run_child(case, passthrough, env, timeout_s):
         error = f"timed out after {timeout_s:g} s (killed): {_tail(e.stderr)}"
         result = dict(model=name, impl=impl, mode=mode, error=error)
     else:
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if lines:
-            result = json.loads(lines[-1].removeprefix("RESULT "))
+        found = parse_results(proc.stdout)
+        if found:
+            result = found[-1]
         else:
             error = f"process exited {proc.returncode}: {_tail(proc.stderr)}"
             result = dict(model=name, impl=impl, mode=mode, error=error)
@@ -343,7 +333,7 @@ def main():
         except Exception as e:  # reported in the table; the other cases still run
             name, impl, mode = args.case.split(":")
             result = dict(model=name, impl=impl, mode=mode, error=f"{type(e).__name__}: {e}"[:300])
-        print("RESULT " + json.dumps(result), flush=True)
+        print_result(result)
         return
 
     cases = [(m, i, mode) for m in args.models for i in args.impls for mode in MODES]
@@ -354,7 +344,7 @@ def main():
     meta = dict(
         jax=jax.__version__,
         jaxlib=jaxlib.__version__,
-        git_sha=_git_sha(),
+        git_sha=git_sha(),
         models=args.models,
         impls=args.impls,
         batch=args.batch,

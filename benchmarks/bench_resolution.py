@@ -63,11 +63,11 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.child_results import git_sha, parse_results, print_result  # noqa: E402
 from benchmarks.gpu_lock import concurrent_env, timing_lock  # noqa: E402
 
 DEFAULT_SIZES = (224, 384, 512, 768, 1024, 1536, 2048)
 DEFAULT_PAIRS = ("vig_t:deit_t", "vig_s:deit_b")
-RESULT_TAG = "RESULT "
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
 RUN_SECONDS = 0.05  # target length of one timed run (k back-to-back calls)
 GRACE_S = 90.0  # a case running when the time budget ends may go on this long
@@ -261,7 +261,7 @@ def run_flops(jobs: list) -> None:
             )
         except Exception as exc:
             res = {"error": _status(exc)}
-        print(RESULT_TAG + json.dumps({"model": name, "size": size, **res}), flush=True)
+        print_result({"model": name, "size": size, **res})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,14 +283,6 @@ def _child_env(smoke: bool) -> dict:
     return env
 
 
-def _parse_results(stdout: str) -> list:
-    return [
-        json.loads(line[len(RESULT_TAG) :])
-        for line in stdout.splitlines()
-        if line.startswith(RESULT_TAG)
-    ]
-
-
 def _start_child(case: dict, env: dict) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--child-case", json.dumps(case)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -304,7 +296,7 @@ def _wait_child(proc: subprocess.Popen, timeout_s: float) -> dict:
         proc.kill()
         proc.communicate()
         return {"infer": f"timeout after {timeout_s:.0f} s", "train": "not run (timeout)"}
-    results = _parse_results(stdout)
+    results = parse_results(stdout)
     if proc.returncode != 0 or not results:
         # Some allocation failures abort the process instead of raising (e.g. inside cuDNN).
         if any(m in stderr for m in OOM_MARKERS):
@@ -333,7 +325,7 @@ class _FlopCounter:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            for r in _parse_results(line):
+            for r in parse_results(line):
                 with self._lock:
                     self._results[(r["model"], r["size"])] = r
 
@@ -495,7 +487,7 @@ def _result(args, plan: list, done: list, flops: dict, elapsed: float, pending: 
             "platform": first.get("platform"),
             "jax": first.get("jax"),
             "jaxlib": first.get("jaxlib"),
-            "git_sha": _git_sha(),
+            "git_sha": git_sha(),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "dtype": "bfloat16 compute, float32 params",
             "bigla_impl": args.bigla_impl,
@@ -521,16 +513,6 @@ def _result(args, plan: list, done: list, flops: dict, elapsed: float, pending: 
         },
         "cases": cases,
     }
-
-
-@functools.cache
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _progress_line(c: dict, elapsed: float) -> str:
@@ -657,7 +639,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.child_case:
-        print(RESULT_TAG + json.dumps(run_case(json.loads(args.child_case))), flush=True)
+        print_result(run_case(json.loads(args.child_case)))
         return
     if args.child_flops:
         run_flops(json.loads(args.child_flops))

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 
@@ -30,6 +29,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.child_results import git_sha  # noqa: E402
 from vig_jax.train import sharding  # noqa: E402
 from vig_jax.train.trainer import build_model, make_trainer  # noqa: E402
 
@@ -70,11 +70,6 @@ def parity(config, impl: str) -> float:
         params = jax.jit(lambda k, m=model: m.init(k, images[:1], train=False))(key)
         outs.append(np.asarray(jax.jit(lambda p, m=model: m.apply(p, images, train=False))(params)))
     return float(np.abs(outs[0] - outs[1]).max() / np.abs(outs[1]).max())
-
-
-def git_sha() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
 
 
 def synthetic_batch(batch: int, size: int, seed: int) -> dict:
