@@ -9,26 +9,21 @@ import pytest
 
 from tests.helpers import assert_close
 from vig_jax.data import mix
+from vig_jax.train.losses import smooth_labels
 
 B, H, W, C, NUM_CLASSES = 8, 16, 12, 3, 5
 
 
 # Jitted once per static configuration: eager op-by-op dispatch is several times slower on CPU.
 ERASE = jax.jit(mix.random_erasing)
-MIX = functools.partial(
-    jax.jit(
-        mix.mixup_cutmix,
-        static_argnames=(
-            "num_classes",
-            "mixup_alpha",
-            "cutmix_alpha",
-            "switch_prob",
-            "label_smoothing",
-        ),
-    ),
-    num_classes=NUM_CLASSES,
-    label_smoothing=0.1,
+_MIX_TARGETS = jax.jit(
+    mix.mixup_cutmix, static_argnames=("mixup_alpha", "cutmix_alpha", "switch_prob")
 )
+
+
+def MIX(key, images, labels, **kwargs):
+    """mixup_cutmix on labels smoothed as the train step does (0.1 over NUM_CLASSES)."""
+    return _MIX_TARGETS(key, images, _smooth(labels), **kwargs)
 
 
 def _images():
@@ -40,7 +35,7 @@ def _labels():
 
 
 def _smooth(labels):
-    return np.asarray(mix.smooth_one_hot(labels, NUM_CLASSES, 0.1))
+    return np.asarray(smooth_labels(jnp.asarray(labels), NUM_CLASSES, 0.1))
 
 
 def test_normalize_formula_and_dtype():

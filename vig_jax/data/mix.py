@@ -77,52 +77,44 @@ def random_erasing(key: jax.Array, images: jax.Array, prob: float) -> jax.Array:
     return jnp.where(mask[..., None], noise, images)
 
 
-def smooth_one_hot(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
-    """[B] int -> [B, num_classes] float32: 1 - s + s / n on the label, s / n elsewhere."""
-    off = label_smoothing / num_classes
-    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - label_smoothing) + off
-
-
 def mixup_cutmix(
     key: jax.Array,
     images: jax.Array,
-    labels: jax.Array,
+    targets: jax.Array,
     *,
-    num_classes: int,
     mixup_alpha: float,
     cutmix_alpha: float,
     switch_prob: float,
-    label_smoothing: float,
 ) -> tuple[jax.Array, jax.Array]:
     """timm Mixup in batch mode: one lambda for the batch, each image paired with the flipped batch.
 
     If both alphas are > 0, cutmix is used with probability `switch_prob`, else mixup; if one is
-    0, only the other is used; both 0 leaves images unchanged (lambda = 1). Mixup:
+    0, only the other is used; both 0 leaves images and targets unchanged (lambda = 1). Mixup:
     x = lam * x + (1 - lam) * x[::-1], lam ~ Beta(mixup_alpha, mixup_alpha). Cutmix: lam ~
     Beta(cutmix_alpha, cutmix_alpha), a box of sides int(H sqrt(1 - lam)), int(W sqrt(1 - lam))
     centred uniformly on a pixel and clipped to the image takes x[::-1]'s pixels, and lam becomes
-    1 - (clipped box area) / (H W). Targets: lam * smooth(y) + (1 - lam) * smooth(y[::-1]).
+    1 - (clipped box area) / (H W). Targets: lam * t + (1 - lam) * t[::-1].
 
     Args:
       key: PRNG key.
       images: [B, H, W, C] float.
-      labels: [B] int.
-      num_classes, label_smoothing: for the smoothed one-hot targets.
+      targets: [B, num_classes] float32, the (label-smoothed) one-hot labels, as timm mixes them:
+        `vig_jax.train.losses.smooth_labels`.
       mixup_alpha, cutmix_alpha: Beta parameters, >= 0 (0 disables that kind).
       switch_prob: probability of cutmix when both are enabled.
     Returns:
       images [B, H, W, C] (same dtype) and soft targets [B, num_classes] float32, rows sum to 1.
     """
-    if images.ndim != 4 or labels.shape != images.shape[:1]:
+    if images.ndim != 4 or targets.ndim != 2 or targets.shape[0] != images.shape[0]:
         raise ValueError(
-            f"expected images [B, H, W, C] and labels [B]: {images.shape=}, {labels.shape=}"
+            "expected images [B, H, W, C] and targets (smoothed labels) [B, num_classes]: "
+            f"{images.shape=}, {targets.shape=}"
         )
     if mixup_alpha < 0 or cutmix_alpha < 0 or not 0.0 <= switch_prob <= 1.0:
         raise ValueError(
             "need alphas >= 0 and 0 <= switch_prob <= 1: "
             f"{mixup_alpha=}, {cutmix_alpha=}, {switch_prob=}"
         )
-    targets = smooth_one_hot(labels, num_classes, label_smoothing)
     if mixup_alpha == 0 and cutmix_alpha == 0:
         return images, targets
     _, height, width, _ = images.shape

@@ -57,19 +57,16 @@ def make_train_step(
         images = mix.normalize(batch["image"], mean, std)  # [B, S, S, 3] float32
         if aug.random_erasing > 0:
             images = mix.random_erasing(erase_key, images, aug.random_erasing)
+        targets = smooth_labels(batch["label"], num_classes, aug.label_smoothing)  # [B, C]
         if use_mix:
             images, targets = mix.mixup_cutmix(
                 mix_key,
                 images,
-                batch["label"],
-                num_classes=num_classes,
+                targets,
                 mixup_alpha=aug.mixup_alpha,
                 cutmix_alpha=aug.cutmix_alpha,
                 switch_prob=aug.switch_prob,
-                label_smoothing=aug.label_smoothing,
             )
-        else:
-            targets = smooth_labels(batch["label"], num_classes, aug.label_smoothing)  # [B, C]
 
         b = images.shape[0]
         if b % accum:
