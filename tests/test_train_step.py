@@ -182,3 +182,15 @@ def test_oom_error_gets_config_hint():
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         with oom_hint():
             raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+
+@pytest.mark.parametrize(
+    "batch_size,accum,match",
+    [(8, 0, "grad_accum_steps must be >= 1"), (8, 3, "must split into"), (6, 2, "must split into")],
+)
+def test_make_trainer_rejects_batch_splits(batch_size, accum, match):
+    """Checked before anything is built: 0 micro-batches, a remainder, a micro-batch of 3 on 4
+    devices."""
+    config = tiny_config(batch_size=batch_size, grad_accum_steps=accum)
+    with pytest.raises(ValueError, match=match):
+        make_trainer(config, mesh=sharding.make_mesh(), num_classes=NUM_CLASSES, steps_per_epoch=1)

@@ -39,9 +39,7 @@ def make_train_step(
     aug, opt = config.aug, config.optimizer
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     use_mix = aug.mixup_alpha > 0 or aug.cutmix_alpha > 0
-    accum = opt.grad_accum_steps
-    if accum < 1:
-        raise ValueError(f"optimizer.grad_accum_steps must be >= 1, got {accum}")
+    accum = opt.grad_accum_steps  # >= 1: checked by make_trainer, which splits the batch by it
     if not 0.0 <= opt.ema_decay < 1.0:
         raise ValueError(f"optimizer.ema_decay must be in [0, 1), got {opt.ema_decay}")
 

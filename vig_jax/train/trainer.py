@@ -78,11 +78,13 @@ def make_trainer(config, *, mesh: Mesh, num_classes: int, steps_per_epoch: int) 
     """Builds everything from `config` (see configs/common.py) for a run on `mesh`."""
     batch = config.data.batch_size
     n_dev = mesh.devices.size
-    micro = batch // config.optimizer.grad_accum_steps
-    if batch % config.optimizer.grad_accum_steps or micro % n_dev:
+    accum = config.optimizer.grad_accum_steps
+    if accum < 1:
+        raise ValueError(f"optimizer.grad_accum_steps must be >= 1, got {accum}")
+    if batch % accum or (batch // accum) % n_dev:
         raise ValueError(
             f"data.batch_size={batch} must split into optimizer.grad_accum_steps="
-            f"{config.optimizer.grad_accum_steps} micro-batches divisible by the {n_dev} devices"
+            f"{accum} micro-batches divisible by the {n_dev} devices"
         )
     if config.data.eval_batch_size % n_dev:
         raise ValueError(f"data.eval_batch_size={config.data.eval_batch_size} % {n_dev} devices")
