@@ -59,16 +59,19 @@ def device_description() -> str:
 
 
 def schedule(config_path: str, overrides: list[str]) -> tuple[int, int]:
-    """(optimizer steps per epoch, planned total steps) of the run, via the config."""
+    """(optimizer steps per epoch, planned total steps) of the run, via the config, as the train
+    loop computes them."""
     code = (
         "import sys; from absl import flags; from ml_collections import config_flags\n"
         "c = config_flags.DEFINE_config_file('config', None)\n"
         "flags.FLAGS(sys.argv)\n"
         "from vig_jax import data\n"
+        "from vig_jax.train import optim\n"
         "d = c.value.data\n"
         "info = data.dataset_info(d.dataset, d.data_dir)\n"
-        "spe = info.num_examples[d.train_split] // d.batch_size\n"
-        "print(spe, round(spe * c.value.optimizer.epochs))\n"
+        "spe = optim.steps_per_epoch(info.num_examples[d.train_split], d.batch_size)\n"
+        "total = c.value.loop.total_steps or optim.schedule_steps(c.value.optimizer, spe)\n"
+        "print(spe, total)\n"
     )
     argv = [f"--config={config_path}", *overrides]
     out = subprocess.run(

@@ -177,7 +177,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     if batch % jax.process_count():
         raise ValueError(f"data.batch_size={batch} % {jax.process_count()} processes != 0")
     spe = optim.steps_per_epoch(info.num_examples[config.data.train_split], batch)
-    total_steps = loop.total_steps or round(config.optimizer.epochs * spe)
+    total_steps = loop.total_steps or optim.schedule_steps(config.optimizer, spe)
     trainer = make_trainer(config, mesh=mesh, num_classes=info.num_classes, steps_per_epoch=spe)
 
     train_iter = _train_iterator(config, batch // jax.process_count())
@@ -235,6 +235,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
                     progress.write(f"SIGTERM: saved checkpoint at step {step}, exiting")
                     break
     finally:
+        train_iter.close()  # grain's threads / worker processes must not outlive the run
         ckpt.wait()
         ckpt.close()
         progress.close()

@@ -22,6 +22,11 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
+def schedule_steps(opt, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole schedule: `opt.epochs` epochs, rounded."""
+    return round(opt.epochs * steps_per_epoch)
+
+
 def make_schedule(opt, batch_size: int, steps_per_epoch: int) -> optax.Schedule:
     """Per-step lr: linear warmup from `warmup_lr` to the peak, then cosine down to `min_lr`.
 
@@ -30,7 +35,7 @@ def make_schedule(opt, batch_size: int, steps_per_epoch: int) -> optax.Schedule:
       batch_size: global batch size (images per optimizer step).
       steps_per_epoch: optimizer steps per epoch.
     """
-    total = round(opt.epochs * steps_per_epoch)
+    total = schedule_steps(opt, steps_per_epoch)
     warmup = round(opt.warmup_epochs * steps_per_epoch)
     if not 0 <= warmup < total:
         raise ValueError(f"need 0 <= warmup steps ({warmup}) < total steps ({total})")
