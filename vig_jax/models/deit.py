@@ -25,14 +25,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from vig_jax.models.layers import torch_conv_bias_init, torch_conv_kernel_init, trunc_normal
 from vig_jax.models.pos_embed import resize_pos_embed
 
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
-# timm's ViT init: trunc_normal(0.02) for Linear weights, zero biases; the patch conv keeps
-# PyTorch's default (kaiming_uniform with a = sqrt(5), i.e. uniform with variance 1 / (3 fan_in)).
-_dense_init = nn.initializers.truncated_normal(stddev=0.02)
-_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# timm's ViT init: trunc_normal(0.02) (cut at +-2 absolute, not +-2 std) for Linear weights and
+# the position table, zero Linear biases; the patch conv keeps PyTorch's default weight and bias.
+_dense_init = trunc_normal(0.02)
 
 
 class Attention(nn.Module):
@@ -161,7 +161,8 @@ class DeiT(nn.Module):
             strides=(p, p),
             padding="VALID",
             dtype=self.dtype,
-            kernel_init=_conv_init,
+            kernel_init=torch_conv_kernel_init(),
+            bias_init=torch_conv_bias_init(p * p * images.shape[-1]),
             name="patch_embed",
         )(images)  # [B, h, w, D]
         b, h, w, _ = x.shape
@@ -169,9 +170,7 @@ class DeiT(nn.Module):
 
         cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d))
         h0, w0 = self.pos_embed_grid
-        pos_embed = self.param(
-            "pos_embed", nn.initializers.truncated_normal(0.02), (1, 1 + h0 * w0, d)
-        )
+        pos_embed = self.param("pos_embed", trunc_normal(0.02), (1, 1 + h0 * w0, d))
         # torch-compatible bicubic resize (identity at 14x14); timm also sets antialias=True, which
         # only differs when shrinking below the learned grid (images under 224²).
         grid_pos = resize_pos_embed(pos_embed[0, 1:].reshape(h0, w0, d), (h, w))  # [h, w, D]
