@@ -5,6 +5,8 @@ float64. GPU (`pytest -m gpu`): the compiled kernels, bf16 and fp32, small shape
 Tolerances are max|Δ| / max|ref| (tests/helpers.assert_close), per notes/bigla_kernel.md §8.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,13 +80,20 @@ INTERPRET_CASES = [
     pytest.param(
         (1, 40, 1, 16, 32), KernelParams(chunk=16), "very_negative", id="N40-gates-10-fast-long"
     ),
+    # The one-program plan over several chunks (the benchmark's --sweep can select it).
+    pytest.param(
+        (1, 40, 1, 16, 32),
+        KernelParams(chunk=16, short_max_chunks=4),
+        "typical",
+        id="N40-short-3chunks",
+    ),
 ]
 
 
 @pytest.mark.parametrize("shape,params,gates", INTERPRET_CASES)
 def test_bigla_pallas_interpret_matches_reference(shape, params, gates):
     args, do = make_inputs(shape, gates=gates)
-    params = KernelParams(**{**params.__dict__, "interpret": True})
+    params = dataclasses.replace(params, interpret=True)
     got = fwd_and_grads(lambda *a: bigla_pallas(*a, params=params), args, do)
     check_all(got, reference64(args, do), 1e-5, 1e-5)
 
@@ -109,7 +118,7 @@ def test_bigla_pallas_dispatch_interpret_fp16_outputs_keep_dtypes():
 def test_bigla_pallas_rejects_unsupported_shapes(shape, params, match):
     args, _ = make_inputs(shape)
     with pytest.raises(ValueError, match=match):
-        bigla_pallas(*args, params=KernelParams(**{**params.__dict__, "interpret": True}))
+        bigla_pallas(*args, params=dataclasses.replace(params, interpret=True))
 
 
 GPU_SHAPES = [
