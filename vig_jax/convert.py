@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from vig_jax.models import VARIANTS, create_model
+from vig_jax.models import VARIANTS, create_model, model_class
 from vig_jax.models.vig import ViG
 from vig_jax.models.vig_h import ViGH
 
@@ -175,9 +175,8 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], model: str | nn.Module
 
 def model_for_checkpoint(state_dict: dict[str, np.ndarray], name: str) -> nn.Module:
     """The registered model `name` with the head width of the checkpoint (float32, bigla "auto")."""
-    cls = VARIANTS[name][0] if name in VARIANTS else None
+    cls = model_class(name)  # raises the registry's error for an unknown name
     if cls not in _FAMILY:
-        create_model(name)  # raises the registry's error for an unknown name
         raise ValueError(f"no official checkpoint layout for {name!r}; only ViG and ViG-H models")
     head = _HEAD_KEY[_FAMILY[cls]]
     if head not in state_dict:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from vig_jax.models import VARIANTS, create_model
+from vig_jax.models import create_model, uses_bigla
 
 # Primitives whose sub-jaxprs do not run once per call: their FLOPs cannot be read off the jaxpr.
 _OPAQUE = ("while", "pallas_call")
@@ -128,12 +128,8 @@ def count_model(name: str, image_hw: tuple[int, int], **overrides) -> FlopCount:
 
     `overrides` go to `create_model` (e.g. depth=1 for a quick check).
     """
-    model_cls = VARIANTS[name][0] if name in VARIANTS else None
-    uses_bigla = model_cls is not None and "bigla_impl" in {
-        f.name for f in dataclasses.fields(model_cls)
-    }
-    # create_model raises the helpful error for an unknown name.
-    model = create_model(name, **({"bigla_impl": "chunked"} if uses_bigla else {}), **overrides)
+    kernels = {"bigla_impl": "chunked"} if uses_bigla(name) else {}  # XLA sees into chunked only
+    model = create_model(name, **kernels, **overrides)
     return count_module(model, image_hw)
 
 

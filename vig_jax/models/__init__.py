@@ -1,4 +1,5 @@
-"""Model registry: `create_model(name, ...)` and `list_models(pattern)`.
+"""Model registry: `create_model(name, ...)`, `list_models(pattern)`, `model_class(name)`,
+`uses_bigla(name)`.
 
 Each model module exports `VARIANTS = {name: (ModuleClass, defaults)}`; sizes are data, merged here.
 """
@@ -27,6 +28,24 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(name for name in VARIANTS if fnmatch.fnmatch(name, pattern))
 
 
+def model_class(name: str) -> type[nn.Module]:
+    """The module class registered as `name`.
+
+    Raises:
+      ValueError: unknown name (lists the known names and the closest match).
+    """
+    if name not in VARIANTS:
+        close = difflib.get_close_matches(name.lower(), VARIANTS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())}")
+    return VARIANTS[name][0]
+
+
+def uses_bigla(name: str) -> bool:
+    """Whether the model `name` has BiGLA layers (takes `bigla_impl`); raises for unknown names."""
+    return "bigla_impl" in {f.name for f in dataclasses.fields(model_class(name))}
+
+
 def create_model(
     name: str,
     *,
@@ -49,22 +68,18 @@ def create_model(
     Raises:
       ValueError: unknown name (lists the known names and the closest match) or unknown override.
     """
-    if name not in VARIANTS:
-        close = difflib.get_close_matches(name.lower(), VARIANTS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())}")
-    cls, defaults = VARIANTS[name]
+    cls, defaults = model_class(name), VARIANTS[name][1]
     fields = {f.name for f in dataclasses.fields(cls)}
     allowed = sorted(fields - set(_FIXED))
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {name!r}; allowed: {allowed}")
     kwargs = {**defaults, **overrides, "num_classes": num_classes, "dtype": dtype}
-    if "bigla_impl" in fields:
+    if uses_bigla(name):
         kwargs["bigla_impl"] = bigla_impl
     elif bigla_impl != "auto":
         raise ValueError(f"{name!r} has no BiGLA layer; bigla_impl={bigla_impl!r} does not apply")
     return cls(**kwargs)
 
 
-__all__ = ["VARIANTS", "create_model", "list_models"]
+__all__ = ["VARIANTS", "create_model", "list_models", "model_class", "uses_bigla"]
