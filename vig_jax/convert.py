@@ -10,20 +10,19 @@ Read the result back with `load_params(out_dir)` and `load_model_info(out_dir)`.
 """
 
 import argparse
-import json
 import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from vig_jax.models import VARIANTS, create_model, model_class
 from vig_jax.models.vig import ViG
 from vig_jax.models.vig_h import ViGH
+from vig_jax.train import checkpoint
 
 # Layout changes from torch to Flax.
 _TRANSFORMS = {
@@ -203,25 +202,23 @@ def infer_model_name(state_dict: dict[str, np.ndarray]) -> str:
 
 
 def save_params(params: dict, out_dir: str | pathlib.Path, *, model_name: str, num_classes: int):
-    """Writes out_dir/params (orbax StandardCheckpointer) and out_dir/model.json."""
-    out_dir = pathlib.Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out_dir / "params", params)
-    checkpointer.wait_until_finished()
-    info = {"model": model_name, "num_classes": num_classes}
-    (out_dir / "model.json").write_text(json.dumps(info, indent=1) + "\n")
+    """Writes out_dir/params (orbax) and out_dir/model.json ({"model", "num_classes"})."""
+    checkpoint.save_converted(out_dir, params, {"model": model_name, "num_classes": num_classes})
 
 
 def load_params(path: str | pathlib.Path) -> dict:
     """The "params" tree saved by `save_params` / the command line, as numpy float32 arrays."""
-    restored = ocp.StandardCheckpointer().restore(pathlib.Path(path).resolve() / "params")
-    return jax.tree.map(np.asarray, restored)
+    return jax.tree.map(np.asarray, checkpoint.load_converted(path))
 
 
 def load_model_info(path: str | pathlib.Path) -> dict:
     """{"model": name, "num_classes": n} saved next to the parameters."""
-    return json.loads((pathlib.Path(path) / "model.json").read_text())
+    info = checkpoint.read_model_json(path)
+    if info is None:
+        raise FileNotFoundError(
+            f"{pathlib.Path(path) / 'model.json'} not found: not a converted checkpoint"
+        )
+    return info
 
 
 def convert_checkpoint(

@@ -121,3 +121,19 @@ def read_model_json(directory: str | pathlib.Path) -> dict | None:
     """The `model.json` of a converted checkpoint, or None for a training checkpoint."""
     path = pathlib.Path(directory) / "model.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_converted(directory: str | pathlib.Path, params: dict, info: dict) -> None:
+    """Writes a converted checkpoint: `params/` (orbax) and `model.json` (`info`)."""
+    directory = pathlib.Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / "params", params)
+        checkpointer.wait_until_finished()
+    (directory / "model.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def load_converted(directory: str | pathlib.Path) -> dict:
+    """The params tree of a converted checkpoint as saved (host arrays, no shardings)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(pathlib.Path(directory).resolve() / "params")
