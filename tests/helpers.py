@@ -2,7 +2,17 @@
 
 import importlib.util
 
+import jax
 import numpy as np
+
+GRAD_NAMES = ("dq", "dk", "dv", "dgf", "dgb")  # BiGLA's five input gradients, in argument order
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def run_fast(fn, *args):
+    """fn(*args) under jit. BiGLA tests are compile-bound on CPU: LLVM -O0 about halves XLA:CPU
+    compile time (CI budget) and changes no HLO, so the numerics are those of the default build."""
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
 
 
 def rel_err(got, want):

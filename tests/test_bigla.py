@@ -17,11 +17,9 @@ import pytest
 from pallas_kernels.bigla import bigla
 from pallas_kernels.bigla.chunked import bigla_chunked
 from pallas_kernels.bigla.reference import bigla_reference
-from tests.helpers import assert_close, rel_err
+from tests.helpers import GRAD_NAMES, assert_close, rel_err, run_fast
 
 TOL = {jnp.float64: 1e-10, jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-GRAD_NAMES = ("dq", "dk", "dv", "dgf", "dgb")
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 # (N, H, K, V, chunk): every N with both chunk sizes; H, K, V cycle so each value appears 5 times.
 # The last case has a chunk that is not a multiple of 16 (sub-blocks of 12).
@@ -62,12 +60,6 @@ def _inputs(seed, B, N, H, K, V, dtype, gate_dtype=None, gate_scale=(1.0, 1.0)):
     )
 
 
-def _run(fn, *args):
-    """fn(*args) under jit. These tests are compile-bound: LLVM -O0 about halves XLA:CPU compile
-    time (CI budget) and changes no HLO, so the numerics are those of the default build."""
-    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
-
-
 def _output_and_grads(fn, args, seed):
     """fn(*args) and its gradients for all five inputs under a random cotangent (not `.sum()`)."""
 
@@ -76,7 +68,7 @@ def _output_and_grads(fn, args, seed):
         do = jax.random.normal(jax.random.key(seed), o.shape, jnp.float32).astype(o.dtype)
         return o, vjp(do)
 
-    return _run(run, *args)
+    return run_fast(run, *args)
 
 
 def _assert_matches_reference(fn, args, tol, seed=0):
@@ -150,7 +142,7 @@ def test_swapped_gates_are_detected():
         return bigla_reference(q, k, v, gf, gb), right, swapped
 
     args = _inputs(5, 1, 40, 1, 16, 16, jnp.float32, gate_scale=(0.5, 16.0))
-    want, right, swapped = _run(run, *args)
+    want, right, swapped = run_fast(run, *args)
     assert rel_err(swapped, want) > 1e-2
     with pytest.raises(AssertionError):
         assert_close("o", swapped, want, TOL[jnp.float32])
@@ -162,7 +154,7 @@ def test_bigla_auto_on_cpu_is_chunked():
         auto = bigla(*args, chunk_size=16)
         return auto, bigla_chunked(*args, chunk_size=16), bigla(*args, impl="reference")
 
-    auto, chunked, reference = _run(run, *_inputs(4, 2, 33, 3, 16, 16, jnp.float32))
+    auto, chunked, reference = run_fast(run, *_inputs(4, 2, 33, 3, 16, 16, jnp.float32))
     np.testing.assert_array_equal(auto, chunked)
     assert not np.array_equal(auto, reference)  # the two paths round differently
     assert_close("o", auto, reference, TOL[jnp.float32])
