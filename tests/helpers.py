@@ -1,6 +1,8 @@
 """Assertions shared by the tests."""
 
+import fcntl
 import importlib.util
+import os
 
 import jax
 import numpy as np
@@ -43,3 +45,35 @@ def load_module(path, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def shared_tfds_dir(tmp_path_factory, dataset):
+    """A TFDS data dir holding `dataset`, prepared once per test run.
+
+    Under xdist the workers share the parent of their temp dirs, so one worker prepares while
+    the other waits on the lock and then reads the same files.
+    """
+    from vig_jax.data import sources  # TFDS: imported only by the tests that need data
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / "tfds"
+    path.mkdir(exist_ok=True)
+    with open(path / f"{dataset}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sources.get_builder(dataset, str(path))  # prepares on first use
+    return str(path)
+
+
+def fashion_mnist_tfds_dir(tmp_path_factory):
+    """`shared_tfds_dir` with Fashion-MNIST; without its IDX files, skips naming the missing one."""
+    import pytest
+
+    from vig_jax.data import fashion_mnist
+
+    try:
+        fashion_mnist.check_source_files(fashion_mnist.resolve_source_dir())
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    return shared_tfds_dir(tmp_path_factory, "fashion_mnist")

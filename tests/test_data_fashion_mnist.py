@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tests.test_data_pipeline import shared_tfds_dir
+from tests.helpers import fashion_mnist_tfds_dir
 from vig_jax import data
 from vig_jax.data import fashion_mnist, sources
 
@@ -39,11 +39,7 @@ def _raw(split):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    try:
-        fashion_mnist.check_source_files(fashion_mnist.resolve_source_dir())
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    return shared_tfds_dir(tmp_path_factory, "fashion_mnist")
+    return fashion_mnist_tfds_dir(tmp_path_factory)
 
 
 def test_fashion_mnist_info_matches_tfds(data_dir):

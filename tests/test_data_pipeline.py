@@ -3,37 +3,19 @@
 The dataset is prepared once per test run into a temp data dir (~6 s of CPU).
 """
 
-import fcntl
 import hashlib
 import math
-import os
 
 import numpy as np
 import pytest
 
+from tests.helpers import shared_tfds_dir
 from vig_jax import data
 from vig_jax.data import demo_dataset, sources, transforms
 
 DEMO = "vig_demo_shapes"
 NONE = dict(kind="none")
 PAD_CROP = dict(kind="pad_crop", padding=4, hflip=True)
-
-
-def shared_tfds_dir(tmp_path_factory, dataset):
-    """A TFDS data dir holding `dataset`, prepared once per test run.
-
-    Under xdist the workers share the parent of their temp dirs, so one worker prepares while
-    the other waits on the lock and then reads the same files.
-    """
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
-    path = base / "tfds"
-    path.mkdir(exist_ok=True)
-    with open(path / f"{dataset}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        sources.get_builder(dataset, str(path))  # prepares on first use
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from tests.helpers import load_module
-from tests.test_data_pipeline import shared_tfds_dir
-from vig_jax.data import fashion_mnist
+from tests.helpers import fashion_mnist_tfds_dir, load_module
 from vig_jax.train import loop
 
 pytestmark = pytest.mark.slow
@@ -37,11 +35,7 @@ BATCH = 64
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    try:
-        fashion_mnist.check_source_files(fashion_mnist.resolve_source_dir())
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    return shared_tfds_dir(tmp_path_factory, "fashion_mnist")
+    return fashion_mnist_tfds_dir(tmp_path_factory)
 
 
 def small_config(data_dir):
