@@ -21,6 +21,9 @@ erasing, mixup/cutmix, label smoothing, drop path, AdamW with clipping):
    drop path every step, so the curve is not flat). The lr warmup is shortened to --loss-steps
    steps (steps_per_epoch = 1, warmup_epochs = loss steps): the updates ramp up to the recipe's
    peak lr (base_lr x batch / 512) instead of staying near 1% of it, so differences can grow.
+   Run 1 uses this trainer too (the lr schedule does not change a step's cost), so where
+   --loss-batch equals the throughput batch one compiled step serves both runs (e.g.
+   --loss-batch 256 with 1 and 2 devices at 128/device: three compiles instead of four).
 
 Efficiency = img/s(N) / (N x img/s(1)). Loss agreement = max over steps of
 |loss_N - loss_1| / |loss_1|, checked against LOSS_RTOL (bf16: 2e-2, float32: 1e-4; see there).
@@ -128,24 +131,27 @@ def run_case(args, n: int, report=lambda partial: None) -> dict:
     import jax
     import numpy as np
 
-    from benchmarks.bench_train_step import STEPS_PER_EPOCH, compile_and_time, synthetic_batch
+    from benchmarks.bench_train_step import compile_and_time, synthetic_batch
     from vig_jax.train import sharding
     from vig_jax.train.trainer import make_trainer, oom_hint
 
     if jax.device_count() != n:
         raise RuntimeError(f"expected {n} visible devices, JAX sees {jax.device_count()}")
     mesh = sharding.make_mesh()
+
+    def curve_trainer(batch_size):  # lr warmup over the curve (steps_per_epoch = 1)
+        config = _config(args, batch_size)
+        config.optimizer.warmup_epochs = args.loss_steps
+        return make_trainer(config, mesh=mesh, num_classes=NUM_CLASSES, steps_per_epoch=1)
+
+    # The throughput run uses the loss curve's trainer too: the lr schedule does not change the
+    # step's cost, and where both batches are equal the compiled step serves both runs.
     batch_size = args.per_device_batch * n
-    trainer = make_trainer(
-        _config(args, batch_size),
-        mesh=mesh,
-        num_classes=NUM_CLASSES,
-        steps_per_epoch=STEPS_PER_EPOCH,
-    )
+    trainer = curve_trainer(batch_size)
     with oom_hint():
         state = trainer.init(jax.random.PRNGKey(0))
         batch = sharding.global_batch(synthetic_batch(batch_size, args.image_size, 0), mesh)
-        state, compile_s, times, _ = compile_and_time(
+        step, state, compile_s, times, _ = compile_and_time(
             trainer, state, batch, warmup=args.warmup, steps=args.steps
         )
     median = float(np.median(times))
@@ -164,15 +170,15 @@ def run_case(args, n: int, report=lambda partial: None) -> dict:
     }
     report(result)
 
-    config = _config(args, args.loss_batch)
-    config.optimizer.warmup_epochs = args.loss_steps  # warmup over the curve (steps_per_epoch=1)
-    trainer = make_trainer(config, mesh=mesh, num_classes=NUM_CLASSES, steps_per_epoch=1)
+    if args.loss_batch != batch_size:
+        trainer = curve_trainer(args.loss_batch)
+        step = trainer.train_step
     with oom_hint():
         state = trainer.init(jax.random.PRNGKey(0))
         batch = sharding.global_batch(synthetic_batch(args.loss_batch, args.image_size, 1), mesh)
         losses = []
         for _ in range(args.loss_steps):
-            state, metrics = trainer.train_step(state, batch)
+            state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
     if not np.isfinite(losses).all():
         raise FloatingPointError(f"non-finite loss on {n} devices: {losses}")

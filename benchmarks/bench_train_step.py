@@ -85,7 +85,8 @@ def compile_and_time(trainer, state, batch, *, warmup: int, steps: int):
     """Compiles `trainer.train_step` for (state, batch), then runs warmup + steps steps on it.
 
     Returns:
-      (state, compile seconds, wall seconds of each of the `steps` timed steps, loss of every step).
+      (compiled step, state, compile seconds, wall seconds of each of the `steps` timed steps,
+       loss of every step).
     """
     t0 = time.perf_counter()
     step = trainer.train_step.lower(state, batch).compile()
@@ -98,7 +99,7 @@ def compile_and_time(trainer, state, batch, *, warmup: int, steps: int):
         if i >= warmup:
             times.append(time.perf_counter() - t0)
         losses.append(float(metrics["loss"]))
-    return state, compile_s, times, losses
+    return step, state, compile_s, times, losses
 
 
 def main():
@@ -132,7 +133,7 @@ def main():
     state = trainer.init(jax.random.PRNGKey(0))
     s = args.image_size
     batch = sharding.global_batch(synthetic_batch(args.batch, s, 0), mesh)
-    state, compile_s, times, losses = compile_and_time(
+    _, state, compile_s, times, losses = compile_and_time(
         trainer, state, batch, warmup=args.warmup, steps=args.steps
     )
     print(f"compiled in {compile_s:.1f} s", flush=True)

@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/device_session.sh 0:bigla,train_step 1:gpu_tests,models -- all:scaling
 #
+#   MODELS_CHUNKED_ARGS="--impls chunked" bash benchmarks/device_session.sh 0:models 1:models.chunked
+#
 # Lanes given together run at once, each on the GPUs it names (CUDA_VISIBLE_DEVICES; "all" = every
 # GPU); stages in a lane run in order; "--" starts the next group once every lane of the previous one
 # has ended. Each stage is bounded by its own timeout (env STAGE_S, e.g. BIGLA_S=300, overrides the
@@ -84,6 +86,19 @@ stage_scaling2() {
     --out "$1/scaling.json" ${SCALING_ARGS:-}
 }
 
+# A stage may carry a tag, STAGE.TAG (e.g. models.chunked): the same stage again in its own
+# directory, with STAGE_TAG_ARGS / STAGE_TAG_S (e.g. MODELS_CHUNKED_ARGS) as its STAGE_ARGS / STAGE_S.
+with_tag() {
+  [[ $1 == *.* ]] || return 0
+  local base=${1%%.*} tag=${1#*.} v
+  base=${base^^} tag=${tag^^}
+  for v in ARGS S; do
+    local from=${base}_${tag}_$v
+    [ -n "${!from+x}" ] && export "${base}_$v=${!from}"
+  done
+  return 0
+}
+
 run_lane() {  # GPUS:stage,stage,...
   local gpus=${1%%:*} stages=${1#*:} s dir
   [ "$gpus" = all ] || export CUDA_VISIBLE_DEVICES=$gpus
@@ -91,7 +106,7 @@ run_lane() {  # GPUS:stage,stage,...
     dir=$RES/$s
     mkdir -p "$dir"
     stamp "gpu $gpus: start $s"
-    "stage_$s" "$dir" > "$dir/stdout.log" 2>&1
+    ( with_tag "$s" && "stage_${s%%.*}" "$dir" ) > "$dir/stdout.log" 2>&1
     stamp "gpu $gpus: end $s (exit $?)"
     tail -n 25 "$dir/stdout.log"
   done
