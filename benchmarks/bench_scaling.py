@@ -51,6 +51,9 @@ sys.path.insert(0, str(ROOT))
 # float32 (the smoke runs) only reorders sums of ~1e-7 relative error: 1e-4 leaves ample room.
 LOSS_RTOL = {"bfloat16": 2e-2, "float32": 1e-4}
 NUM_CLASSES = 1000
+# Collective ops counted in the compiled step's HLO: a data-parallel step should need all-reduces
+# (gradients) and little else; all-gathers of activations mean a computation ran unsharded.
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 SMOKE = {  # CPU smoke: tiny ViG (bench_train_step's overrides), 32 px, few steps, float32
     "per_device_batch": 4,
     "image_size": 32,
@@ -155,6 +158,8 @@ def run_case(args, n: int, report=lambda partial: None) -> dict:
             trainer, state, batch, warmup=args.warmup, steps=args.steps
         )
     median = float(np.median(times))
+    hlo = step.as_text()
+    collectives = {op: len(re.findall(rf" {op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
     del state, batch
     result = {
@@ -164,6 +169,7 @@ def run_case(args, n: int, report=lambda partial: None) -> dict:
         "step_ms_median": median * 1e3,
         "img_per_s": batch_size / median,
         "peak_gb_per_device": [None if p is None else p / 1e9 for p in peaks],
+        "collectives": collectives,
         "loss_curve": None,
         "device_kind": jax.devices()[0].device_kind,
         "jax": jax.__version__,
@@ -243,19 +249,22 @@ def markdown(result: dict) -> str:
 
     lines = [
         "| devices | global batch | img/s | efficiency | step ms | peak GB / device (max) "
-        "| loss max rel diff vs 1 | compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loss max rel diff vs 1 | compile s | collectives in the step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["cases"]:
         if "img_per_s" not in c:
-            lines.append(f"| {c['devices']} | {c.get('error', 'not measured')} |||||||")
+            lines.append(f"| {c['devices']} | {c.get('error', 'not measured')} ||||||||")
             continue
         peaks = [p for p in c["peak_gb_per_device"] if p is not None]
+        counts = c.get("collectives") or {}  # absent in results written before it was recorded
+        ops = ", ".join(f"{op} {k}" for op, k in counts.items() if k)
+        ops = ops or ("none" if counts else "n/a")
         lines.append(
             f"| {c['devices']} | {c['global_batch']} | {c['img_per_s']:,.0f} "
             f"| {fmt(c['efficiency'], '.3f')} | {c['step_ms_median']:.1f} "
             f"| {fmt(max(peaks) if peaks else None, '.2f')} | {fmt(c['loss_max_rel_diff'], '.1e')} "
-            f"| {c['compile_s']:.1f} |"
+            f"| {c['compile_s']:.1f} | {ops} |"
         )
     errors = [f"{c['devices']} device(s): {c['error']}" for c in result["cases"] if "error" in c]
     r = result

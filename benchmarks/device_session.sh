@@ -69,21 +69,12 @@ stage_resolution() {  # ViG vs DeiT across sizes (issue 7)
     --out "$1/resolution" --budget-s "${RESOLUTION_BUDGET_S:-450}" ${RESOLUTION_ARGS:-}
 }
 
+# One device count per tagged stage, e.g. scaling.one in a lane beside other work, then
+# scaling.two on all GPUs (SCALING_ONE_ARGS="--devices 1", SCALING_TWO_ARGS="--devices 2"); merge:
+# bench_scaling.py --merge scaling.one/scaling.json scaling.two/scaling.json --out ...
 stage_scaling() {  # 1..N GPUs in one run (issue 8)
   timeout -k 10 "${SCALING_S:-540}" python benchmarks/bench_scaling.py --out "$1/scaling.json" \
     ${SCALING_ARGS:-}
-}
-
-# The same, one device count per stage, so that the 1-GPU case can run in a lane beside other work;
-# merge afterwards: bench_scaling.py --merge scaling1/scaling.json scaling2/scaling.json --out ...
-stage_scaling1() {
-  timeout -k 10 "${SCALING1_S:-300}" python benchmarks/bench_scaling.py --devices 1 \
-    --out "$1/scaling.json" ${SCALING_ARGS:-}
-}
-
-stage_scaling2() {
-  timeout -k 10 "${SCALING2_S:-300}" python benchmarks/bench_scaling.py --devices 2 \
-    --out "$1/scaling.json" ${SCALING_ARGS:-}
 }
 
 # A stage may carry a tag, STAGE.TAG (e.g. models.chunked): the same stage again in its own

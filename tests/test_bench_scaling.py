@@ -39,6 +39,10 @@ def test_smoke_on_one_and_two_fake_devices(tmp_path):
         assert c["peak_gb_per_device"] == [None] * n  # CPU has no memory_stats
         assert len(c["loss_curve"]) == 8
     assert cases[1]["efficiency"] == 1.0 and cases[1]["loss_max_rel_diff"] == 0.0
+    # One device needs no collective; two (FSDP) gather params and reduce gradients.
+    assert set(cases[1]["collectives"]) == set(bench.COLLECTIVES)
+    assert not any(cases[1]["collectives"].values()), cases[1]["collectives"]
+    assert cases[2]["collectives"]["all-gather"] > 0, cases[2]["collectives"]
     # Same global batch, seed and keys split over 2 devices (FSDP): float32 agreement.
     assert cases[2]["loss_max_rel_diff"] <= r["loss_rtol"] and cases[2]["loss_agrees"]
     # The curve is not flat (per-step augmentation keys and updates), so agreement is not trivial.

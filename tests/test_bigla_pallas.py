@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels.bigla import bigla
 from pallas_kernels.bigla.pallas import KernelParams, bigla_pallas
 from pallas_kernels.bigla.reference import bigla_reference
-from tests.helpers import GRAD_NAMES, assert_close, run_fast
+from tests.helpers import FAST_COMPILE, GRAD_NAMES, assert_close, run_fast
 
 # (o, gradients) per input dtype on the compiled GPU path; interpret fp32 vs float64 uses 1e-5.
 GPU_TOL = {jnp.bfloat16: (1e-2, 2e-2), jnp.float32: (1e-4, 1e-4)}
@@ -105,6 +105,39 @@ def test_bigla_pallas_dispatch_interpret_fp16_outputs_keep_dtypes():
     got = fwd_and_grads(f, args, do)
     assert [x.dtype for x in got] == [jnp.float16] * 4 + [jnp.float32] * 2
     check_all(got, reference64(args, do), 2e-2, 3e-2)
+
+
+def test_bigla_pallas_runs_per_batch_shard_under_a_mesh():
+    """Under a context mesh the kernel runs on each device's slice of a batch-sharded input: no
+    all-gather (without the mesh, XLA gathers the whole batch onto every device, which is what a
+    GPU Pallas call gets too), and the same values and gradients."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    assert len(jax.devices()) == 4, "tests/conftest.py should give 4 fake CPU devices"
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    args, do = make_inputs((4, 20, 1, 16, 16))
+    batch = NamedSharding(mesh, PartitionSpec("data"))
+    sharded = [jax.device_put(x, batch) for x in (*args, do)]
+    f = lambda *a: bigla(*a, impl="pallas", chunk_size=16, interpret=True)
+    plain = lambda *a: fwd_and_grads(f, a[:5], a[5])
+
+    def under_mesh(*a):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return plain(*a)
+
+    gathers = {}
+    for name, fn in (("plain", plain), ("mesh", under_mesh)):
+        compiled = jax.jit(fn).lower(*sharded).compile(FAST_COMPILE)
+        gathers[name] = compiled.as_text().count("all-gather(")
+        if name == "mesh":
+            got = compiled(*sharded)
+    assert gathers["plain"] > 0 and gathers["mesh"] == 0, gathers
+    assert got[0].sharding.spec == PartitionSpec("data")
+    check_all(got, reference64(args, do), 1e-5, 1e-5)
+    # A batch that does not split over the devices runs whole (gathered), still correct.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert "shard_map" not in str(jax.make_jaxpr(plain)(*[x[:2] for x in (*args, do)]))
+        assert "shard_map" in str(jax.make_jaxpr(plain)(*args, do))
 
 
 @pytest.mark.parametrize(

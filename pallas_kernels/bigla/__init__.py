@@ -5,12 +5,16 @@ the same arrays:
   reference  `lax.scan` over tokens, straight from the recurrence: the definition of correct.
   chunked    pure-jnp chunked form (intra-chunk matmuls + inter-chunk states): runs anywhere.
   pallas     one Pallas GPU (Triton) kernel computing both directions, with its own backward.
+
+Under a mesh (`jax.set_mesh`, or `jax.sharding.use_abstract_mesh` while tracing, as
+`vig_jax.train.trainer` does) the pallas path runs per shard of the batch; see `_per_batch_shard`.
 """
 
 import numbers
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from pallas_kernels.bigla.reference import bigla_reference
 
@@ -37,6 +41,24 @@ def _check(q, k, v, gf, gb, impl, chunk_size, interpret):
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
     if interpret and impl != "pallas":
         raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
+
+
+def _per_batch_shard(fn, *arrays):
+    """`fn(*arrays)`, run by each device on its slice of the batch when a mesh is in context.
+
+    A Pallas call is opaque to XLA's SPMD partitioner, which therefore gathers the operands of a
+    batch-sharded kernel onto every device and computes the whole batch on each. Under a context
+    mesh of more than one device the kernel runs in `jax.shard_map` with the batch axis split
+    over all mesh axes, the layout of `vig_jax.train.sharding`; operands laid out otherwise are
+    resharded to it first, so the result does not depend on the layout, only the cost does.
+    Without a mesh, on one device, or when B does not divide over the devices, `fn` runs as is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or arrays[0].shape[0] % mesh.size:
+        return fn(*arrays)
+    spec = PartitionSpec(mesh.axis_names)
+    # check_vma=False: pallas_call has no rule for varying-manual-axes types.
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*arrays)
 
 
 def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
@@ -73,7 +95,10 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
         )
     from pallas_kernels.bigla.pallas import bigla_pallas
 
-    return bigla_pallas(q, k, v, gf, gb, chunk_size=chunk_size, interpret=interpret)
+    def kernel(*arrays):
+        return bigla_pallas(*arrays, chunk_size=chunk_size, interpret=interpret)
+
+    return _per_batch_shard(kernel, q, k, v, gf, gb)
 
 
 __all__ = ["IMPLS", "bigla", "bigla_reference"]

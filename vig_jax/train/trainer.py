@@ -74,6 +74,18 @@ class Trainer:
     eval_step: Callable
 
 
+def _traced_under(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn` traced with `mesh` as the context mesh: the Pallas BiGLA kernel reads it to run on each
+    device's shard of the batch (see `pallas_kernels.bigla._per_batch_shard`)."""
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
+
+
 def make_trainer(config, *, mesh: Mesh, num_classes: int, steps_per_epoch: int) -> Trainer:
     """Builds everything from `config` (see configs/common.py) for a run on `mesh`."""
     batch = config.data.batch_size
@@ -109,13 +121,13 @@ def make_trainer(config, *, mesh: Mesh, num_classes: int, steps_per_epoch: int) 
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
     train_step = jax.jit(
-        make_train_step(model, tx, schedule, config, num_classes),
+        _traced_under(mesh, make_train_step(model, tx, schedule, config, num_classes)),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, rep),
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        make_eval_step(model, config, num_classes),
+        _traced_under(mesh, make_eval_step(model, config, num_classes)),
         in_shardings=(state_sh.params, batch_sh),
         out_shardings=rep,
     )
