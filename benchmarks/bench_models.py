@@ -150,13 +150,19 @@ def run_case(name, impl, mode, args):
 
 def _markdown(meta, results):
     impls = sorted({r["impl"] for r in results})
+    runs = meta.get("runs") or [meta]
     lines = [
         f"# ViG models, {meta['size']}^2, {meta['dtype']}, batch {meta['batch']} "
-        f"({meta['device']}, jax {meta['jax']}, {meta['git_sha']})",
+        f"({meta['device']}, jax {meta['jax']})",
         "",
         "img/s from the median of "
         f"{meta['steps']} steps; train = loss + grads + SGD update; peak = that case's process; "
-        f"compile = AOT compile wall seconds ({meta['jobs']} case(s) at once).",
+        "compile = AOT compile wall seconds, with other cases compiling at once. "
+        + " ".join(
+            f"Run {k}: {', '.join(r['models'])} x {', '.join(r['impls'])} at git {r['git_sha']}, "
+            f"{r['jobs']} case(s) at once."
+            for k, r in enumerate(runs, 1)
+        ),
         "",
         "| model | impl | infer img/s | train img/s | train peak GB | parity vs reference "
         "| compile s infer / train |",
@@ -252,6 +258,38 @@ def _write(out, meta, results):
         os.replace(tmp, path)
 
 
+MERGE_FIELDS = ("batch", "size", "dtype", "steps", "warmup", "smoke", "device")
+
+
+def merge_results(docs):
+    """One result document from several runs' documents ({"meta", "results"}), in order.
+
+    The runs must agree on MERGE_FIELDS. A case (model, impl, mode) measured by several runs is
+    taken from the last of them. The merged meta lists each run's meta under "runs"; models and
+    impls are the union, in the canonical order.
+    """
+    metas = [d["meta"] for d in docs]
+    for field in MERGE_FIELDS:
+        if len(values := {json.dumps(m.get(field)) for m in metas}) > 1:
+            raise ValueError(f"the runs differ in {field}: {sorted(values)}")
+    by_key = {}
+    for doc in docs:
+        for r in doc["results"]:
+            by_key[(r["model"], r["impl"], r["mode"])] = r
+    models = [m for m in MODELS if any(m in meta["models"] for meta in metas)]
+    impls = [i for i in IMPLS if any(i in meta["impls"] for meta in metas)]
+    results = [
+        by_key[(m, i, mode)]
+        for m in models
+        for i in impls
+        for mode in MODES
+        if (m, i, mode) in by_key
+    ]
+    meta = {k: metas[0].get(k) for k in ("jax", "jaxlib", *MERGE_FIELDS, "platform")}
+    meta.update(models=models, impls=impls, runs=metas)
+    return dict(meta=meta, results=results)
+
+
 def run_all(cases, passthrough, meta, out, jobs, timeout_s):
     """Runs `cases` with up to `jobs` children at once; writes results after each finished case.
 
@@ -302,6 +340,12 @@ def parse_args(argv=None):
         action="store_true",
         help="CPU check: vig_t/vig_h_t (default), 1 block per stage, chunked, 2x64^2",
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="no run: combine earlier runs' <out>.json (a case measured twice: the later file's)",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # model:impl:mode, run by the parent
     args = parser.parse_args(argv)
     if args.smoke:
@@ -327,6 +371,16 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    if args.merge:
+        docs = [json.loads(pathlib.Path(f).read_text()) for f in args.merge]
+        try:
+            merged = merge_results(docs)
+        except ValueError as e:
+            raise SystemExit(f"--merge {args.merge}: {e}") from None
+        out = pathlib.Path(args.out)
+        _write(out, merged["meta"], merged["results"])
+        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+        return
     if args.case:
         try:
             result = run_case(*args.case.split(":"), args)

@@ -243,6 +243,38 @@ def summarize(args, cases: list[dict], platform_name: str) -> dict:
     }
 
 
+# Result fields that merged parts must share, and the argument each one was written from.
+RUN_FIELDS = {
+    "model": "model",
+    "smoke": "smoke",
+    "fsdp": "fsdp",
+    "image_size": "image_size",
+    "dtype": "dtype",
+    "bigla_impl": "bigla_impl",
+    "per_device_batch": "per_device_batch",
+    "steps_timed": "steps",
+    "warmup": "warmup",
+    "loss_steps": "loss_steps",
+    "loss_global_batch": "loss_batch",
+}
+
+
+def merged_args(args, parts: list[dict]):
+    """`args` with the run settings of the result documents `parts`, which must agree on them.
+
+    A part with only the 1-device case may differ in `fsdp`: on one device nothing is sharded,
+    so its run is the baseline of a data-parallel and an FSDP scaling alike."""
+    args = argparse.Namespace(**vars(args))
+    multi = [p for p in parts if any(c["devices"] > 1 for c in p["cases"])]
+    for field, name in RUN_FIELDS.items():
+        voters = multi if field == "fsdp" and multi else parts
+        values = {json.dumps(p.get(field)) for p in voters}
+        if len(values) > 1:
+            raise ValueError(f"the parts differ in {field}: {sorted(values)}")
+        setattr(args, name, voters[0][field])
+    return args
+
+
 def markdown(result: dict) -> str:
     def fmt(x, spec):
         return "n/a" if x is None else format(x, spec)
@@ -351,6 +383,10 @@ def main(argv=None):
         cases = sorted((c for part in parts for c in part["cases"]), key=lambda c: c["devices"])
         if len({c["devices"] for c in cases}) != len(cases):
             raise SystemExit(f"--merge: a device count appears twice in {args.merge}")
+        try:
+            args = merged_args(args, parts)
+        except ValueError as e:
+            raise SystemExit(f"--merge {args.merge}: {e}") from None
         platform_name, skipped = parts[0]["platform"], []
     else:
         platform_name, available = probe_devices(args.smoke, max(args.devices))

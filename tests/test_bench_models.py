@@ -123,3 +123,45 @@ def test_parse_args():
             bench.parse_args(bad)
     with pytest.raises(SystemExit):  # smoke has tiny variants of vig_t and vig_h_t only
         bench.parse_args(["--smoke", "--models", "vig_s"])
+
+
+def test_merge_results_takes_later_runs_in_canonical_order(tmp_path, monkeypatch):
+    def case(model, impl, mode, img_per_s):
+        return dict(model=model, impl=impl, mode=mode, device="H100", platform="gpu",
+                    img_per_s=img_per_s, compile_s=1.0, step_ms_median=1.0, peak_bytes=None,
+                    parity_rel_err=0.0 if mode == "infer" else None)  # fmt: skip
+
+    common = dict(jax="0.11.2", jaxlib="0.11.2", batch=128, size=224, dtype="bf16", steps=10)
+    common.update(warmup=3, smoke=False, device="H100")
+    first = dict(
+        meta=dict(common, git_sha="aaa", models=["vig_s", "vig_h_t"], impls=["pallas"], jobs=8),
+        results=[case("vig_s", "pallas", "infer", 1.0), case("vig_h_t", "pallas", "infer", 2.0)],
+    )
+    second = dict(
+        meta=dict(common, git_sha="bbb", models=["vig_h_t"], impls=["chunked", "pallas"], jobs=5),
+        results=[case("vig_h_t", "pallas", "infer", 3.0), case("vig_h_t", "chunked", "train", 4.0)],
+    )
+    merged = bench.merge_results([first, second])
+    got = [(r["model"], r["impl"], r["mode"], r["img_per_s"]) for r in merged["results"]]
+    assert got == [
+        ("vig_s", "pallas", "infer", 1.0),
+        ("vig_h_t", "pallas", "infer", 3.0),  # measured twice: the later run's
+        ("vig_h_t", "chunked", "train", 4.0),
+    ]
+    meta = merged["meta"]
+    assert meta["models"] == ["vig_s", "vig_h_t"] and meta["impls"] == ["pallas", "chunked"]
+    assert [r["git_sha"] for r in meta["runs"]] == ["aaa", "bbb"]
+    # Through the command line: the table names both runs.
+    files = []
+    for k, doc in enumerate((first, second)):
+        files.append(tmp_path / f"run{k}.json")
+        files[-1].write_text(json.dumps(doc))
+    out = tmp_path / "merged"
+    monkeypatch.setattr(sys, "argv", ["bench", "--merge", *map(str, files), "--out", str(out)])
+    bench.main()
+    md = out.with_suffix(".md").read_text()
+    assert "at git aaa, 8 case(s) at once" in md and "at git bbb, 5 case(s)" in md
+    assert "| vig_h_t | pallas | 3 |" in md
+    second["meta"]["size"] = 384
+    with pytest.raises(ValueError, match="differ in size"):
+        bench.merge_results([first, second])

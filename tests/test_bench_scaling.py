@@ -112,8 +112,10 @@ def test_summarize_flags_disagreeing_curves():
 
 
 def test_merge_combines_separate_runs(tmp_path):
-    """1 and 2 devices measured in separate calls: --merge recomputes efficiency and agreement."""
-    args = bench.parse_args(["--devices", "1"])
+    """1 and 2 devices measured in separate calls: --merge recomputes efficiency and agreement,
+    and takes the run settings from the parts (the 1-device part's fsdp does not count)."""
+    flags = ["--loss-batch", "256"]
+    args_of = {1: bench.parse_args(flags), 2: bench.parse_args([*flags, "--fsdp"])}
     base = {"compile_s": 1.0, "step_ms_median": 1.0, "device_kind": "H100", "jax": "0.11.2"}
     one = {**base, "devices": 1, "global_batch": 128, "img_per_s": 1000.0}
     two = {**base, "devices": 2, "global_batch": 256, "img_per_s": 1900.0}
@@ -122,16 +124,23 @@ def test_merge_combines_separate_runs(tmp_path):
     for case in (two, one):  # order of the files does not matter
         case["peak_gb_per_device"] = [10.0] * case["devices"]
         path = tmp_path / f"part{case['devices']}.json"
-        path.write_text(json.dumps(bench.summarize(args, [dict(case)], "gpu")))
+        part = bench.summarize(args_of[case["devices"]], [dict(case)], "gpu")
+        path.write_text(json.dumps(part))
         files.append(str(path))
     out = tmp_path / "merged.json"
     bench.main(["--merge", *files, "--out", str(out)])
     merged = json.loads(out.read_text())
+    assert merged["fsdp"] and merged["loss_global_batch"] == 256 and merged["loss_rtol"] == 2e-2
     got = [(c["devices"], c["efficiency"], c["loss_agrees"]) for c in merged["cases"]]
     assert got == [(1, 1.0, True), (2, pytest.approx(0.95), True)]
     assert "| 2 | 256 | 1,900 | 0.950 |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="appears twice"):
         bench.main(["--merge", files[1], files[1], "--out", str(out)])
+    other = json.loads(pathlib.Path(files[0]).read_text())
+    other["dtype"] = "float32"
+    pathlib.Path(files[0]).write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="differ in dtype"):
+        bench.main(["--merge", *files, "--out", str(out)])
 
 
 def test_cases_cut_short_are_reported_not_raised():
