@@ -27,7 +27,8 @@ erasing, mixup/cutmix, label smoothing, drop path, AdamW with clipping):
 
 Efficiency = img/s(N) / (N x img/s(1)). Loss agreement = max over steps of
 |loss_N - loss_1| / |loss_1|, checked against LOSS_RTOL (bf16: 2e-2, float32: 1e-4; see there).
-Writes --out (default benchmarks/results/scaling[_smoke].json) and the same path with .md.
+Writes --out (default benchmarks/results/scaling.json; smoke: /tmp/bench_scaling_smoke.json) and
+the same path with .md.
 """
 
 import argparse
@@ -328,7 +329,9 @@ def parse_args(argv):
     p.add_argument("--fsdp", action="store_true", help="shard params/opt state over the devices")
     p.add_argument("--smoke", action="store_true", help="CPU, fake devices, tiny ViG, few steps")
     p.add_argument(
-        "--out", help="JSON path (.md beside it); default benchmarks/results/scaling*.json"
+        "--out",
+        help="JSON path (.md beside it); default benchmarks/results/scaling.json "
+        "(smoke: /tmp/bench_scaling_smoke.json)",
     )
     p.add_argument(
         "--merge",
@@ -366,8 +369,10 @@ def main(argv=None):
         result = run_case(args, args.case, report=lambda r: case_out.write_text(json.dumps(r)))
         case_out.write_text(json.dumps(result))
         return
-    default = "scaling_smoke.json" if args.smoke else "scaling.json"
-    out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / default)
+    default = (
+        "/tmp/bench_scaling_smoke.json" if args.smoke else ROOT / "benchmarks/results/scaling.json"
+    )
+    out = pathlib.Path(args.out or default)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write(cases, platform_name, skipped):

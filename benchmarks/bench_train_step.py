@@ -10,7 +10,7 @@ the model's logits with the benchmarked BiGLA impl against `chunked` at the init
 Compilation is timed separately and excluded; each timed step ends with block_until_ready; the
 reported time is the median over --steps steps after --warmup. Peak memory is the device's
 `peak_bytes_in_use` (process-wide, includes the warm-up; None on CPU).
-Writes benchmarks/results/train_step[_smoke].json and .md.
+Writes benchmarks/results/train_step.json and .md (smoke: /tmp/bench_train_step_smoke/).
 """
 
 import argparse
@@ -113,7 +113,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--fsdp", action="store_true", help="shard params/opt state (multi-GPU)")
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny model, batch 8, 32 px")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--out", help="directory; default benchmarks/results (smoke: /tmp/bench_train_step_smoke)"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.batch, args.image_size, args.dtype = 8, 32, "float32"
@@ -167,7 +169,8 @@ def main():
         "jaxlib": jaxlib.__version__,
         "git_sha": git_sha(),
     }
-    out = pathlib.Path(args.out)
+    default = "/tmp/bench_train_step_smoke" if args.smoke else ROOT / "benchmarks" / "results"
+    out = pathlib.Path(args.out or default)
     out.mkdir(parents=True, exist_ok=True)
     stem = "train_step_smoke" if args.smoke else "train_step"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
