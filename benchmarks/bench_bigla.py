@@ -312,6 +312,12 @@ def parse_args(argv=None):
     ap.add_argument("--short-max-chunks", type=int, default=1)
     ap.add_argument("--exact-diagonal", type=int, default=0, help="1: exact [16,16,K] form")
     ap.add_argument(
+        "--split-backward",
+        type=int,
+        default=1,
+        help="0: one backward chunk kernel for both directions",
+    )
+    ap.add_argument(
         "--sweep",
         default="",
         help="first time pallas variants on vig_s_224 and use the fastest fwd+bwd for the table; "
@@ -370,6 +376,7 @@ def kernel_params(args):
         num_warps=args.num_warps,
         short_max_chunks=args.short_max_chunks,
         exact_diagonal=bool(args.exact_diagonal),
+        split_backward=bool(args.split_backward),
         interpret=args.smoke,
     )
 
@@ -396,6 +403,7 @@ def child_cmd(args, params, copy_gbps, kind, name):
     cmd += ["--chunk", str(params.chunk), "--num-warps", str(params.num_warps)]
     cmd += ["--short-max-chunks", str(params.short_max_chunks)]
     cmd += ["--exact-diagonal", str(int(params.exact_diagonal)), "--impls", args.impls]
+    cmd += ["--split-backward", str(int(params.split_backward))]
     cmd += ["--iters", str(args.iters), "--repeats", str(args.repeats)]
     cmd += ["--copy-gbps", repr(copy_gbps)]
     return cmd + ["--smoke"] * args.smoke + ["--breakdown"] * args.breakdown

@@ -160,6 +160,21 @@ def test_bigla_auto_on_cpu_is_chunked():
     assert_close("o", auto, reference, TOL[jnp.float32])
 
 
+def test_bigla_auto_on_gpu_is_pallas_where_the_kernel_applies(monkeypatch):
+    """On a GPU, auto picks the kernel for head dims and chunk sizes it takes, else chunked (a
+    model with K = 8 must still run). The backend is faked: only the choice is tested here."""
+    import pallas_kernels.bigla as dispatch
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert dispatch._auto_impl(32, 64, 64) == "pallas"
+    assert dispatch._auto_impl(128, 16, 16) == "pallas"
+    assert dispatch._auto_impl(8, 16, 64) == "chunked"  # K below the kernel's 16
+    assert dispatch._auto_impl(32, 48, 64) == "chunked"  # V not a power of two
+    assert dispatch._auto_impl(32, 64, 48) == "chunked"  # chunk not a power of two
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert dispatch._auto_impl(32, 64, 64) == "chunked"
+
+
 def _good():
     return _inputs(0, 1, 4, 2, 8, 8, jnp.float32)
 

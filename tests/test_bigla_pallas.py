@@ -79,6 +79,13 @@ INTERPRET_CASES = [
     pytest.param(
         (1, 40, 1, 16, 32), KernelParams(chunk=16), "very_negative", id="N40-gates-10-fast-long"
     ),
+    # The backward chunk work in one kernel for both directions (split_backward=False).
+    pytest.param(
+        (2, 130, 1, 16, 32),
+        KernelParams(chunk=32, split_backward=False),
+        "typical",
+        id="N130-B2-long-unsplit",
+    ),
     # The one-program plan over several chunks (the benchmark's --sweep can select it).
     pytest.param(
         (1, 40, 1, 16, 32),
@@ -198,6 +205,12 @@ def test_bigla_pallas_gpu_vig_shapes(shape):
 @pytest.mark.parametrize("shape", [(2, 65, 3, 32, 64), (2, 1, 2, 16, 32)], ids=str)
 def test_bigla_pallas_gpu_exact_diagonal(shape):
     check_gpu(shape, jnp.bfloat16, KernelParams(exact_diagonal=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 130, 2, 64, 128), (16, 196, 6, 32, 64)], ids=str)
+def test_bigla_pallas_gpu_unsplit_backward(shape):
+    check_gpu(shape, jnp.bfloat16, KernelParams(split_backward=False))
 
 
 @pytest.mark.gpu

@@ -61,6 +61,15 @@ def _per_batch_shard(fn, *arrays):
     return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*arrays)
 
 
+def _auto_impl(K, V, chunk_size):
+    """pallas on a GPU when the kernel takes the head dims and chunk size, else chunked."""
+    if jax.default_backend() != "gpu":
+        return "chunked"
+    from pallas_kernels.bigla.pallas import supports
+
+    return "pallas" if supports(K, V, chunk_size) else "chunked"
+
+
 def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
     """o = (o_fwd + o_bwd) / 2 of the two gated linear recurrences (see `bigla_reference`).
 
@@ -69,7 +78,8 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
       v: [B, N, H, V], same dtype as q and k (float16, bfloat16, float32 or float64).
       gf, gb: [B, N, H, K] log-space gates (<= 0) of the forward and backward direction, any float
         dtype; pass float32 for low-precision q/k/v.
-      impl: "auto" (pallas on GPU, chunked elsewhere), "reference", "chunked" or "pallas".
+      impl: "auto" (pallas on a GPU for the head dims and chunk sizes it takes, see
+        `pallas.supports`; chunked otherwise), "reference", "chunked" or "pallas".
       chunk_size: tokens per chunk of the chunked and pallas paths (any N works).
       interpret: run the pallas kernels in Pallas interpret mode (CPU tests); impl="pallas" only.
 
@@ -81,7 +91,7 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
     """
     _check(q, k, v, gf, gb, impl, chunk_size, interpret)
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "chunked"
+        impl = _auto_impl(q.shape[-1], v.shape[-1], chunk_size)
     if impl == "reference":
         return bigla_reference(q, k, v, gf, gb)
     if impl == "chunked":

@@ -46,6 +46,8 @@ class KernelParams:
     exact_diagonal: build the 16 x 16 diagonal blocks from a masked [16, 16, K] exponential (every
       exponent <= 0, any gates); else from two dots around the block's middle row (much cheaper,
       finite while gates stay above about -11 per token).
+    split_backward: long plan: one backward chunk kernel per direction (the second adds the
+      first's fp32 dq, dk, dv) instead of one kernel doing both, halving each program's live state.
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -54,6 +56,7 @@ class KernelParams:
     num_warps: int = 4
     num_stages: int = 1
     exact_diagonal: bool = False
+    split_backward: bool = True
     interpret: bool = False
 
 
@@ -71,13 +74,22 @@ def _matmul_dtype(dtype):
     return jnp.bfloat16 if dtype == jnp.float16 else dtype
 
 
+def _chunk_ok(bt):
+    return bt >= SUB_CHUNK and bt % SUB_CHUNK == 0 and bt & (bt - 1) == 0
+
+
+def supports(K, V, chunk):
+    """Whether the kernels take head dims K, V and chunk size `chunk` (see `_check`)."""
+    return K in HEAD_DIMS and V in HEAD_DIMS and _chunk_ok(chunk)
+
+
 def _check(q, v, params):
     _, _, _, K = q.shape
     V = v.shape[-1]
     if K not in HEAD_DIMS or V not in HEAD_DIMS:
         raise ValueError(f"pallas BiGLA needs K and V in {HEAD_DIMS}; got {K=}, {V=} ({q.shape=})")
     bt = params.chunk
-    if bt < SUB_CHUNK or bt % SUB_CHUNK or bt & (bt - 1):
+    if not _chunk_ok(bt):
         raise ValueError(f"chunk={bt} must be a power of two >= {SUB_CHUNK}")
     if q.shape[1] < 1:
         raise ValueError(f"need at least one token, got {q.shape=}")
@@ -214,6 +226,11 @@ class _Rows:
     def width(self, j):
         return self.refs[j].shape[-1]
 
+    def select(self, js):
+        """A reader of inputs js only (renumbered 0, 1, ...)."""
+        refs = tuple(self.refs[j] for j in js)
+        return _Rows(refs, self.c, self.bt, self.n, tuple(self.scales[j] for j in js))
+
 
 def _fwd_chunk(rows, sf, sb, mm, exact):
     """o of one chunk, [BC, V] per sub-block, from its rows (q, k, v, gf, gb: a `_Rows`) and
@@ -237,66 +254,66 @@ def _fwd_chunk(rows, sf, sb, mm, exact):
     return [0.5 * (acc[i] + _dot(diag[i], rows(2, i), mm)) for i in range(nb)]
 
 
+def _bwd_chunk_dir(rows, s_in, u_out, reverse, mm, exact):
+    """One direction's share of one chunk's gradients per sub-block: (dq, dk, dv, dg), [BC, d] fp32.
+
+    rows: `_Rows` of (q, k, v, g, do') with g this direction's gates and do' = do / 2.
+    s_in: the direction's state entering the chunk; u_out: the adjoint of its state leaving it.
+    """
+    nb = rows.nb
+    q_, k_, v_, g_, do_ = (functools.partial(rows, j) for j in range(5))  # q_(i): sub-block i
+    order = list(range(nb))[::-1] if reverse else list(range(nb))
+    decays = [_decays(g_(i), reverse) for i in range(nb)]
+    dq, dk, dv = [None] * nb, [None] * nb, [None] * nb
+    # Along the direction: consume the state entering each sub-block at once (its dq term)
+    # instead of keeping a list of [K, V] states, which would spill registers.
+    s = s_in
+    for i in order:
+        total, x = decays[i]
+        dq[i] = _dot(do_(i), s, mm, trans_b=True) * jnp.exp(x)
+        ke = k_(i) * jnp.exp(total[None, :] - x)
+        s = jnp.exp(total)[:, None] * s + _dot(ke, v_(i), mm, trans_a=True)
+    tail = jnp.sum(s * u_out, axis=1)  # [K]: dL/d(gates of all later chunks), fla's b_dgk
+    # Against the direction: the adjoint of the state leaving each sub-block, used at once.
+    u = u_out
+    for i in order[::-1]:
+        total, x = decays[i]
+        ekx = jnp.exp(total[None, :] - x)
+        dk[i] = _dot(v_(i), u, mm, trans_b=True) * ekx
+        dv[i] = _dot(k_(i) * ekx, u, mm)
+        if i != order[0]:
+            u = jnp.exp(total)[:, None] * u + _dot(q_(i) * jnp.exp(x), do_(i), mm, trans_a=True)
+    r = [None] * nb
+    for i in order:
+        q, k, do = q_(i), k_(i), do_(i)
+        ddiag = _dot(do, v_(i), mm, trans_b=True)  # dD = do' v^T: [BC, BC]
+        d, dq_diag, dk_diag = _diag_grads(q, k, decays[i][1], ddiag, reverse, exact, mm)
+        dq[i] = dq[i] + dq_diag
+        dk[i] = dk[i] + dk_diag
+        dv[i] = dv[i] + _dot(d, do, mm, trans_a=True)
+        r[i] = q * dq[i] - k * dk[i]  # dL/dX of this direction's gates
+    # dg[t] = sum of r over rows at or after t in the direction, within the chunk, plus tail.
+    dg = [None] * nb
+    later = tail
+    for i in order[::-1]:
+        total_r, x_r = _decays(r[i], reverse)
+        dg[i] = later[None, :] + total_r[None, :] - x_r + r[i]
+        later = later + total_r
+    return [(dq[i], dk[i], dv[i], dg[i]) for i in range(nb)]
+
+
 def _bwd_chunk(rows, states, mm, exact):
-    """Gradients of one chunk per sub-block: (dq, dk, dv, dgf, dgb), each [BC, d] fp32.
+    """Gradients of one chunk per sub-block, both directions: (dq, dk, dv, dgf, dgb), [BC, d] fp32.
 
     rows: `_Rows` of (q, k, v, gf, gb, do') with do' = do / 2.
     states: (Sf entering, Sb entering, dSf = adjoint of Sf leaving, dSb = adjoint of Sb leaving).
     """
-    nb = rows.nb
-    q_, k_, v_, do_ = (functools.partial(rows, j) for j in (0, 1, 2, 5))  # q_(i): sub-block i
-    zeros_k = jnp.zeros((SUB_CHUNK, rows.width(0)), jnp.float32)
-    dq = [zeros_k] * nb
-    dk = [zeros_k] * nb
-    dv = [jnp.zeros((SUB_CHUNK, rows.width(2)), jnp.float32)] * nb
-    diag = [None] * nb
-    ddiag = [_dot(do_(i), v_(i), mm, trans_b=True) for i in range(nb)]  # dD = do' v^T: [BC, BC]
-    dgates = []
-    for reverse, gi, s_in, u_out in (
-        (False, 3, states[0], states[2]),
-        (True, 4, states[1], states[3]),
-    ):
-        order = list(range(nb))[::-1] if reverse else list(range(nb))
-        decays = [_decays(rows(gi, i), reverse) for i in range(nb)]
-        # Forward in the direction: consume the state entering each sub-block at once (its dq
-        # term) instead of keeping a list of [K, V] states, which would spill registers.
-        dq_d, dk_d = [None] * nb, [None] * nb
-        s = s_in
-        for i in order:
-            total, x = decays[i]
-            dq_d[i] = _dot(do_(i), s, mm, trans_b=True) * jnp.exp(x)
-            ke = k_(i) * jnp.exp(total[None, :] - x)
-            s = jnp.exp(total)[:, None] * s + _dot(ke, v_(i), mm, trans_a=True)
-        tail = jnp.sum(s * u_out, axis=1)  # [K]: dL/d(gates of all later chunks), fla's b_dgk
-        # Against the direction: the adjoint of the state leaving each sub-block, used at once.
-        u = u_out
-        for i in order[::-1]:
-            total, x = decays[i]
-            ekx = jnp.exp(total[None, :] - x)
-            dk_d[i] = _dot(v_(i), u, mm, trans_b=True) * ekx
-            dv[i] = dv[i] + _dot(k_(i) * ekx, u, mm)
-            if i != order[0]:
-                u = jnp.exp(total)[:, None] * u + _dot(q_(i) * jnp.exp(x), do_(i), mm, trans_a=True)
-        r = [None] * nb
-        for i in order:
-            q, k = q_(i), k_(i)
-            d, dq_diag, dk_diag = _diag_grads(q, k, decays[i][1], ddiag[i], reverse, exact, mm)
-            diag[i] = d if diag[i] is None else diag[i] + d
-            dq_d[i] = dq_d[i] + dq_diag
-            dk_d[i] = dk_d[i] + dk_diag
-            dq[i] = dq[i] + dq_d[i]
-            dk[i] = dk[i] + dk_d[i]
-            r[i] = q * dq_d[i] - k * dk_d[i]  # per direction: dL/dX of this direction's gates
-        # dg[t] = sum of r over rows at or after t in the direction, within the chunk, plus tail.
-        dg = [None] * nb
-        later = tail
-        for i in order[::-1]:
-            total_r, x_r = _decays(r[i], reverse)
-            dg[i] = later[None, :] + total_r[None, :] - x_r + r[i]
-            later = later + total_r
-        dgates.append(dg)
-    dv = [dv[i] + _dot(diag[i], do_(i), mm, trans_a=True) for i in range(nb)]
-    return [(dq[i], dk[i], dv[i], dgates[0][i], dgates[1][i]) for i in range(nb)]
+    f = _bwd_chunk_dir(rows.select((0, 1, 2, 3, 5)), states[0], states[2], False, mm, exact)
+    b = _bwd_chunk_dir(rows.select((0, 1, 2, 4, 5)), states[1], states[3], True, mm, exact)
+    return [
+        (*(x + y for x, y in zip(fi[:3], bi[:3], strict=True)), fi[3], bi[3])
+        for fi, bi in zip(f, b, strict=True)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,6 +453,27 @@ def _bigla_bwd_chunk_kernel(
     _store_blocks(out_refs, _bwd_chunk(rows, states, mm, exact), c, bt, n)
 
 
+def _bigla_bwd_dir_kernel(
+    q_ref, k_ref, v_ref, g_ref, do_ref, s_ref, u_ref, *refs, n, bt, mm, exact, reverse
+):
+    """One direction of the backward chunk kernel (split_backward). Forward direction: writes
+    its dq, dk, dv (fp32 partials) and dgf. Backward direction: reads those partials, adds its own,
+    writes dq, dk, dv and dgb."""
+    c = pl.program_id(0)
+    rows = _Rows((q_ref, k_ref, v_ref, g_ref, do_ref), c, bt, n, scales=(1.0,) * 4 + (0.5,))
+    blocks = _bwd_chunk_dir(rows, s_ref[...], u_ref[...], reverse, mm, exact)
+    if reverse:
+        partials, out_refs = refs[:3], refs[3:]
+        read = _Rows(partials, c, bt, n)
+        blocks = [
+            (*(x + read(j, i) for j, x in enumerate(vals[:3])), vals[3])
+            for i, vals in enumerate(blocks)
+        ]
+    else:
+        out_refs = refs
+    _store_blocks(out_refs, blocks, c, bt, n)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers.
 
@@ -540,6 +578,8 @@ def _bigla_bwd(q, k, v, gf, gb, do, params):
         )(*inputs)
     states = _states(inputs, params, adjoints=True)
     nt = math.ceil(N / params.chunk)
+    if params.split_backward:
+        return _bwd_split(inputs, states, out_shape, statics, params)
     kernel = functools.partial(_bigla_bwd_chunk_kernel, **statics)
     return _call(
         kernel,
@@ -550,6 +590,29 @@ def _bigla_bwd(q, k, v, gf, gb, do, params):
         out_shape,
         params,
     )(*inputs, *states)
+
+
+def _bwd_split(inputs, states, out_shape, statics, params):
+    """The long plan's backward chunk work as two launches, one per direction (split_backward)."""
+    q, k, v, gf, gb, do = inputs
+    sf, sb, dsf, dsb = states
+    K, V = q.shape[-1], v.shape[-1]
+    nt = math.ceil(q.shape[1] / params.chunk)
+    dq, dk, dv, dgf, dgb = out_shape
+    partial = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (dq, dk, dv)]
+    grid = (nt, q.shape[0], q.shape[2])
+    in_specs = [_token_spec(x, 3) for x in (q, k, v, gf, do)] + [_state_spec(K, V)] * 2
+
+    def launch(reverse, outs, *args):
+        kernel = functools.partial(_bigla_bwd_dir_kernel, **statics, reverse=reverse)
+        extra = [_token_spec(x, 3) for x in args[7:]]
+        name = "bigla_bwd_chunks_" + ("backward_dir" if reverse else "forward_dir")
+        specs = [_token_spec(x, 3) for x in outs]
+        return _call(kernel, name, grid, in_specs + extra, specs, outs, params)(*args)
+
+    dq_p, dk_p, dv_p, dgf = launch(False, [*partial, dgf], q, k, v, gf, do, sf, dsf)
+    dq, dk, dv, dgb = launch(True, [dq, dk, dv, dgb], q, k, v, gb, do, sb, dsb, dq_p, dk_p, dv_p)
+    return dq, dk, dv, dgf, dgb
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
