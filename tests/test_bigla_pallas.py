@@ -79,12 +79,12 @@ INTERPRET_CASES = [
     pytest.param(
         (1, 40, 1, 16, 32), KernelParams(chunk=16), "very_negative", id="N40-gates-10-fast-long"
     ),
-    # The backward chunk work in one kernel for both directions (split_backward=False).
+    # The backward chunk work split per direction (the default from K = 32), forced at K = 16.
     pytest.param(
         (2, 130, 1, 16, 32),
-        KernelParams(chunk=32, split_backward=False),
+        KernelParams(chunk=32, split_backward=True),
         "typical",
-        id="N130-B2-long-unsplit",
+        id="N130-B2-long-split",
     ),
     # The one-program plan over several chunks (the benchmark's --sweep can select it).
     pytest.param(
@@ -145,6 +145,15 @@ def test_bigla_pallas_runs_per_batch_shard_under_a_mesh():
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         assert "shard_map" not in str(jax.make_jaxpr(plain)(*[x[:2] for x in (*args, do)]))
         assert "shard_map" in str(jax.make_jaxpr(plain)(*args, do))
+
+
+def test_split_backward_by_head_dim_unless_set():
+    from pallas_kernels.bigla.pallas import _split_backward
+
+    assert _split_backward(32, KernelParams()) and _split_backward(128, KernelParams())
+    assert not _split_backward(16, KernelParams())
+    assert _split_backward(16, KernelParams(split_backward=True))
+    assert not _split_backward(64, KernelParams(split_backward=False))
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,7 @@ class KernelParams:
       finite while gates stay above about -11 per token).
     split_backward: long plan: one backward chunk kernel per direction (the second adds the
       first's fp32 dq, dk, dv) instead of one kernel doing both, halving each program's live state.
+      None: split when K >= SPLIT_MIN_K (see `_split_backward`).
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -56,8 +57,21 @@ class KernelParams:
     num_warps: int = 4
     num_stages: int = 1
     exact_diagonal: bool = False
-    split_backward: bool = True
+    split_backward: bool | None = None
     interpret: bool = False
+
+
+# Backward chunk kernels on an H100 (notes_bigla.md, v5), split per direction vs fused, µs:
+# K 32, V 64 (ViG-S/B 224, ViG-T 1024): 843 vs 1198, 1648 vs 2417, 486 vs 586: split wins;
+# K 16, V 32 (ViG-H-T stage 1): 2977 vs 2176: fused wins (little live state to save, and the
+# split's fp32 partials of dq, dk, dv cost a larger share of the traffic).
+SPLIT_MIN_K = 32
+
+
+def _split_backward(K, params):
+    if params.split_backward is None:
+        return K >= SPLIT_MIN_K
+    return params.split_backward
 
 
 def _use_short_path(n, params):
@@ -578,7 +592,7 @@ def _bigla_bwd(q, k, v, gf, gb, do, params):
         )(*inputs)
     states = _states(inputs, params, adjoints=True)
     nt = math.ceil(N / params.chunk)
-    if params.split_backward:
+    if _split_backward(K, params):
         return _bwd_split(inputs, states, out_shape, statics, params)
     kernel = functools.partial(_bigla_bwd_chunk_kernel, **statics)
     return _call(
