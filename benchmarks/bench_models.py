@@ -35,7 +35,12 @@ import jax.numpy as jnp  # noqa: E402
 import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.child_results import git_sha, parse_results, print_result  # noqa: E402
+from benchmarks.child_results import (  # noqa: E402
+    common_setting,
+    git_sha,
+    parse_results,
+    print_result,
+)
 from benchmarks.gpu_lock import concurrent_env, timing_lock  # noqa: E402
 from vig_jax.models import create_model  # noqa: E402
 
@@ -270,8 +275,7 @@ def merge_results(docs):
     """
     metas = [d["meta"] for d in docs]
     for field in MERGE_FIELDS:
-        if len(values := {json.dumps(m.get(field)) for m in metas}) > 1:
-            raise ValueError(f"the runs differ in {field}: {sorted(values)}")
+        common_setting(metas, field)
     by_key = {}
     for doc in docs:
         for r in doc["results"]:

@@ -44,6 +44,8 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.child_results import common_setting  # noqa: E402  (no JAX: the parent stays off the GPUs)
+
 # Relative loss difference we accept between N devices and 1 device. bf16 keeps 8 significant bits
 # (rounding error 2^-9 ~ 2e-3 per op); splitting the batch changes XLA's fusions and reduction
 # order, so activations differ by a few bf16 ulps from step 0, and over 50 Adam updates those
@@ -269,10 +271,7 @@ def merged_args(args, parts: list[dict]):
     multi = [p for p in parts if any(c["devices"] > 1 for c in p["cases"])]
     for field, name in RUN_FIELDS.items():
         voters = multi if field == "fsdp" and multi else parts
-        values = {json.dumps(p.get(field)) for p in voters}
-        if len(values) > 1:
-            raise ValueError(f"the parts differ in {field}: {sorted(values)}")
-        setattr(args, name, voters[0][field])
+        setattr(args, name, common_setting(voters, field))
     return args
 
 

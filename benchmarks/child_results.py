@@ -20,6 +20,18 @@ def print_result(result: dict) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
+def common_setting(docs: list[dict], field: str):
+    """The value of `field` in every one of the result documents `docs` (for merging runs).
+
+    Raises:
+      ValueError: naming the values, if the documents differ in it.
+    """
+    values = {json.dumps(d.get(field)) for d in docs}
+    if len(values) > 1:
+        raise ValueError(f"the merged results differ in {field}: {sorted(values)}")
+    return docs[0].get(field)
+
+
 def parse_results(stdout: str) -> list[dict]:
     """The RESULT lines' objects of a child's stdout, in order."""
     return [
