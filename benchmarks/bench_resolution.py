@@ -197,52 +197,61 @@ def run_case(case: dict) -> dict:
     opt_init = jax.jit(tx.init).lower(params).compile() if "train" in compiled else None
     with timing_lock():
         if "infer" in compiled:
-            _time_infer(compiled.pop("infer"), params, images, case, device, out)
+            make = functools.partial(_infer_call, compiled.pop("infer"), params, images)
+            _time_mode("infer", make, case, device, out)
         if "train" in compiled:
-            _time_train(compiled.pop("train"), opt_init, params, images, labels, case, device, out)
+            make = functools.partial(
+                _train_call, compiled.pop("train"), opt_init, params, images, labels
+            )
+            _time_mode("train", make, case, device, out)
     return out
 
 
-def _time_infer(compiled, params, images, case: dict, device, out: dict) -> None:
-    """Times the compiled forward; records img/s and the inference peak (or the error) in `out`."""
+def _time_mode(mode: str, make_call, case: dict, device, out: dict) -> None:
+    """Times `call = make_call()` (call(k) runs k steps and blocks); records in `out` the mode's
+    status, ms, img/s, calls per run and the process peak after it, or the error as its status."""
     try:
-
-        def call(k=1):
-            for _ in range(k):
-                y = compiled(params, images)
-            y.block_until_ready()
-
-        sec, k = _time_runs(call, case["iters"], case["warmup"])
+        sec, k = _time_runs(make_call(), case["iters"], case["warmup"])
         b = case["batch"]
-        out.update(infer="ok", infer_ms=sec * 1e3, infer_img_s=b / sec, infer_calls_per_run=k)
-        out["infer_peak_bytes"] = _peak_bytes(device)
+        out.update(
+            {
+                mode: "ok",
+                f"{mode}_ms": sec * 1e3,
+                f"{mode}_img_s": b / sec,
+                f"{mode}_calls_per_run": k,
+            }
+        )
+        out[f"{mode}_peak_bytes"] = _peak_bytes(device)
     except Exception as exc:
-        out["infer"] = _status(exc)
+        out[mode] = _status(exc)
 
 
-def _time_train(compiled, opt_init, params, images, labels, case: dict, device, out: dict) -> None:
-    """Times the compiled (donating) train step; records img/s and the process peak in `out`.
+def _infer_call(compiled, params, images):
+    """call(k): k compiled forwards."""
 
-    `opt_init` is the compiled AdamW init: the optimizer state is allocated here, after inference.
-    """
+    def call(k=1):
+        for _ in range(k):
+            y = compiled(params, images)
+        y.block_until_ready()
+
+    return call
+
+
+def _train_call(compiled, opt_init, params, images, labels):
+    """call(k): k compiled (donating) train steps. `opt_init` is the compiled AdamW init: the
+    optimizer state is allocated here, after inference."""
     import jax
 
-    try:
-        holder = [(params, opt_init(params))]
+    holder = [(params, opt_init(params))]
 
-        def call(k=1):
-            state = holder[0]
-            for _ in range(k):
-                state, loss = compiled(state, images, labels)
-            jax.block_until_ready((state, loss))
-            holder[0] = state
+    def call(k=1):
+        state = holder[0]
+        for _ in range(k):
+            state, loss = compiled(state, images, labels)
+        jax.block_until_ready((state, loss))
+        holder[0] = state
 
-        sec, k = _time_runs(call, case["iters"], case["warmup"])
-        b = case["batch"]
-        out.update(train="ok", train_ms=sec * 1e3, train_img_s=b / sec, train_calls_per_run=k)
-        out["train_peak_bytes"] = _peak_bytes(device)
-    except Exception as exc:
-        out["train"] = _status(exc)
+    return call
 
 
 def run_flops(jobs: list) -> None:
