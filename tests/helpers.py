@@ -1,8 +1,10 @@
-"""Assertions shared by the tests."""
+"""Helpers and assertions shared by the tests."""
 
 import fcntl
 import importlib.util
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -36,6 +38,16 @@ def assert_close(name, got, want, tol):
     abs_err = np.abs(got - want).max(initial=0.0)
     err = rel_err(got, want)
     assert err <= tol, f"{name}: max abs err {abs_err:.3e}, relative {err:.3e} > tol {tol:.1e}"
+
+
+def run_benchmark(script, *args, cache_dir, timeout, env=None):
+    """Runs a benchmark script in a fresh Python (env: default os.environ) with a persistent
+    compilation cache in `cache_dir`; fails the test with its output's tail unless it exits 0."""
+    env = dict(os.environ if env is None else env, JAX_COMPILATION_CACHE_DIR=str(cache_dir))
+    cmd = [sys.executable, str(script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
 
 
 def load_module(path, name):

@@ -5,13 +5,12 @@ import contextlib
 import json
 import math
 import pathlib
-import subprocess
 import sys
 import threading
 
 import jax.numpy as jnp
 
-from tests.helpers import load_module
+from tests.helpers import load_module, run_benchmark
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_bigla.py"
@@ -25,9 +24,8 @@ PARITY_TOL = 1e-5
 
 def test_smoke_with_two_jobs(tmp_path):
     # Copy bandwidth in the parent, then 2 parity + 2 timing children, 2 at a time (~40 s of CPU).
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--jobs", "2", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    args = ["--smoke", "--jobs", "2", "--out", tmp_path]
+    proc = run_benchmark(SCRIPT, *args, cache_dir=tmp_path / "cache", timeout=600)
     r = json.loads((tmp_path / "bigla.json").read_text())
     assert r["jobs"] == 2 and r["dtype"] == "float32" and r["params"]["interpret"]
     assert r["copy_GBps"] > 0 and math.isfinite(r["copy_GBps"])

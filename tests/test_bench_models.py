@@ -4,13 +4,12 @@ import json
 import math
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.helpers import load_module
+from tests.helpers import load_module, run_benchmark
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_models.py"
@@ -22,13 +21,9 @@ from benchmarks.gpu_lock import LOCK_ENV  # noqa: E402  (importable once bench p
 
 def test_smoke_two_jobs_writes_every_case_in_order(tmp_path):
     # vig_t only (1 block): two children (infer, train) compiling at once, ~30 s of CPU.
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
     out = tmp_path / "models"
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--models", "vig_t", "--jobs", "2"]
-    proc = subprocess.run(
-        [*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--smoke", "--models", "vig_t", "--jobs", "2", "--out", out]
+    proc = run_benchmark(SCRIPT, *args, cache_dir=tmp_path / "cache", timeout=300)
     data = json.loads(out.with_suffix(".json").read_text())
     meta, results = data["meta"], data["results"]
     assert meta["jobs"] == 2 and meta["smoke"] and meta["platform"] == "cpu" and meta["device"]

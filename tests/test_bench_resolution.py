@@ -5,13 +5,11 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
-import sys
 import threading
 
 import pytest
 
-from tests.helpers import load_module
+from tests.helpers import load_module, run_benchmark
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_resolution.py"
@@ -29,17 +27,9 @@ def test_bench_resolution_smoke_writes_results_and_plots(tmp_path):
     # One size and one pair keep this to two measured subprocesses (~25 s of CPU), run at once
     # (--jobs 2: concurrent compiles, timings serialised by the lock).
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no fake devices needed
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "cache")
     out = tmp_path / "resolution"
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--sizes", "32", "--pairs", "vig_t:deit_t"]
-    proc = subprocess.run(
-        [*cmd, "--jobs", "2", "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = ["--smoke", "--sizes", "32", "--pairs", "vig_t:deit_t", "--jobs", "2", "--out", out]
+    proc = run_benchmark(SCRIPT, *args, cache_dir=tmp_path / "cache", timeout=600, env=env)
     assert proc.stdout.count("32² B2") == 2  # one progress line per finished case
     result = json.loads(out.with_suffix(".json").read_text())
     meta = result["meta"]

@@ -1,14 +1,11 @@
 """Scaling benchmark: smoke run on 1 and 2 fake CPU devices, efficiency, device env, checks."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import load_module
+from tests.helpers import load_module, run_benchmark
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_scaling.py"
@@ -18,15 +15,11 @@ bench = load_module(SCRIPT, "bench_scaling")
 
 def test_smoke_on_one_and_two_fake_devices(tmp_path):
     # Two subprocesses (1 and 2 devices), each compiling two tiny steps: ~30 s of CPU.
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
     out = tmp_path / "scaling.json"
     # FSDP (the smoke lowers fsdp_min_size so the tiny model's kernels are sharded) covers both
     # modes' machinery: on 1 device it is plain data parallel.
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--devices", "1", "2", "--fsdp"]
-    proc = subprocess.run(
-        [*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--smoke", "--devices", "1", "2", "--fsdp", "--out", out]
+    run_benchmark(SCRIPT, *args, cache_dir=tmp_path / "cache", timeout=600)
     r = json.loads(out.read_text())
     assert r["smoke"] and r["fsdp"] and r["dtype"] == "float32" and r["platform"] == "cpu"
     assert r["loss_rtol"] == bench.LOSS_RTOL["float32"] == 1e-4
