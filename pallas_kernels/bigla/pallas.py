@@ -412,7 +412,8 @@ def _bigla_fwd_chunk_kernel(
 
 
 def _bwd_rows(refs, c, bt, n):
-    return _Rows(refs, c, bt, n, scales=(1.0,) * 5 + (0.5,))  # fold the mean's 1/2 into do
+    """`_Rows` of the backward's inputs, do last: the mean's 1/2 is folded into do."""
+    return _Rows(refs, c, bt, n, scales=(1.0,) * (len(refs) - 1) + (0.5,))
 
 
 def _bigla_bwd_short_kernel(
@@ -474,7 +475,7 @@ def _bigla_bwd_dir_kernel(
     its dq, dk, dv (fp32 partials) and dgf. Backward direction: reads those partials, adds its own,
     writes dq, dk, dv and dgb."""
     c = pl.program_id(0)
-    rows = _Rows((q_ref, k_ref, v_ref, g_ref, do_ref), c, bt, n, scales=(1.0,) * 4 + (0.5,))
+    rows = _bwd_rows((q_ref, k_ref, v_ref, g_ref, do_ref), c, bt, n)
     blocks = _bwd_chunk_dir(rows, s_ref[...], u_ref[...], reverse, mm, exact)
     if reverse:
         partials, out_refs = refs[:3], refs[3:]
@@ -591,14 +592,14 @@ def _bigla_bwd(q, k, v, gf, gb, do, params):
             params,
         )(*inputs)
     states = _states(inputs, params, adjoints=True)
-    nt = math.ceil(N / params.chunk)
+    grid = (math.ceil(N / params.chunk), B, H)
     if _split_backward(K, params):
-        return _bwd_split(inputs, states, out_shape, statics, params)
+        return _bwd_split(inputs, states, out_shape, statics, grid, params)
     kernel = functools.partial(_bigla_bwd_chunk_kernel, **statics)
     return _call(
         kernel,
         "bigla_bwd_chunks",
-        (nt, B, H),
+        grid,
         [_token_spec(x, 3) for x in inputs] + [_state_spec(K, V)] * 4,
         [_token_spec(x, 3) for x in out_shape],
         out_shape,
@@ -606,15 +607,13 @@ def _bigla_bwd(q, k, v, gf, gb, do, params):
     )(*inputs, *states)
 
 
-def _bwd_split(inputs, states, out_shape, statics, params):
+def _bwd_split(inputs, states, out_shape, statics, grid, params):
     """The long plan's backward chunk work as two launches, one per direction (split_backward)."""
     q, k, v, gf, gb, do = inputs
     sf, sb, dsf, dsb = states
     K, V = q.shape[-1], v.shape[-1]
-    nt = math.ceil(q.shape[1] / params.chunk)
     dq, dk, dv, dgf, dgb = out_shape
     partial = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (dq, dk, dv)]
-    grid = (nt, q.shape[0], q.shape[2])
     in_specs = [_token_spec(x, 3) for x in (q, k, v, gf, do)] + [_state_spec(K, V)] * 2
 
     def launch(reverse, outs, *args):
