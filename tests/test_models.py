@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from pallas_kernels.bigla import bigla
 from tests.conftest import golden_file
 from tests.helpers import assert_close, rel_err
 from vig_jax import models
 from vig_jax.convert import convert_state_dict
-from vig_jax.models import create_model, list_models
+from vig_jax.models import create_model, gla, list_models
 from vig_jax.models.layers import DropPath
 
 # Golden models: 10 classes, reduced depth (spec/golden.md); built from the registry with overrides.
@@ -48,13 +49,10 @@ def _apply(model, params, images):
     return fn(params, images)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("filename", sorted(GOLDEN))
-def test_golden_parity(filename, dtype, request):
-    """Official params through the converter; logits and intermediates of every golden input."""
+def _golden_errors(filename, dtype):
+    """(name, relative error, tolerance) of the logits and intermediates of every golden input,
+    official params loaded through the converter."""
     golden = np.load(golden_file(filename))
-    if dtype == "float64":
-        request.getfixturevalue("x64")
     name, overrides = GOLDEN[filename]
     state_dict = {
         k.removeprefix("param/"): golden[k] for k in golden.files if k.startswith("param/")
@@ -63,6 +61,7 @@ def test_golden_parity(filename, dtype, request):
         name, num_classes=10, dtype=jnp.dtype(dtype), bigla_impl="reference", **overrides
     )
     params = convert_state_dict(state_dict, model)
+    errors = []
     for i in (0, 1):
         images = jnp.asarray(golden[f"input{i}"].transpose(0, 2, 3, 1), dtype)  # NCHW -> NHWC
         logits, state = _apply(model, params, images)
@@ -75,17 +74,68 @@ def test_golden_parity(filename, dtype, request):
             scale = np.abs(want).max()
             # golden.md: float64 max|d| <= 1e-6 (1 + max|want|); float32 <= 1e-4 max|want|.
             tol = 1e-6 * (1 + scale) / scale if dtype == "float64" else 1e-4
-            assert_close(f"{filename} {key}{i} {dtype}", got, want, tol)
+            errors.append((f"{filename} {key}{i} {dtype}", got, want, tol))
+    return errors
 
 
-def test_golden_vig_h_matches_training_path_not_eval():
-    """ViG-H's official eval path sums the directions; we implement the training path (mean).
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("filename", sorted(GOLDEN))
+def test_golden_parity(filename, dtype, request):
+    """Official params through the converter; logits and intermediates of every golden input."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    for name, got, want, tol in _golden_errors(filename, dtype):
+        assert_close(name, got, want, tol)
 
-    The RMSNorm after BiGLA hides the factor 2 up to its eps, so the paths differ by ~1e-4 only:
-    still 30x the float64 tolerance, so the parity test above tells them apart.
-    """
+
+def _zero_bigla(q, k, v, gf, gb, **kw):
+    return jnp.zeros(v.shape, q.dtype)
+
+
+def _swapped_gates_bigla(q, k, v, gf, gb, **kw):
+    return bigla(q, k, v, gb, gf, **kw)
+
+
+def _sum_of_directions_bigla(q, k, v, gf, gb, **kw):
+    return 2 * bigla(q, k, v, gf, gb, **kw)
+
+
+@pytest.mark.parametrize(
+    "broken, min_err",
+    # Measured on the golden files (float64): zeroed ~0.5, swapped gates ~0.07 (golden.md).
+    [(_zero_bigla, 1e-2), (_swapped_gates_bigla, 1e-3)],
+    ids=["bigla_zeroed", "gates_swapped"],
+)
+@pytest.mark.parametrize("filename", sorted(GOLDEN))
+def test_golden_parity_fails_when_bigla_is_broken(filename, broken, min_err, monkeypatch, x64):
+    """Negative control: the golden files tell a model with a broken BiGLA from the official one,
+    by far more than the parity tolerance (the unit-scale parameters make the branch matter)."""
+    monkeypatch.setattr(gla, "bigla", broken)
+    errors = [
+        (name, rel_err(got, want), tol)
+        for name, got, want, tol in _golden_errors(filename, "float64")
+        if "logits" in name
+    ]
+    worst = max(err for _, err, _ in errors)
+    assert worst > min_err, f"{broken.__name__}: logits still match the official ones ({errors})"
+
+
+def test_golden_vig_h_eval_path_equals_training_path_up_to_norm_eps(x64):
+    """ViG-H's official eval path sums the two directions, its training path takes their mean.
+    The RMSNorm right after BiGLA cancels that factor 2 up to its eps, so both official logits agree
+    to well inside the float64 tolerance, and our mean-of-directions model (and the same model
+    with the sum) matches the eval-path logits as well as the training-path ones."""
     golden = np.load(golden_file("vig_h_t_small.npz"))
-    assert rel_err(golden["logits_eval0"], golden["logits0"]) > 1e-5
+    for i in (0, 1):
+        want = golden[f"logits{i}"]
+        tol = 1e-6 * (1 + np.abs(want).max()) / np.abs(want).max()
+        assert rel_err(golden[f"logits_eval{i}"], want) < tol / 10
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gla, "bigla", _sum_of_directions_bigla)
+        summed = _golden_errors("vig_h_t_small.npz", "float64")
+    for name, got, _, tol in summed:
+        i = name.split(" ")[1][-1]
+        assert_close(name + " (sum of directions)", got, golden[f"logits_eval{i}"], tol)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_NAMES))
