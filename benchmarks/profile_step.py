@@ -1,0 +1,310 @@
+"""Where a ViG step spends its device time: a jax.profiler trace summed per op class and per XLA op.
+
+    python benchmarks/profile_step.py                          # ViG-S 224²/B128 and ViG-T 1024²/B8
+    python benchmarks/profile_step.py --case vig_s:224:128 --override fused_proj=True
+    python benchmarks/profile_step.py --smoke                  # CPU check: tiny model, tiny images
+
+For each case (model:size:batch), bf16 compute with float32 params (`create_model(...,
+dtype=bfloat16)`), three jitted programs are compiled ahead of time and timed (median of `--iters`):
+  infer      forward, train=False;
+  grad       loss and gradients (forward + backward);
+  train      the AdamW step (grad + optimizer update), state donated.
+`train - grad` is the optimizer's share and `grad - infer` (roughly) the backward's. Then `--steps`
+train steps (and as many inference steps) run under `jax.profiler.trace`; the device events of the
+trace are joined with the optimized HLO of the program (each event names its HLO op) and summed per
+op class:
+
+  bigla      the Pallas BiGLA kernels          matmul     cuBLAS / Triton GEMM fusions, dots
+  dwconv     depthwise (grouped) convolutions  conv       other convolutions (the stem)
+  reduce     fusions with a reduction (norms, softmax-CE, the optimizer's norms)
+  copy       copies and transposes             elementwise  other fusions          other  the rest
+
+and per HLO op for the top `--top`. Output: a markdown table per case on stdout and
+`<out>/profile.md`, `<out>/profile.json`.
+"""
+
+import argparse
+import ast
+import collections
+import gzip
+import json
+import pathlib
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vig_jax.models import create_model  # noqa: E402
+
+CLASSES = ("bigla", "matmul", "dwconv", "conv", "reduce", "copy", "elementwise", "other")
+DEFAULT_CASES = ("vig_s:224:128", "vig_t:1024:8")
+
+
+def parse_overrides(items):
+    """["k=v", ...] -> {k: literal_eval(v) or the string v}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--override {item!r}: expected key=value")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def hlo_classes(hlo_text: str) -> dict[str, str]:
+    """Op class of every instruction of an optimized HLO module, by instruction name.
+
+    A fusion is classed by what its fused computation holds (a dot, a convolution, a reduction, only
+    copies/transposes); a custom call by its target (cuBLAS/cuDNN) or its Pallas kernel name.
+    """
+    bodies: dict[str, str] = {}
+    current, lines = None, []
+    for line in hlo_text.splitlines():
+        head = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" " * 4):
+            current, lines = head.group(1), []
+            continue
+        if line.strip() == "}" and current is not None:
+            bodies[current] = "\n".join(lines)
+            current = None
+            continue
+        if current is not None:
+            lines.append(line)
+
+    def kind(text: str) -> str:
+        if "bigla" in text:
+            return "bigla"
+        if re.search(r"convolution\(|cudnn\$conv", text):
+            group = re.search(r"feature_group_count=(\d+)", text)
+            return "dwconv" if group and int(group.group(1)) > 1 else "conv"
+        if re.search(r" dot\(|gemm|cublas|triton_gemm", text):
+            return "matmul"
+        if re.search(r" reduce\(|reduce-window\(", text):
+            return "reduce"
+        ops = set(re.findall(r"=\s*\S+\s+([\w-]+)\(", text))
+        if ops and ops <= {"copy", "transpose", "bitcast", "parameter", "reshape", "tuple"}:
+            return "copy"
+        return "elementwise"
+
+    classes = {}
+    for body in bodies.values():
+        for line in body.splitlines():
+            m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+([\w-]+)\((.*)$", line)
+            if not m:
+                continue
+            name, opcode, rest = m.groups()
+            if opcode == "fusion":
+                called = re.search(r"calls=%?([\w.\-]+)", rest)
+                body_text = bodies.get(called.group(1), "") if called else ""
+                classes[name] = kind(body_text + " " + rest)
+            elif opcode == "custom-call":
+                classes[name] = kind(rest) if kind(rest) != "elementwise" else "other"
+            elif opcode in ("copy", "transpose"):
+                classes[name] = "copy"
+            elif opcode in ("dot", "convolution", "reduce"):
+                classes[name] = kind(f" {opcode}(" + rest)
+            else:
+                classes[name] = "other"
+    return classes
+
+
+def device_events(trace_dir: str) -> list[dict]:
+    """Complete events of the device timelines of a perfetto trace (CPU: the XLA op threads)."""
+    path = sorted(pathlib.Path(trace_dir).rglob("*perfetto_trace.json.gz"))[-1]
+    data = json.load(gzip.open(path))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    out = []
+    for e in events:
+        if e.get("ph") != "X" or "hlo_op" not in e.get("args", {}):
+            continue
+        if gpu and e["pid"] not in gpu:
+            continue
+        out.append(e)
+    return out
+
+
+def summarize(events, module: str, classes: dict[str, str], steps: int, top: int) -> dict:
+    """Device ms per step per class and per HLO op, for the events of one HLO module."""
+    per_op = collections.Counter()
+    for e in events:
+        if module not in e["args"].get("hlo_module", ""):
+            continue
+        per_op[e["args"]["hlo_op"]] += e["dur"] / 1e3 / steps  # us -> ms per step
+    per_class = collections.Counter()
+    for op, ms in per_op.items():
+        per_class[classes.get(op, "other")] += ms
+    return {
+        "total_ms": sum(per_op.values()),
+        "classes": {c: per_class.get(c, 0.0) for c in CLASSES},
+        "top": [(op, classes.get(op, "other"), ms) for op, ms in per_op.most_common(top)],
+    }
+
+
+def median_ms(fn, args, iters: int) -> float:
+    """Median wall ms of one call, each run ended by block_until_ready on every output."""
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def run_case(spec: str, overrides: dict, args) -> dict:
+    name, size, batch = spec.split(":")
+    size, batch = int(size), int(batch)
+    model = create_model(name, dtype=jnp.bfloat16, **overrides)
+    key = jax.random.key(0)
+    images = jax.random.normal(key, (batch, size, size, 3), jnp.float32)
+    labels = jax.random.randint(key, (batch,), 0, model.num_classes)
+    params = jax.jit(lambda x: model.init(key, x[:1], train=False)["params"])(images)
+    tx = optax.adamw(1e-4, weight_decay=0.05)
+    opt_state = tx.init(params)
+
+    def loss_fn(p, x, y):
+        logits = model.apply({"params": p}, x, train=False)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def infer(p, x):
+        return model.apply({"params": p}, x, train=False)
+
+    def grad(p, x, y):
+        return jax.value_and_grad(loss_fn)(p, x, y)
+
+    def train_step(p, s, x, y):
+        loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    compiled, compile_s = {}, {}
+    for label, fn, fargs, donate in [
+        ("infer", infer, (params, images), ()),
+        ("grad", grad, (params, images, labels), ()),
+        ("train", train_step, (params, opt_state, images, labels), (0, 1)),
+    ]:
+        t = time.perf_counter()
+        compiled[label] = jax.jit(fn, donate_argnums=donate).lower(*fargs).compile()
+        compile_s[label] = time.perf_counter() - t
+        print(f"  {spec} {label}: compiled in {compile_s[label]:.1f} s", flush=True)
+
+    state = [params, opt_state]
+
+    def run_train():
+        state[0], state[1], loss = compiled["train"](state[0], state[1], images, labels)
+        return loss
+
+    for _ in range(3):  # warm-up
+        jax.block_until_ready(compiled["infer"](state[0], images))
+        jax.block_until_ready(compiled["grad"](state[0], images, labels))
+        jax.block_until_ready(run_train())
+    ms = {
+        "infer": median_ms(compiled["infer"], (state[0], images), args.iters),
+        "grad": median_ms(compiled["grad"], (state[0], images, labels), args.iters),
+        "train": median_ms(lambda: run_train(), (), args.iters),
+    }
+    profile = {}
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(args.steps):
+                jax.block_until_ready(run_train())
+            for _ in range(args.steps):
+                jax.block_until_ready(compiled["infer"](state[0], images))
+        events = device_events(trace_dir)
+    for label in ("train", "infer"):
+        hlo = compiled[label].as_text()
+        module = re.search(r"HloModule\s+([\w.\-]+)", hlo).group(1)
+        profile[label] = summarize(events, module, hlo_classes(hlo), args.steps, args.top)
+    peak = None
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        peak = stats["peak_bytes_in_use"] / 1e9
+    return {
+        "case": spec,
+        "overrides": overrides,
+        "img_per_s": {k: batch / v * 1e3 for k, v in ms.items()},
+        "ms": ms,
+        "optimizer_ms": ms["train"] - ms["grad"],
+        "compile_s": compile_s,
+        "peak_gb_process": peak,
+        "profile": profile,
+    }
+
+
+def markdown(result: dict) -> str:
+    ms, prof = result["ms"], result["profile"]
+    lines = [
+        f"### {result['case']} {result['overrides'] or ''}",
+        "",
+        f"wall ms/step: infer {ms['infer']:.2f}, grad {ms['grad']:.2f}, train {ms['train']:.2f} "
+        f"(optimizer ≈ {result['optimizer_ms']:.2f}); img/s infer "
+        f"{result['img_per_s']['infer']:,.0f}, train {result['img_per_s']['train']:,.0f}; "
+        "compile s " + ", ".join(f"{k} {v:.1f}" for k, v in result["compile_s"].items()),
+        "",
+        "| op class | train ms/step | % | infer ms/step | % |",
+        "|---|---|---|---|---|",
+    ]
+    for c in CLASSES:
+        t, i = prof["train"]["classes"][c], prof["infer"]["classes"][c]
+        lines.append(
+            f"| {c} | {t:.2f} | {100 * t / max(prof['train']['total_ms'], 1e-9):.0f} | "
+            f"{i:.2f} | {100 * i / max(prof['infer']['total_ms'], 1e-9):.0f} |"
+        )
+    lines.append(
+        f"| **device total** | {prof['train']['total_ms']:.2f} | | "
+        f"{prof['infer']['total_ms']:.2f} | |"
+    )
+    lines += ["", "| top train ops | class | ms/step |", "|---|---|---|"]
+    lines += [f"| `{op}` | {c} | {v:.3f} |" for op, c, v in prof["train"]["top"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--case", action="append", help="model:size:batch (repeatable)")
+    p.add_argument("--override", action="append", default=[], help="create_model key=value")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps per program")
+    p.add_argument("--iters", type=int, default=20, help="timed runs per program (median)")
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--out", default=None, help="folder for profile.{md,json}")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run")
+    args = p.parse_args(argv)
+    overrides = parse_overrides(args.override)
+    cases = args.case or list(DEFAULT_CASES)
+    if args.smoke:
+        cases = args.case or ["vig_t:64:2"]
+        overrides = {"depth": 1, "bigla_impl": "chunked", **overrides}
+        args.steps, args.iters = 1, 2
+    out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="profile_step_"))
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "argv": sys.argv[1:]}
+    results, text = [], f"# profile_step on {meta['device']} (jax {meta['jax']})\n\n"
+    for spec in cases:
+        print(f"{spec}: compiling and timing", flush=True)
+        result = run_case(spec, overrides, args)
+        results.append(result)
+        text += markdown(result) + "\n"
+        print(markdown(result), flush=True)
+        (out / "profile.md").write_text(text)
+        (out / "profile.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {out / 'profile.md'}")
+
+
+if __name__ == "__main__":
+    main()
