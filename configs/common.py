@@ -1,4 +1,4 @@
-"""Shared recipe builders for the configs (spec/vig.md "Training recipe"). No `get_config` here.
+"""Shared recipe builders for the configs (the recipe: docs/training.md). No `get_config` here.
 
 Every config has the same sections in the same order: model, data, aug (device-side
 augmentation), optimizer/schedule, loop, mesh. Configs are data: nothing is derived from another

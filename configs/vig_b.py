@@ -1,4 +1,4 @@
-"""ViG-B on ImageNet-1k, official recipe (spec/vig.md "Training recipe"); paper top-1 82.6.
+"""ViG-B on ImageNet-1k, official recipe (docs/training.md); the paper reports 82.6% top-1.
 
     python train.py --config configs/vig_b.py --workdir /tmp/vig_b
 

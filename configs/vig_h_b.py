@@ -1,4 +1,4 @@
-"""ViG-H-B on ImageNet-1k, official recipe (spec/vig.md "Training recipe"); paper top-1 84.2.
+"""ViG-H-B on ImageNet-1k, official recipe (docs/training.md); the paper reports 84.2% top-1.
 
     python train.py --config configs/vig_h_b.py --workdir /tmp/vig_h_b
 

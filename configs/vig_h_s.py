@@ -1,4 +1,4 @@
-"""ViG-H-S on ImageNet-1k, official recipe (spec/vig.md "Training recipe"); paper top-1 83.8.
+"""ViG-H-S on ImageNet-1k, official recipe (docs/training.md); the paper reports 83.8% top-1.
 
     python train.py --config configs/vig_h_s.py --workdir /tmp/vig_h_s
 

@@ -1,4 +1,4 @@
-"""ViG-H-T on ImageNet-1k, official recipe (spec/vig.md "Training recipe"); paper top-1 82.8.
+"""ViG-H-T on ImageNet-1k, official recipe (docs/training.md); the paper reports 82.8% top-1.
 
     python train.py --config configs/vig_h_t.py --workdir /tmp/vig_h_t
 

@@ -1,4 +1,4 @@
-"""ViG-S on ImageNet-1k, official recipe (spec/vig.md "Training recipe"); paper top-1 81.7.
+"""ViG-S on ImageNet-1k, official recipe (docs/training.md); the paper reports 81.7% top-1.
 
     python train.py --config configs/vig_s.py --workdir /tmp/vig_s
 

@@ -1,4 +1,4 @@
-"""ViG-T on ImageNet-1k, official recipe (spec/vig.md "Training recipe"); paper top-1 77.2.
+"""ViG-T on ImageNet-1k, official recipe (docs/training.md); the paper reports 77.2% top-1.
 
     python train.py --config configs/vig_t.py --workdir /tmp/vig_t
 

@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts of the registered models at any input size (issue 7).
+"""Parameter and FLOP counts of the registered models at any input size.
 
     python -m vig_jax.flops vig_s --size 1024
     python -m vig_jax.flops deit_t --size 224 320      # H W

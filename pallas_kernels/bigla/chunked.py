@@ -1,4 +1,4 @@
-"""BiGLA in chunked form, pure jnp (spec/vig.md, GLA layer step 5; notes/bigla_kernel.md §3).
+"""BiGLA in chunked form, pure jnp (docs/kernel.md, "Chunked form").
 
 The portable path (CPU, TPU, any GPU) and the XLA baseline of the Pallas kernel. Tokens are cut into
 NT chunks of C; per chunk, with G the in-chunk cumulative log gate of each direction,

@@ -1,4 +1,4 @@
-"""Fused Pallas (Triton) BiGLA kernel, forward and backward (spec/vig.md §5; notes/bigla_kernel.md).
+"""Fused Pallas (Triton) BiGLA kernel, forward and backward (docs/kernel.md).
 
 Both directions run in the same kernels, reading q, k, v, gf, gb in their natural [B, N, H, d]
 layout. Per (b, h) the sequence is cut into chunks of BT rows (states are kept per chunk) and every

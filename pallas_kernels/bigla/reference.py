@@ -1,4 +1,4 @@
-"""BiGLA straight from the recurrence (spec/vig.md, GLA layer step 5): the definition of correct.
+"""BiGLA straight from the recurrence (docs/architecture.md, "BiGLA"): the definition of correct.
 
 Per batch element and head, with states S in R^{K x V}:
   forward   S_f[t] = diag(exp(gf[t])) S_f[t-1] + k[t]^T v[t],  o_f[t] = q[t] S_f[t]  (left to right)

@@ -1,4 +1,4 @@
-"""TFDS `fashion_mnist` prepared offline from the original IDX files (issue 9).
+"""TFDS `fashion_mnist` prepared offline from the original IDX files.
 
 TFDS's own builder downloads the IDX files and yields numpy images, which TFDS can only encode with
 TensorFlow. `LocalFashionMNIST` subclasses it unchanged in name, version, features and splits

@@ -1,4 +1,4 @@
-"""Device-side batch augmentations in jnp (spec "Training recipe"): jit-able, keyed by PRNG keys.
+"""Device-side batch augmentations in jnp (docs/training.md): jit-able, keyed by PRNG keys.
 
 Order in a train step, as timm's loader + train loop apply them: `normalize` -> `random_erasing`
 (on normalised pixels, so its N(0, 1) noise matches the data scale) -> `mixup_cutmix`.

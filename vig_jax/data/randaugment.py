@@ -1,4 +1,4 @@
-"""RandAugment as in timm's `rand-m9-mstd0.5-inc1` (spec "Training recipe"), on PIL images.
+"""RandAugment as in timm's `rand-m9-mstd0.5-inc1` (training recipe), on PIL images.
 
 Semantics (timm's RandAugment with the "increasing" op set), written from its description:
 - `n` ops (default 2) are drawn uniformly, with replacement, from 15 ops; each is applied with

@@ -1,4 +1,4 @@
-"""Host-side per-example transforms (numpy/PIL), spec "Training recipe".
+"""Host-side per-example transforms (numpy/PIL) of the training recipe (docs/training.md).
 
 Train (`TrainTransform`, chosen by `augment["kind"]`):
 - "deit": random-resized-crop (area `scale`, log-uniform aspect `ratio`, bicubic), horizontal

@@ -1,4 +1,4 @@
-"""DeiT-T/S/B (ViT with a class token): the softmax-attention baseline of issue 7.
+"""DeiT-T/S/B (ViT with a class token): the softmax-attention baseline.
 
 Architecture as in DeiT / timm `VisionTransformer`: 16x16 patch conv, class token, learned
 position embedding for 224² (1 + 14·14 rows), 12 pre-norm blocks (LayerNorm eps 1e-6, qkv with
@@ -11,8 +11,8 @@ does not change its output (it is there for the common `__call__(images, *, trai
 
 Attention goes through `jax.nn.dot_product_attention`. `attention_impl=None` lets XLA choose (plain
 softmax attention with an [N, N] score matrix); "cudnn" asks for cuDNN flash attention (bf16/fp16 on
-a GPU only). cuDNN's backward rejects some sequence lengths (N = 197, 1025, 4097 fail on H100, see
-`notes/anchors.md`), so `token_multiple` pads q, k and v with zeros up to a multiple of it inside
+a GPU only). cuDNN's backward rejects some sequence lengths (N = 197, 1025, 4097 fail on an H100
+with "Unsupported sequence length"), so `token_multiple` pads q, k and v with zeros up to a multiple of it inside
 each attention call, masks the padded keys (`key_value_seq_lengths`) and drops the padded output
 rows. Only the attention kernel sees the padding (the MLPs and projections run on the real tokens),
 and the logits equal the unpadded model's.

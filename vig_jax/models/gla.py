@@ -1,4 +1,4 @@
-"""Gated linear attention with 2D locality injection (spec/vig.md, "Gated Linear Attention layer").
+"""Gated linear attention with 2D locality injection (docs/architecture.md, "The GLA layer").
 
 The only model file that calls BiGLA. Shared by plain ViG (GatedLinearAttention in the official
 vig.py) and ViG-H (GLA2D in vig_h.py): the math is the same, only the initialisation differs.

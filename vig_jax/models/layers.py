@@ -1,4 +1,4 @@
-"""Building blocks shared by ViG and ViG-H (spec/vig.md): norms, SwiGLU MLP, DropPath, conv stems.
+"""Building blocks shared by ViG and ViG-H (docs/architecture.md): norms, SwiGLU MLP, DropPath, conv stems.
 
 Everything is channels-last: tokens are [B, N, D] or grids [B, h, w, D]. Parameters are float32; the
 computation runs in `dtype`, with norm statistics in float32 (float64 when computing in float64).

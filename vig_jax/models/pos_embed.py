@@ -1,5 +1,5 @@
 """Bicubic resize of the position-embedding grid, exactly as torch's
-`F.interpolate(mode="bicubic", align_corners=False)` (spec/vig.md, plain ViG: the 14x14 table is
+`F.interpolate(mode="bicubic", align_corners=False)` (plain ViG: the 14x14 table is
 resized at run time for other grids).
 
 `jax.image.resize(method="bicubic")` uses Keys' kernel with a = -0.5 and renormalises weights at the

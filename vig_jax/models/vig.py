@@ -1,4 +1,4 @@
-"""Plain (isotropic) ViG-T/S/B (spec/vig.md, "Plain ViG"; official classification/models/vig.py).
+"""Plain (isotropic) ViG-T/S/B (docs/architecture.md; official classification/models/vig.py).
 
 Patch embed v2 (stride 16) -> + absolute position embedding (learned on the 14x14 grid of 224^2
 images, bicubically resized for other grids) -> depth x ViGBlock -> RMSNorm -> mean over tokens ->

@@ -1,11 +1,12 @@
-"""Hierarchical ViG-H-T/S/B (spec/vig.md, "Hierarchical ViG-H"; official models/vig_h.py).
+"""Hierarchical ViG-H-T/S/B (docs/architecture.md; official models/vig_h.py).
 
 Stem (stride 4) -> 4 stages of ViGHBlocks with a v3 downsample (Conv k3 s2 + LayerNorm) between
 them -> LayerNorm -> global average -> Linear head. The official model is channels-first with
 LayerNorm2d; here everything is channels-last [B, h, w, C], which is the same math.
 
-BiGLA returns the mean of the two directions: the official training path. (The official eval path of
-ViG-H sums them, forgetting the /2; we do not reproduce that.)
+BiGLA returns the mean of the two directions: the official training path. The official eval path of
+ViG-H sums them instead; the RMSNorm right after BiGLA cancels that factor 2 up to its eps, so both
+paths give the same logits (docs/architecture.md, "ViG-H's two official paths").
 """
 
 import jax

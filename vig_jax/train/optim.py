@@ -1,4 +1,4 @@
-"""Optimizer and schedule of the training recipe (spec/vig.md "Training recipe").
+"""Optimizer and schedule of the training recipe (docs/training.md).
 
 The only place where config values are scaled: the learning rate by global batch / 512 and
 epochs into steps, so a batch-size override on the command line keeps the recipe consistent.

@@ -1,4 +1,4 @@
-"""Pure train and eval steps (spec/vig.md "Training recipe"); `loop.py` jits them with shardings.
+"""Pure train and eval steps (the recipe: docs/training.md); `loop.py` jits them with shardings.
 
 Device-side augmentation happens here, on the global batch: normalize, random erasing, then
 mixup/cutmix (which produces the smoothed soft targets) or plain label smoothing.
