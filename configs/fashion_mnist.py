@@ -21,10 +21,11 @@ flip (garments are left-right symmetric; no class depends on handedness), random
 augmentation that helps most on Fashion-MNIST, Zhong et al. 2017), label smoothing 0.1, no mixup.
 AdamW with warmup + cosine; peak lr 1.5e-3 at batch 256.
 
-Expected (measured on one H100): 94.2% test top-1 by epoch 26 (first >= 94% at epoch 24), 9.3 min of
-wall time for the whole process including dataset preparation and ~2 minutes of compilation. Training
-runs at ~10-11k img/s, bound by the host pipeline (~0.8 ms of CPU per 56 px image: PNG decode, grain,
-transform; 14 workers on 16 cores). For a quick look: --config.optimizer.epochs=10.
+Expected (measured on one H100): 94.2% test top-1 by epoch 26 (first >= 94% at epoch 24),
+9.3 min of wall time for the whole process including dataset preparation and ~2 minutes of
+compilation. Training runs at ~10-11k img/s, bound by the host pipeline (~0.8 ms of CPU per 56 px
+image: PNG decode, grain, transform; 14 workers on 16 cores). For a quick look:
+--config.optimizer.epochs=10.
 """
 
 import ml_collections

@@ -12,9 +12,9 @@ does not change its output (it is there for the common `__call__(images, *, trai
 Attention goes through `jax.nn.dot_product_attention`. `attention_impl=None` lets XLA choose (plain
 softmax attention with an [N, N] score matrix); "cudnn" asks for cuDNN flash attention (bf16/fp16 on
 a GPU only). cuDNN's backward rejects some sequence lengths (N = 197, 1025, 4097 fail on an H100
-with "Unsupported sequence length"), so `token_multiple` pads q, k and v with zeros up to a multiple of it inside
-each attention call, masks the padded keys (`key_value_seq_lengths`) and drops the padded output
-rows. Only the attention kernel sees the padding (the MLPs and projections run on the real tokens),
+with "Unsupported sequence length"), so `token_multiple` pads q, k and v with zeros up to a
+multiple of it inside each attention call, masks the padded keys (`key_value_seq_lengths`) and
+drops the padded output rows. Only the attention kernel sees the padding (the MLPs and projections run on the real tokens),
 and the logits equal the unpadded model's.
 """
 
