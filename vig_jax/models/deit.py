@@ -14,8 +14,8 @@ softmax attention with an [N, N] score matrix); "cudnn" asks for cuDNN flash att
 a GPU only). cuDNN's backward rejects some sequence lengths (N = 197, 1025, 4097 fail on an H100
 with "Unsupported sequence length"), so `token_multiple` pads q, k and v with zeros up to a
 multiple of it inside each attention call, masks the padded keys (`key_value_seq_lengths`) and
-drops the padded output rows. Only the attention kernel sees the padding (the MLPs and projections run on the real tokens),
-and the logits equal the unpadded model's.
+drops the padded output rows. Only the attention kernel sees the padding (the MLPs and projections
+run on the real tokens), and the logits equal the unpadded model's.
 """
 
 import math
