@@ -72,6 +72,9 @@ class ViG(nn.Module):
       drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks).
       bigla_impl: "auto", "reference", "chunked" or "pallas" (see `pallas_kernels.bigla.bigla`).
       bigla_interpret: run the pallas kernel in interpret mode (CPU tests).
+      pos_grid: side of the learned position table (14: the official 224^2 grid); other token
+        grids use its bicubic resize. A fine-tune at another resolution may learn a table of its
+        own grid, resized once from the pretrained one (`vig_jax.train.init_from`).
       dtype: compute dtype; parameters stay float32.
     """
 
@@ -82,6 +85,7 @@ class ViG(nn.Module):
     use_act_in_conv: bool
     use_out_act: bool
     drop_path_rate: float
+    pos_grid: int = POS_GRID
     bigla_impl: str = "auto"
     bigla_interpret: bool = False
     dtype: jnp.dtype = jnp.float32
@@ -94,7 +98,7 @@ class ViG(nn.Module):
             )
         self.stem = PatchEmbed(D, 9, 8, nn.silu, self.dtype)
         self.pos_embed = self.param(
-            "pos_embed", trunc_normal(0.02), (1, POS_GRID * POS_GRID, D), jnp.float32
+            "pos_embed", trunc_normal(0.02), (1, self.pos_grid * self.pos_grid, D), jnp.float32
         )
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)
         self.blocks = [
@@ -130,7 +134,7 @@ class ViG(nn.Module):
         x = self.stem(images.astype(self.dtype))  # [B, h, w, D]
         B, h, w, D = x.shape
         self.sow("intermediates", "patch_embed", x.reshape(B, h * w, D))
-        pos = resize_pos_embed(self.pos_embed.reshape(POS_GRID, POS_GRID, D), (h, w))
+        pos = resize_pos_embed(self.pos_embed.reshape(self.pos_grid, self.pos_grid, D), (h, w))
         x = x + pos.astype(self.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, train=train)
