@@ -1,0 +1,432 @@
+"""ViG vs ViT: our JAX ViG against timm's DeiT under `torch.compile`, side by side in one call.
+
+    python benchmarks/bench_vs_vit.py                        # the headline table (one GPU)
+    python benchmarks/bench_vs_vit.py --variant base --variant remat:remat=block,dwconv=shift
+    python benchmarks/bench_vs_vit.py --sizes 224 384 512 768 1024 1536 2048 \
+        --pairs vig_t:deit_t vig_s:deit_b --jax-deit          # resolution sweep, + our JAX DeiT
+    python benchmarks/bench_vs_vit.py --smoke                # CPU check (/tmp/bench_vs_vit_smoke.*)
+
+Measures, per (model, size, batch), inference img/s (forward, train=False), training img/s (loss,
+gradients and an AdamW update), the training peak memory and the compile seconds of each, and the
+ratios ViG / DeiT. Default cases: ViG-S vs DeiT-B and DeiT-S at 224² B128 (the paper's ViG-S vs
+DeiT-B claim and the same size class), ViG-T vs DeiT-T at 1024² B8, 1536² B3 and 2048² B2 (batch
+scaled by 1/area from B8 at 1024², floored, at least 1, so every batch holds about 32K tokens).
+`--sizes` with `--pairs` sweeps sizes instead, at batch 128·(224/size)² (floored, at least 1).
+
+Both sides bf16, drop path off, the same batch, each (model, size) in a fresh process:
+  ViG (JAX)   `create_model(name, dtype=bfloat16)` (float32 params), `--bigla-impl` (pallas), a
+              jitted forward and a jitted AdamW step with the state donated; compiled ahead of time.
+  DeiT (timm) `timm.create_model("deit_*_patch16_224", img_size=size)` under `torch.compile`,
+              attention through SDPA (flash attention for bf16 on the GPU); inference with the
+              weights cast to bf16, training with float32 weights under bf16 autocast and fused
+              AdamW. Compilation happens in the warm-up and is timed as the first call.
+  DeiT (JAX)  with --jax-deit, our `vig_jax.models.deit` (cuDNN attention): a JAX baseline only.
+Timing and memory: see benchmarks/harness.py (median of --iters runs, compile excluded; peak =
+process peak after inference and training for JAX, torch's max_memory_allocated during training).
+torch and timm are optional (`pip install -e ".[baselines]"`); without them ViG is measured alone.
+
+ViG variants: `--variant NAME:key=val,...` (repeatable) measures the ViG side once per variant in
+the same call, e.g. before and after a model change; `--vig-override key=val` applies to all.
+Values are Python literals or bare strings (`remat=block`); unknown fields are an error.
+Results: `<out>.json` (one row per measured process) and `<out>.md` (the comparison table).
+"""
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness  # noqa: E402
+
+# name: (ViG, DeiT, size, batch)
+CASES = {
+    "s224_vs_b": ("vig_s", "deit_b", 224, 128),
+    "s224_vs_s": ("vig_s", "deit_s", 224, 128),
+    "t1024": ("vig_t", "deit_t", 1024, 8),
+    "t1536": ("vig_t", "deit_t", 1536, 3),
+    "t2048": ("vig_t", "deit_t", 2048, 2),
+}
+TIMM_NAMES = {
+    "deit_t": "deit_tiny_patch16_224",
+    "deit_s": "deit_small_patch16_224",
+    "deit_b": "deit_base_patch16_224",
+}
+MODES = ("infer", "train")
+GB = 1e9
+
+
+def batch_for(size: int) -> int:
+    """128 at 224², scaled by (224/size)², floored, at least 1 (the `--sizes` sweep)."""
+    return max(1, int(128 * (224 / size) ** 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# One (model, size, batch) per process (harness.run_isolated).
+
+
+def _timed(out: dict, mode: str, batch: int, call, sync, case: dict, peak) -> None:
+    """Times `call` into out[mode_*]: ms, img/s, calls per run, peak GB; a failure as status."""
+    try:
+        t = harness.time_call(call, sync, warmup=case["warmup"], iters=case["iters"])
+        out[f"{mode}_ms"] = t["ms"]
+        out[f"{mode}_img_s"] = batch / t["ms"] * 1e3
+        out[f"{mode}_calls_per_run"] = t["k"]
+        p = peak()
+        out[f"{mode}_peak_gb"] = None if p is None else p / GB
+        out[mode] = "ok"
+    except Exception as exc:  # recorded; the case goes on
+        out[mode] = harness.status(exc)
+
+
+def measure_jax(case: dict, report) -> dict:
+    """ViG or our DeiT in JAX: inference, then the AdamW step (state donated)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from vig_jax.models import create_model, uses_bigla
+
+    name, size, b = case["model"], case["size"], case["batch"]
+    on_gpu = jax.default_backend() == "gpu"
+    kwargs = dict(case["overrides"])
+    if uses_bigla(name):
+        kwargs.update(bigla_impl=case["bigla_impl"], drop_path_rate=0.0)
+    else:  # cuDNN's backward rejects N = 197, 1025, ...: pad attention's tokens to 64
+        kwargs.update(attention_impl="cudnn" if on_gpu else "xla", token_multiple=64)
+    model = create_model(name, dtype=jnp.bfloat16, **kwargs)
+    out = {"device": jax.devices()[0].device_kind}
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((b, size, size, 3), np.float32), jnp.bfloat16)
+    labels = jnp.asarray(rng.integers(0, 1000, (b,)), jnp.int32)
+    key = jax.random.key(0, impl="rbg")  # compiles faster than threefry; values do not matter
+    init_images = jnp.zeros((1, min(size, 224), min(size, 224), 3), jnp.bfloat16)
+    params = jax.jit(lambda x: model.init(key, x, train=False)["params"])(init_images)
+    out["params"] = sum(x.size for x in jax.tree.leaves(params))
+    tx = optax.adamw(1e-3, weight_decay=0.05)
+
+    def train_step(state, x, y):
+        p, opt_state = state
+
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), loss
+
+    if "infer" in case["modes"]:
+        try:
+            fwd, out["infer_compile_s"] = harness.compile_jax(
+                lambda p, x: model.apply({"params": p}, x, train=False), params, images
+            )
+            call = lambda: fwd(params, images)
+            _timed(out, "infer", b, call, jax.block_until_ready, case, harness.jax_peak_bytes)
+        except Exception as exc:
+            out["infer"] = harness.status(exc)
+        report(out)
+    if "train" in case["modes"]:
+        try:
+            abstract = jax.eval_shape(lambda p: (p, tx.init(p)), params)
+            step, out["train_compile_s"] = harness.compile_jax(
+                train_step, abstract, images, labels, donate_argnums=0
+            )
+            state = [(params, jax.jit(tx.init)(params))]
+
+            def call():
+                state[0], loss = step(state[0], images, labels)
+                return state[0], loss
+
+            _timed(out, "train", b, call, jax.block_until_ready, case, harness.jax_peak_bytes)
+        except Exception as exc:
+            out["train"] = harness.status(exc)
+    return out
+
+
+def measure_timm(case: dict, report) -> dict:
+    """timm's DeiT under torch.compile: bf16 inference, then autocast training with AdamW."""
+    import copy
+    import time
+
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    torch.set_float32_matmul_precision("high")
+    name, size, b = case["model"], case["size"], case["batch"]
+    out = {"device": torch.cuda.get_device_name() if cuda else "cpu"}
+    model = timm.create_model(
+        TIMM_NAMES[name], img_size=size, num_classes=1000, drop_path_rate=0.0, **case["overrides"]
+    ).to(dev)
+    out["params"] = sum(p.numel() for p in model.parameters())
+    out["fused_attn"] = bool(model.blocks[0].attn.fused_attn)  # SDPA, not the explicit softmax
+    x = torch.randn(b, 3, size, size, device=dev, dtype=torch.bfloat16)
+    y = torch.randint(0, 1000, (b,), device=dev)
+
+    def first_call(mode, call):  # torch.compile compiles on the first call
+        t0 = time.perf_counter()
+        call()
+        harness.torch_sync()
+        out[f"{mode}_compile_s"] = time.perf_counter() - t0
+
+    if "infer" in case["modes"]:
+        try:
+            harness.torch_peak_reset()
+            infer_model = torch.compile(copy.deepcopy(model).to(torch.bfloat16).eval())
+
+            def infer():
+                with torch.inference_mode():
+                    return infer_model(x)
+
+            first_call("infer", infer)
+            _timed(out, "infer", b, infer, harness.torch_sync, case, harness.torch_peak_bytes)
+            del infer_model
+        except Exception as exc:
+            out["infer"] = harness.status(exc)
+        if cuda:
+            torch.cuda.empty_cache()
+        report(out)
+    if "train" in case["modes"]:
+        try:
+            harness.torch_peak_reset()
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=cuda)
+            train_model = torch.compile(model)
+
+            def train():
+                with torch.autocast(dev, dtype=torch.bfloat16):
+                    loss = F.cross_entropy(train_model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss
+
+            first_call("train", train)
+            _timed(out, "train", b, train, harness.torch_sync, case, harness.torch_peak_bytes)
+        except Exception as exc:
+            out["train"] = harness.status(exc)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent: plan, run, table.
+
+
+def _ratio(a, b):
+    ok = isinstance(a, float | int) and isinstance(b, float | int) and a and b
+    return a / b if ok else None
+
+
+def _value(run: dict | None, mode: str, key: str):
+    """A run's number, or its mode's status ("OOM", ...) when it did not run."""
+    if run is None:
+        return None
+    if run.get(mode) != "ok":
+        return run.get(mode) or run.get("status")
+    return run.get(key)
+
+
+def markdown(doc: dict) -> str:
+    meta = doc["meta"]
+    runs = {
+        (r["framework"], r["model"], r["variant"], r["size"], r["batch"]): r for r in doc["rows"]
+    }
+    lines = [
+        "# ViG vs DeiT",
+        "",
+        harness.meta_line(meta) + f"; ViG BiGLA `{meta['args']['bigla_impl']}`.",
+        "",
+        "bf16 compute, drop path off, same batch; img/s from the median of "
+        f"{meta['args']['iters']} runs, compile excluded. Training: AdamW. Ratios: ViG / DeiT "
+        "(speed: > 1 is ViG faster; memory: < 1 is ViG smaller). ViG: vig-jax (JAX, float32 "
+        "params); timm: DeiT under torch.compile (SDPA; bf16 weights for inference, autocast for "
+        "training); jax: our JAX DeiT.",
+        "",
+    ]
+    rows = []
+    for vig, base, size, batch in meta["comparisons"]:
+        for variant in meta["variants"]:
+            for fw in meta["baselines"] or [None]:
+                v = runs.get(("jax", vig, variant, size, batch))
+                d = runs.get((fw, base, "", size, batch)) if fw else None
+                rows.append(
+                    {
+                        "vig": f"{vig} ({variant})" if len(meta["variants"]) > 1 else vig,
+                        "base": f"{base} ({fw})" if fw else "–",
+                        "size": f"{size}²",
+                        "batch": batch,
+                        **{
+                            f"{side}_{key}": _value(r, key.split("_")[0], key)
+                            for side, r in (("v", v), ("d", d))
+                            for key in ("infer_img_s", "train_img_s", "train_peak_gb")
+                        },
+                        **{
+                            f"{side}_compile": "/".join(
+                                "–" if c is None else f"{c:.0f}"
+                                for c in ((r or {}).get(f"{m}_compile_s") for m in MODES)
+                            )
+                            for side, r in (("v", v), ("d", d))
+                        },
+                    }
+                )
+    for r in rows:
+        for key in ("infer_img_s", "train_img_s", "train_peak_gb"):
+            r[f"x_{key}"] = _ratio(r[f"v_{key}"], r[f"d_{key}"])
+    lines += harness.table(
+        rows,
+        [
+            ("ViG", "vig", ""),
+            ("baseline", "base", ""),
+            ("size", "size", ""),
+            ("batch", "batch", "d"),
+            ("ViG infer img/s", "v_infer_img_s", ",.0f"),
+            ("DeiT infer img/s", "d_infer_img_s", ",.0f"),
+            ("infer ×", "x_infer_img_s", ".2f"),
+            ("ViG train img/s", "v_train_img_s", ",.1f"),
+            ("DeiT train img/s", "d_train_img_s", ",.1f"),
+            ("train ×", "x_train_img_s", ".2f"),
+            ("ViG train GB", "v_train_peak_gb", ".2f"),
+            ("DeiT train GB", "d_train_peak_gb", ".2f"),
+            ("memory ×", "x_train_peak_gb", ".2f"),
+            ("ViG compile s (infer/train)", "v_compile", ""),
+            ("DeiT compile s (infer/train)", "d_compile", ""),
+        ],
+    )
+    variants = meta["variants"]
+    if any(variants.values()):
+        lines += ["", "ViG variants: " + "; ".join(f"{k}: {v}" for k, v in variants.items())]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    p.add_argument("--sizes", type=int, nargs="+", help="sweep these sizes instead of --cases")
+    p.add_argument(
+        "--pairs", nargs="+", default=["vig_t:deit_t"], help="vig:deit names for --sizes"
+    )
+    p.add_argument("--batch", type=int, help="one batch for every case")
+    p.add_argument("--variant", action="append", default=[], help="NAME[:key=val,...] (repeat)")
+    p.add_argument("--vig-override", action="append", default=[], help="key=val for every ViG")
+    p.add_argument("--bigla-impl", default="pallas", choices=("pallas", "chunked", "auto"))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--no-timm", action="store_true", help="skip the timm baseline")
+    p.add_argument("--jax-deit", action="store_true", help="also measure our JAX DeiT")
+    p.add_argument("--iters", type=int, default=20, help="timed runs per mode (median)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--timeout-s", type=float, default=900.0, help="per measured process")
+    p.add_argument("--out", help="path stem (default benchmarks/results/vs_vit)")
+    p.add_argument("--smoke", action="store_true", help="CPU check: depth-1 models at 32², B2")
+    args = p.parse_args(argv)
+    try:
+        args._variants = dict(harness.parse_variant(v) for v in args.variant or ["default"])
+        common = harness.parse_overrides(",".join(args.vig_override))
+    except ValueError as exc:
+        p.error(str(exc))
+    if len(args._variants) != len(args.variant or ["default"]):
+        p.error(f"--variant names must differ: {args.variant}")
+    args._variants = {k: {**common, **v} for k, v in args._variants.items()}
+    if args.smoke:
+        args.iters, args.warmup, args.bigla_impl = 3, 1, "chunked"
+        args._comparisons = [("vig_t", "deit_t", 32, args.batch or 2)]
+        args.out = args.out or "/tmp/bench_vs_vit_smoke"
+    elif args.sizes:
+        pairs = [pair.split(":") for pair in args.pairs]
+        if any(len(pair) != 2 for pair in pairs):
+            p.error(f"--pairs takes vig:deit names, got {args.pairs}")
+        args._comparisons = [
+            (v, d, s, args.batch or batch_for(s)) for s in args.sizes for v, d in pairs
+        ]
+    else:
+        args._comparisons = [
+            (v, d, s, args.batch or b) for v, d, s, b in (CASES[c] for c in args.cases)
+        ]
+    args.out = args.out or str(harness.REPO / "benchmarks/results/vs_vit")
+    for v, d, *_ in args._comparisons:
+        if d not in TIMM_NAMES:
+            p.error(f"baseline {d!r} is not one of {list(TIMM_NAMES)}")
+        _check_overrides(p, v, args)
+    return args
+
+
+def _check_overrides(p, name: str, args) -> None:
+    """Fails here, before any process starts, on an unknown model or override."""
+    from vig_jax.models import create_model, model_class
+
+    try:
+        fields = {f.name for f in dataclasses.fields(model_class(name))}
+        for overrides in args._variants.values():
+            create_model(name, **overrides)
+    except ValueError as exc:
+        p.error(str(exc))
+    if "drop_path_rate" not in fields:
+        p.error(f"{name!r} is not a ViG model (no drop_path_rate)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    baselines = []
+    if not args.no_timm:
+        if harness.importable("torch", "timm"):
+            baselines.append("timm")
+        else:
+            harness.log(
+                "torch/timm not importable: no timm baseline (pip install -e '.[baselines]')"
+            )
+    if args.jax_deit:
+        baselines.append("jax")
+    smoke = {"depth": 1} if args.smoke else {}
+    env = {}
+    if args.smoke:  # -O0 halves XLA:CPU compiles and changes no HLO; smoke timings mean nothing
+        env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    meta = harness.metadata(args)
+    meta.update(
+        comparisons=args._comparisons,
+        variants=args._variants,
+        baselines=baselines,
+    )
+    results = harness.Results(args.out, meta, markdown)
+    plan = []  # (framework, model, variant, size, batch, overrides), each measured once
+    for vig, base, size, batch in args._comparisons:
+        for variant, overrides in args._variants.items():
+            plan.append(("jax", vig, variant, size, batch, {**smoke, **overrides}))
+        plan += [(fw, base, "", size, batch, smoke) for fw in baselines]
+    plan = list({key[:5]: key for key in plan}.values())
+    for i, (fw, model, variant, size, batch, overrides) in enumerate(plan, 1):
+        harness.log(f"[{i}/{len(plan)}] {fw} {model} {variant} {size}² B{batch} ...")
+        case = dict(
+            model=model,
+            size=size,
+            batch=batch,
+            overrides=overrides,
+            modes=args.modes,
+            iters=args.iters,
+            warmup=args.warmup,
+            bigla_impl=args.bigla_impl,
+        )
+        fn = measure_timm if fw == "timm" else measure_jax
+        run = harness.run_isolated(fn, case, env=env, timeout_s=args.timeout_s)
+        row = results.add(
+            dict(framework=fw, model=model, variant=variant, size=size, batch=batch, **run)
+        )
+        harness.log(
+            f"[{i}/{len(plan)}] {fw} {model} {variant} {size}² B{batch}: "
+            + "; ".join(
+                f"{m} {row[f'{m}_img_s']:,.1f} img/s"
+                + (f", peak {row[f'{m}_peak_gb']:.2f} GB" if row.get(f"{m}_peak_gb") else "")
+                if row.get(m) == "ok"
+                else f"{m} {row.get(m) or row.get('status')}"
+                for m in args.modes
+            )
+        )
+    results.done()
+    print(results.markdown(results.doc))
+
+
+if __name__ == "__main__":
+    main()
