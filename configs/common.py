@@ -84,6 +84,10 @@ def adamw_section(*, base_lr, weight_decay, epochs=300.0, warmup_epochs=20.0):
     # Micro-batches per optimizer step (a scan in the step): same update, 1/n the activations.
     o.grad_accum_steps = 1
     o.ema_decay = 0.0  # 0 disables the EMA of params; e.g. 0.9999 keeps one and evaluates it too
+    # Fine-tuning (docs/finetuning.md). Layer-wise lr decay as in BEiT / DeiT III: block i of L
+    # learns at lr * layer_decay ** (L - i), the stem lowest, the head at lr; 1.0 turns it off.
+    o.layer_decay = 1.0
+    o.freeze_backbone = False  # True: a linear probe, only the head learns
     return o
 
 
@@ -111,10 +115,23 @@ def mesh_section(*, fsdp=False):
     return m
 
 
+def base_config(*, seed=0):
+    """The top-level fields of every config: the seed and where the params start."""
+    c = ml_collections.ConfigDict()
+    c.seed = seed
+    # None: from scratch. A training workdir (or its checkpoints/ folder) or a converted checkpoint
+    # (`python -m vig_jax.convert`): start from its params with a fresh optimizer and schedule
+    # (vig_jax/train/init_from.py); a checkpoint in the run's own workdir still wins (resume).
+    c.init_from = config_dict.placeholder(str)
+    # With init_from: re-initialise the head even when the class counts match (a new label set of
+    # the same size). A head of another class count is always re-initialised.
+    c.reinit_head = False
+    return c
+
+
 def imagenet_recipe(*, model, base_lr, weight_decay, drop_path, model_overrides=None):
     """The official ViG ImageNet-1k recipe (8 GPUs x 128 = global batch 1024) for `model`."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = base_config()
     c.model = model_section(model, drop_path_rate=drop_path, **(model_overrides or {}))
     c.data = data_section(
         dataset="imagenet2012",

@@ -12,8 +12,7 @@ from configs import common
 
 
 def get_config():
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = common.base_config()
     # Plain ViG block stack, narrow and shallow; float32 compute (bf16 is slower on CPU).
     c.model = common.model_section(
         "vig_t", dtype="float32", embed_dim=64, depth=2, num_heads=2, drop_path_rate=0.0

@@ -39,8 +39,7 @@ FASHION_MNIST_STD = (0.3530,) * 3
 
 
 def get_config():
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = common.base_config()
     c.model = common.model_section(
         "vig_h_t",
         dims=(64, 128, 256, 512),

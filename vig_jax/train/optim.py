@@ -2,11 +2,17 @@
 
 The only place where config values are scaled: the learning rate by global batch / 512 and
 epochs into steps, so a batch-size override on the command line keeps the recipe consistent.
+
+Fine-tuning knobs (docs/finetuning.md): `layer_decay` (layer-wise learning-rate decay as in BEiT
+and DeiT III: the head at the full rate, each block below it `layer_decay` times the one above,
+the stem and position table lowest) and `freeze_backbone` (a linear probe: only the head learns).
 """
 
 import math
+import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -61,16 +67,91 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+# Top-level param names by place in the network (all registered models: ViG, ViG-H, DeiT).
+_EMBED_NAMES = {"stem", "pos_embed", "patch_embed", "cls_token"}
+_TAIL_NAMES = {"norm", "head_norm", "head"}
+_BLOCK = re.compile(r"(?:blocks_|block)(\d+)$|stages_(\d+)_(\d+)$|downsamples_(\d+)$")
+HEAD = "head"
+
+
+def layer_ids(params) -> tuple[dict, int]:
+    """(pytree of ints like `params`, L): each param's layer, 0 .. L + 1, for layer-wise decay.
+
+    As BEiT numbers them: the stem / patch embedding, position table and class token are layer 0,
+    the i-th block (counted across all stages) is layer i + 1, the final norm and the head are
+    layer L + 1 (L blocks). A ViG-H downsampling layer belongs to the first block after it, as
+    ConvNeXt's fine-tuning code assigns them.
+
+    Raises:
+      ValueError: a top-level param name outside these groups (lists it).
+    """
+    names = list(params)
+    blocks = {}  # top-level name -> sort key (stage, index, before-block)
+    for name in names:
+        m = _BLOCK.match(name)
+        if m is None:
+            continue
+        if m.group(1) is not None:
+            blocks[name] = (0, int(m.group(1)), 1)
+        elif m.group(2) is not None:
+            blocks[name] = (int(m.group(2)), int(m.group(3)), 1)
+        else:  # downsamples_k runs before stage k + 1's first block
+            blocks[name] = (int(m.group(4)) + 1, -1, 0)
+    unknown = sorted(n for n in names if n not in blocks and n not in _EMBED_NAMES | _TAIL_NAMES)
+    if unknown:
+        raise ValueError(f"layer_decay: no layer known for top-level params {unknown}")
+    real = sorted(k for n, k in blocks.items() if k[2])
+    depth = len(real)
+    ids = {n: 0 for n in names if n in _EMBED_NAMES} | {n: depth + 1 for n in _TAIL_NAMES}
+    for name, k in blocks.items():
+        # Block ordinal + 1; a downsampling layer takes the id of the first block after it.
+        ids[name] = 1 + next(i for i, b in enumerate(real) if b[:2] >= k[:2])
+    tree = {
+        name: jax.tree_util.tree_map(lambda _, i=ids[name]: i, sub) for name, sub in params.items()
+    }
+    return tree, depth
+
+
+def layer_scales(params, decay: float):
+    """Pytree of floats like `params`: decay ** (L + 1 - layer id) (1 for the head)."""
+    ids, depth = layer_ids(params)
+    return jax.tree_util.tree_map(lambda i: decay ** (depth + 1 - i), ids)
+
+
+def head_mask(params):
+    """Pytree of bools like `params`: True for the head's params (what a linear probe trains)."""
+    return {
+        name: jax.tree_util.tree_map(lambda _, h=name == HEAD: h, sub)
+        for name, sub in params.items()
+    }
+
+
+def _scale_by_layer(decay: float) -> optax.GradientTransformation:
+    """Multiplies each update by its `layer_scales`: the learning rate (and with it the decoupled
+    weight decay, as torch's per-group lr does) of layer i is lr * decay ** (L + 1 - i)."""
+
+    def scale(updates, params):
+        del params
+        factors = layer_scales(updates, decay)
+        return jax.tree_util.tree_map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors)
+
+    return optax.stateless(scale)
+
+
 def make_optimizer(opt, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with decoupled decay on the `decay_mask` params.
+    """Global-norm clipping, then AdamW with decoupled decay on the `decay_mask` params; then the
+    fine-tuning knobs `layer_decay` and `freeze_backbone`.
 
     Args:
-      opt: the `optimizer` config section (b1, b2, eps, weight_decay, clip_norm).
+      opt: the `optimizer` config section (b1, b2, eps, weight_decay, clip_norm, layer_decay,
+        freeze_backbone).
       schedule: per-step learning rate.
     """
     if not (opt.clip_norm > 0 and math.isfinite(opt.clip_norm)):
         raise ValueError(f"optimizer.clip_norm must be positive and finite, got {opt.clip_norm}")
-    return optax.chain(
+    if not 0.0 < opt.layer_decay <= 1.0:
+        raise ValueError(f"optimizer.layer_decay must be in (0, 1], got {opt.layer_decay}")
+    parts = [
         optax.clip_by_global_norm(opt.clip_norm),
         optax.adamw(
             schedule,
@@ -80,4 +161,15 @@ def make_optimizer(opt, schedule: optax.Schedule) -> optax.GradientTransformatio
             weight_decay=opt.weight_decay,
             mask=decay_mask,
         ),
-    )
+    ]
+    if opt.layer_decay < 1.0:
+        parts.append(_scale_by_layer(opt.layer_decay))
+    tx = optax.chain(*parts)
+    if opt.freeze_backbone:
+        # The head alone is clipped and updated (no optimizer state for the rest); the backbone
+        # gets zero updates, so weight decay does not shrink it either.
+        def labels(params):
+            return jax.tree_util.tree_map(lambda h: "train" if h else "frozen", head_mask(params))
+
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx
