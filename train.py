@@ -1,8 +1,12 @@
 """Trains a ViG: `python train.py --config configs/vig_s.py --workdir /tmp/vig_s`.
 
-Any config field can be overridden, e.g. `--config.data.batch_size=256`; a misspelt field or a
-wrong type stops before anything starts. Rerunning the same command resumes from the latest
+Any config field can be overridden, e.g. `--config.data.batch_size=256`; a misspelt field, a wrong
+type or a value out of range stops before anything starts, with one line (`--verbose` or
+`VIG_VERBOSE=1` adds the traceback). Rerunning the same command resumes from the newest good
 checkpoint in --workdir. Multi-host: start the same command on every host with --distributed.
+
+Exit codes (docs/faults.md): 0 done, 2 user error, 3 non-finite loss, 4 checkpoint save failed,
+75 stopped by SIGTERM/SIGINT after saving (rerun to resume).
 """
 
 import os
@@ -26,7 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"error: unexpected arguments: {argv[1:]}")
     # orbax logs every checkpoint phase at INFO; the progress bar and metrics say what matters.
     logging.set_verbosity(logging.WARNING)
     if _DISTRIBUTED.value:
@@ -41,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.guard(main), flags_parser=cli.parse_flags)

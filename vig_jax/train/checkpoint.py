@@ -5,24 +5,67 @@ and `data/` (the data iterator state as JSON), so a restored run continues exact
 one was. Saves are asynchronous: the arrays are copied off the device, then written in a thread
 while training continues; orbax only makes a step directory visible once it is complete, so a
 SIGKILL mid-write leaves the previous checkpoint as the latest.
+
+Faults (docs/faults.md): a save that fails or stalls in its thread is reported by `check()`, which
+the loop calls after every step, as a `CheckpointSaveError` naming the path and the cause;
+`restore_latest` walks back from the newest checkpoint to the newest one that restores completely,
+moving each unreadable one aside (never deleting it); a checkpoint of another model is a
+`UserError`, not corruption.
 """
 
 import json
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
 
+from vig_jax.train.errors import CheckpointSaveError, UserError
 
-def _encode_data_state(data_state):
-    # grain iterators report their state as JSON bytes; JsonSave wants JSON-able objects.
-    if isinstance(data_state, bytes):
-        return {"bytes": data_state.decode("utf-8")}
-    return {"value": data_state}
+# A save still running after this long is reported as stalled (orbax's async timeout).
+SAVE_TIMEOUT_S = 600
 
 
-def _decode_data_state(saved):
-    return saved["bytes"].encode("utf-8") if "bytes" in saved else saved["value"]
+def describe(error: BaseException) -> str:
+    """`Type: first line` of the innermost cause of `error`: the one line worth showing."""
+    while error.__cause__ is not None or (
+        error.__context__ is not None and not error.__suppress_context__
+    ):
+        error = error.__cause__ or error.__context__
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else repr(error)
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _path_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"params/a/kernel": shape} of a pytree of arrays or of orbax array metadata."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {"/".join(map(_path_name, path)): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _difference(saved: dict, wanted: dict) -> str:
+    """What differs between two `_shapes` dicts, for a one-line message ('' when equal)."""
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    common = sorted(set(saved) & set(wanted))
+    shaped = [f"{k} {saved[k]} vs {wanted[k]}" for k in common if saved[k] != wanted[k]]
+    parts = [
+        f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+        for label, items in (
+            ("only in the config", missing),
+            ("only in the checkpoint", extra),
+            ("shape checkpoint vs config", shaped),
+        )
+        if items
+    ]
+    return "; ".join(parts)
 
 
 class Checkpointer:
@@ -31,27 +74,71 @@ class Checkpointer:
     Args:
       directory: checkpoint root (created if missing); one subdirectory per step.
       keep: how many of the most recent checkpoints to keep.
+      save_timeout_s: a save still running after this many seconds counts as failed (stalled).
     """
 
-    def __init__(self, directory: str | pathlib.Path, *, keep: int):
+    def __init__(
+        self, directory: str | pathlib.Path, *, keep: int, save_timeout_s: int = SAVE_TIMEOUT_S
+    ):
         if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+            raise UserError(f"loop.keep_checkpoints must be >= 1, got {keep}")
+        self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=True,
+            # Leftovers of a save cut short (SIGKILL) go at the next start.
+            cleanup_tmp_directories=True,
+            async_options=ocp.AsyncOptions(timeout_secs=save_timeout_s),
         )
-        self._manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise UserError(f"cannot use {self.directory} for checkpoints: {describe(e)}") from e
+        self._pending: int | None = None  # step of the save that may still be running
 
     def latest_step(self) -> int | None:
         """Step of the newest complete checkpoint, or None."""
         return self._manager.latest_step()
 
-    def save(self, step: int, state, data_state) -> None:
-        """Starts an asynchronous save of `state` and `data_state` at `step`."""
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict) -> None:
+        """Starts an asynchronous save of `state` and `data_state` at `step`.
+
+        Raises:
+          CheckpointSaveError: the previous save failed, or this one cannot start.
+        """
+        self.check(block=True)
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_encode_data_state(data_state)),
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
         )
-        self._manager.save(step, args=args, force=True)
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:
+            raise CheckpointSaveError(
+                f"saving checkpoint {self.directory / str(step)} failed: {describe(e)}"
+            ) from e
+        self._pending = step
+
+    def check(self, *, block: bool = False) -> None:
+        """Raises `CheckpointSaveError` if the last save failed (or stalled past the timeout).
+
+        Cheap while that save is still running: it is then checked at a later call. With `block`,
+        waits for it to end first.
+        """
+        if self._pending is None or (not block and self._manager.is_saving_in_progress()):
+            return
+        step, self._pending = self._pending, None
+        try:
+            # Returns at once when the save is over; re-raises the error of its thread.
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointSaveError(
+                f"saving checkpoint {self.directory / str(step)} failed: {describe(e)}"
+            ) from e
 
     def restore(self, step: int, abstract_state):
         """Restores `(state, data_state)` saved at `step`.
@@ -64,14 +151,79 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
         )
         restored = self._manager.restore(step, args=args)
-        return restored["state"], _decode_data_state(restored["data"])
+        data_state = restored["data"]
+        if set(data_state) == {"value"}:
+            # Checkpoints before the fault work wrapped the iterator state as {"value": state}.
+            data_state = data_state["value"]
+        return restored["state"], data_state
+
+    def restore_latest(
+        self, abstract_state, log, *, check_data=lambda data_state: None
+    ) -> tuple[int, object, dict] | None:
+        """`(step, state, data_state)` of the newest checkpoint that restores completely.
+
+        Each newer one that does not (`check_data(data_state)` raising counts too; it may apply
+        the state, as it is called last on the one returned) is moved to
+        `<directory>.set_aside/<step>`, never deleted, and `log` gets one line naming it and what
+        was wrong. None when no checkpoint is left.
+
+        Raises:
+          UserError: a checkpoint holds a state of another shape (another model or optimizer
+            setting): the workdir belongs to another run; nothing is moved.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                state, data_state = self.restore(step, abstract_state)
+                check_data(data_state)
+            except Exception as e:
+                self._raise_if_other_model(step, abstract_state)
+                moved = self._set_aside(step)
+                log(
+                    f"checkpoint {self.directory / str(step)} is unreadable ({describe(e)}); "
+                    f"moved to {moved}, trying the previous one"
+                )
+                continue
+            return step, state, data_state
+        return None
+
+    def _raise_if_other_model(self, step: int, abstract_state) -> None:
+        path = self.directory / str(step) / "state"
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                saved = _shapes(reader.metadata(path).item_metadata)
+        except Exception:
+            return  # unreadable metadata: a corrupt checkpoint, not another model
+        difference = _difference(saved, _shapes(abstract_state))
+        if difference:
+            raise UserError(
+                f"{self.directory.parent} holds a run of another model or optimizer setting "
+                f"(checkpoint {step} differs from the config: {difference}); "
+                "use a new --workdir, or the config that run was started with"
+            )
+
+    def _set_aside(self, step: int) -> pathlib.Path:
+        """Moves checkpoint `step` out of orbax's sight; returns where it went."""
+        target = self.directory.with_name(self.directory.name + ".set_aside") / str(step)
+        n = 1
+        while target.exists():
+            target = target.with_name(f"{step}.{n}")
+            n += 1
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(self.directory / str(step), target)
+        self._manager.reload()
+        return target
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk; raises `CheckpointSaveError`."""
+        self.check(block=True)
 
     def close(self) -> None:
-        self._manager.close()
+        """Waits for a running save (its errors are left to `wait`) and releases orbax."""
+        try:
+            self._manager.close()
+        except Exception:  # already reported by check()/wait() where it mattered
+            pass
 
 
 def restore_params(directory: str | pathlib.Path, abstract_params, *, use_ema: bool):
@@ -83,19 +235,29 @@ def restore_params(directory: str | pathlib.Path, abstract_params, *, use_ema: b
       - a converted checkpoint (`vig_jax.convert`): a folder with `model.json` and an orbax
         params tree in `params/`.
 
+    Nothing is written: a missing path stays missing.
+
     Args:
       abstract_params: pytree of `jax.ShapeDtypeStruct` (with shardings) like the model's params.
+    Raises:
+      UserError: no checkpoint at `directory`, or it cannot be read into `abstract_params`.
     """
     path = pathlib.Path(directory).absolute()
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} not found")
     if (path / "model.json").exists():
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(path / "params", abstract_params), None
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                return ckptr.restore(path / "params", abstract_params), None
+        except Exception as e:
+            raise UserError(f"cannot read converted checkpoint {path}: {describe(e)}") from e
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    with ocp.CheckpointManager(path) as manager:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(path, options=options) as manager:
         step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(
+            raise UserError(
                 f"no checkpoint in {path}: expected a training workdir, its checkpoints/ folder, "
                 "or a converted checkpoint folder with model.json and params/"
             )
@@ -108,11 +270,11 @@ def restore_params(directory: str | pathlib.Path, abstract_params, *, use_ema: b
         args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(state=args))
-        except (TypeError, KeyError, ValueError) as e:
-            raise ValueError(
-                f"cannot read state/{name} of checkpoint {path}/{step}"
+        except Exception as e:
+            raise UserError(
+                f"cannot read state/{name} of checkpoint {path / str(step)}"
                 + (" (was it trained with optimizer.ema_decay > 0?)" if use_ema else "")
-                + f": {e}"
+                + f": {describe(e)}"
             ) from e
         return restored["state"][name], step
 
@@ -123,12 +285,21 @@ def read_model_json(directory: str | pathlib.Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def save_converted(directory: str | pathlib.Path, params: dict, info: dict) -> None:
-    """Writes a converted checkpoint: `params/` (orbax) and `model.json` (`info`)."""
+def save_converted(
+    directory: str | pathlib.Path, params: dict, info: dict, *, overwrite: bool = False
+) -> None:
+    """Writes a converted checkpoint: `params/` (orbax) and `model.json` (`info`).
+
+    Raises:
+      FileExistsError: `directory` already holds one and `overwrite` is False.
+    """
     directory = pathlib.Path(directory).resolve()
+    existing = [p for p in (directory / "params", directory / "model.json") if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{directory} already holds a converted checkpoint")
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / "params", params)
+        checkpointer.save(directory / "params", params, force=overwrite)
         checkpointer.wait_until_finished()
     (directory / "model.json").write_text(json.dumps(info, indent=1) + "\n")
 

@@ -1,27 +1,36 @@
 """`train_and_evaluate(config, workdir)`: the training loop, resumable and sharded.
 
-Reads as a table of contents: mesh, data, trainer, restore (or init), then the step loop with
-log / eval / checkpoint hooks. The resume order is: the latest checkpoint in `workdir`, else a
-fresh initialisation from `config.seed`.
+Reads as a table of contents: signals, workdir lock, config checks (`trainer.plan_run`), data,
+restore (or init), then the step loop with log / checkpoint / eval hooks. The resume order is:
+the newest checkpoint in `workdir` that restores completely, else a fresh initialisation from
+`config.seed`.
+
+Faults (docs/faults.md has the table): every run stops with one of the errors of
+`vig_jax.train.errors`; none loses more than the steps since the last good checkpoint.
 """
 
+import contextlib
+import os
 import pathlib
 import signal
+import socket
+import sys
 import threading
 
 import jax
 import numpy as np
+import tqdm
 from jax.experimental import multihost_utils
 
 from vig_jax import data
-from vig_jax.train import optim, sharding
+from vig_jax.train import sharding
 from vig_jax.train.checkpoint import Checkpointer
+from vig_jax.train.errors import EXIT_PREEMPTED, NonFiniteLossError, Preempted
 from vig_jax.train.metrics import MetricsWriter, Progress, peak_memory_gb
-from vig_jax.train.trainer import Trainer, make_trainer, oom_hint
+from vig_jax.train.trainer import Trainer, oom_hint, plan_run
+from vig_jax.train.workdir import WorkdirLock, truncate_metrics
 
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or Inf; the message names the step."""
+__all__ = ["EvalBatches", "NonFiniteLossError", "evaluate", "train_and_evaluate"]
 
 
 def _train_iterator(config, shard_batch: int):
@@ -109,24 +118,64 @@ def evaluate(trainer: Trainer, params, config, batches: EvalBatches | None = Non
 
 
 class _StopRequest:
-    """Turns SIGTERM into a flag the loop polls: it then saves a checkpoint and returns."""
+    """SIGTERM and SIGINT become a flag the loop polls after each step: it then saves and stops.
+
+    Until the first step of the run is done there is nothing new to save, and the process may be
+    deep in a compile that can take minutes (Python signal handlers only run between bytecodes):
+    a watcher thread, woken through `signal.set_wakeup_fd`, then exits the process at once with
+    `EXIT_PREEMPTED` after running `cleanups` (releasing the workdir lock).
+    """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None  # name of the signal received
+        self.cleanups: list = []
+        self._before_first_step = True
+        self._previous: dict = {}
+        self._wakeup = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread
+        self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._wakeup = (reader, writer, signal.set_wakeup_fd(writer.fileno()))
+        threading.Thread(target=self._watch, args=(reader,), daemon=True).start()
         return self
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
+        del frame
+        self.requested = signal.Signals(signum).name
+
+    def _watch(self, reader: socket.socket):
+        while True:
+            try:
+                received = reader.recv(1)
+            except OSError:
+                return
+            if not received:
+                return
+            if received[0] in self._SIGNALS and self._before_first_step:
+                name = signal.Signals(received[0]).name
+                sys.stderr.write(f"{name} before the first step: nothing new to save, exiting\n")
+                sys.stderr.flush()
+                for cleanup in self.cleanups:
+                    cleanup()
+                os._exit(EXIT_PREEMPTED)
+
+    def first_step_done(self) -> None:
+        self._before_first_step = False
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._wakeup is not None:
+            reader, writer, previous_fd = self._wakeup
+            signal.set_wakeup_fd(previous_fd)
+            writer.close()
+            reader.close()
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _stop_agreed(requested: bool, step: int, every: int) -> bool:
@@ -159,87 +208,113 @@ def _check_finite(window: list[tuple[int, dict]], last_good_step: int | None) ->
     return host
 
 
+def _say(message: str) -> None:
+    """One line for the user, above the progress bar (process 0 only)."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message)
+
+
+def restore_or_init(config, trainer: Trainer, ckpt: Checkpointer, train_iter):
+    """`(state, step)` to start from: the newest checkpoint in the workdir that restores
+    completely (the data iterator is set to its position), else a fresh init from `config.seed`
+    at step 0.
+
+    Raises:
+      UserError: the workdir's checkpoints hold another model (see `Checkpointer.restore_latest`).
+    """
+    found = ckpt.restore_latest(trainer.abstract_state, _say, check_data=train_iter.set_state)
+    if found is None:
+        return trainer.init(jax.random.PRNGKey(config.seed)), 0
+    step, state, _ = found
+    _say(f"resumed from step {step} in {ckpt.directory}")
+    return state, step
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     """Trains per `config` (see configs/common.py), writing checkpoints and metrics to `workdir`.
 
-    Resumes from the latest checkpoint in `workdir/checkpoints` if there is one. Returns the
-    last evaluation metrics ({"eval/top1", ...}).
+    Resumes from the newest good checkpoint in `workdir/checkpoints` if there is one. Returns
+    the last evaluation metrics ({"eval/top1", ...}).
 
-    Raises:
+    Raises (all `vig_jax.train.errors.RunError`s, each with its exit code):
+      UserError: a config field, the dataset or the workdir (in use by another run, not
+        writable, or holding a run of another model); raised before the first step.
       NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
-      ValueError: inconsistent config (batch sizes vs devices and processes, schedule lengths).
+      CheckpointSaveError: a save failed or stalled (the previous checkpoint is kept).
+      Preempted: SIGTERM/SIGINT; a checkpoint of the step reached was saved.
     """
     workdir = pathlib.Path(workdir)
     loop = config.loop
-    mesh = sharding.make_mesh()
-    info = data.dataset_info(config.data.dataset, config.data.data_dir)
-    batch = config.data.batch_size
-    if batch % jax.process_count():
-        raise ValueError(f"data.batch_size={batch} % {jax.process_count()} processes != 0")
-    spe = optim.steps_per_epoch(info.num_examples[config.data.train_split], batch)
-    total_steps = loop.total_steps or optim.schedule_steps(config.optimizer, spe)
-    trainer = make_trainer(config, mesh=mesh, num_classes=info.num_classes, steps_per_epoch=spe)
-
-    train_iter = _train_iterator(config, batch // jax.process_count())
-    ckpt = Checkpointer(workdir / "checkpoints", keep=loop.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is None:
-        state = trainer.init(jax.random.PRNGKey(config.seed))
-        start = 0
-    else:
-        state, data_state = ckpt.restore(start, trainer.abstract_state)
-        train_iter.set_state(data_state)
-    last_ckpt = start if start else None
-
     is_main = jax.process_index() == 0
-    writer = MetricsWriter(workdir, enabled=is_main)
-    progress = Progress(
-        initial=start, total=total_steps, batch_size=batch, enabled=loop.progress_bar
-    )
-    if start:
-        progress.write(f"resumed from step {start} in {workdir / 'checkpoints'}")
-    eval_metrics: dict[str, float] = {}
-    eval_batches = EvalBatches(config)
-    window: list[tuple[int, dict]] = []  # device metrics of the steps not yet logged
-    try:
-        with _StopRequest() as stop:
-            for step in range(start + 1, total_steps + 1):
-                global_batch = sharding.global_batch(next(train_iter), mesh)
-                with oom_hint():
-                    state, metrics = trainer.train_step(state, global_batch)
-                window.append((step, metrics))
-                last = step == total_steps
-                # SIGTERM: save right away, no evaluation (grace periods before SIGKILL are short).
-                stopping = _stop_agreed(stop.requested, step, loop.log_every_steps)
-                save = last or stopping or step % loop.ckpt_every_steps == 0
-                if save or step % loop.log_every_steps == 0:
-                    host = _check_finite(window, last_ckpt)
-                    mean = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
-                    mean["train/lr"] = float(host[-1]["lr"])
-                    mean["train/img_per_s"] = progress.update(
-                        step, mean["train/loss"], mean["train/lr"]
-                    )
-                    peak = peak_memory_gb()
-                    if peak is not None:
-                        mean["device/peak_memory_gb"] = peak
-                    writer.write(step, mean)
-                    window = []
-                if last or step % loop.eval_every_steps == 0:
-                    eval_metrics = _evaluate_all(trainer, state, config, eval_batches)
-                    writer.write(step, eval_metrics)
-                    progress.write(f"step {step}: " + _format(eval_metrics))
-                if save:
-                    ckpt.save(step, state, train_iter.get_state())
-                    last_ckpt = step
-                if stopping:
-                    progress.write(f"SIGTERM: saved checkpoint at step {step}, exiting")
-                    break
-    finally:
-        train_iter.close()  # grain's threads / worker processes must not outlive the run
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(_StopRequest())
+        if is_main:
+            lock = stack.enter_context(WorkdirLock(workdir, _say))
+            stop.cleanups.append(lock.release)
+        mesh = sharding.make_mesh()
+        plan = plan_run(config, mesh)
+        trainer, total_steps = plan.trainer, plan.total_steps
+        ckpt = Checkpointer(workdir / "checkpoints", keep=loop.keep_checkpoints)
+        stack.callback(ckpt.close)
+        train_iter = _train_iterator(config, config.data.batch_size // jax.process_count())
+        # grain's threads / worker processes must not outlive the run.
+        stack.callback(train_iter.close)
+        state, start = restore_or_init(config, trainer, ckpt, train_iter)
+        if is_main and truncate_metrics(workdir, start):
+            _say(f"metrics.jsonl: dropped the lines after step {start} (they are re-run)")
+        writer = MetricsWriter(workdir, enabled=is_main)
+        stack.callback(writer.close)
+        progress = Progress(
+            initial=start,
+            total=total_steps,
+            batch_size=config.data.batch_size,
+            enabled=loop.progress_bar,
+        )
+        stack.callback(progress.close)
+        eval_batches = EvalBatches(config)
+        last_ckpt = start if start else None
+        eval_metrics: dict[str, float] = {}
+        window: list[tuple[int, dict]] = []  # device metrics of the steps not yet logged
+        for step in range(start + 1, total_steps + 1):
+            global_batch = sharding.global_batch(next(train_iter), mesh)
+            with oom_hint():
+                state, metrics = trainer.train_step(state, global_batch)
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                stop.first_step_done()
+            ckpt.check()  # a save that failed since the last step stops the run now
+            window.append((step, metrics))
+            last = step == total_steps
+            # A signal: save right away, no evaluation (grace periods before SIGKILL are short).
+            stopping = _stop_agreed(stop.requested is not None, step, loop.log_every_steps)
+            save = last or stopping or step % loop.ckpt_every_steps == 0
+            if save or step % loop.log_every_steps == 0:
+                host = _check_finite(window, last_ckpt)
+                mean = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+                mean["train/lr"] = float(host[-1]["lr"])
+                mean["train/img_per_s"] = progress.update(
+                    step, mean["train/loss"], mean["train/lr"]
+                )
+                peak = peak_memory_gb()
+                if peak is not None:
+                    mean["device/peak_memory_gb"] = peak
+                writer.write(step, mean)
+                window = []
+            # Saved before the evaluation: a failing evaluation must not cost this checkpoint.
+            if save:
+                ckpt.save(step, state, train_iter.get_state())
+                last_ckpt = step
+            if stopping:
+                ckpt.wait()
+                raise Preempted(
+                    f"{stop.requested or 'a signal'}: saved checkpoint at step {step} in "
+                    f"{ckpt.directory}; rerun the same command to resume"
+                )
+            if last or step % loop.eval_every_steps == 0:
+                eval_metrics = _evaluate_all(trainer, state, config, eval_batches)
+                writer.write(step, eval_metrics)
+                _say(f"step {step}: " + _format(eval_metrics))
         ckpt.wait()
-        ckpt.close()
-        progress.close()
-        writer.close()
     return eval_metrics
 
 

@@ -1,7 +1,8 @@
 """Builds the pieces of a run from its config: model, optimizer, sharded state, jitted steps.
 
 Shared by the loop (`loop.py`), evaluation (`vig_jax/evaluate.py`) and the step benchmark, so all
-three run the same jitted functions with the same shardings.
+three run the same jitted functions with the same shardings. `plan_run` checks every config field
+against the dataset and the devices before anything is compiled, raising a one-line `UserError`.
 """
 
 import contextlib
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 
 from vig_jax.models import create_model
 from vig_jax.train import optim, sharding
+from vig_jax.train.errors import UserError
 from vig_jax.train.state import TrainState, init_state
 from vig_jax.train.step import make_eval_step, make_train_step
 
@@ -92,18 +94,23 @@ def make_trainer(config, *, mesh: Mesh, num_classes: int, steps_per_epoch: int) 
     n_dev = mesh.devices.size
     accum = config.optimizer.grad_accum_steps
     if accum < 1:
-        raise ValueError(f"optimizer.grad_accum_steps must be >= 1, got {accum}")
-    if batch % accum or (batch // accum) % n_dev:
-        raise ValueError(
+        raise UserError(f"optimizer.grad_accum_steps must be >= 1, got {accum}")
+    if batch < 1 or batch % accum or (batch // accum) % n_dev:
+        raise UserError(
             f"data.batch_size={batch} must split into optimizer.grad_accum_steps="
             f"{accum} micro-batches divisible by the {n_dev} devices"
         )
-    if config.data.eval_batch_size % n_dev:
-        raise ValueError(f"data.eval_batch_size={config.data.eval_batch_size} % {n_dev} devices")
-
-    model = build_model(config, num_classes)
-    schedule = optim.make_schedule(config.optimizer, batch, steps_per_epoch)
-    tx = optim.make_optimizer(config.optimizer, schedule)
+    if config.data.eval_batch_size < 1 or config.data.eval_batch_size % n_dev:
+        raise UserError(
+            f"data.eval_batch_size={config.data.eval_batch_size} must be a positive multiple of "
+            f"the {n_dev} devices"
+        )
+    try:
+        model = build_model(config, num_classes)
+        schedule = optim.make_schedule(config.optimizer, batch, steps_per_epoch)
+        tx = optim.make_optimizer(config.optimizer, schedule)
+    except (ValueError, TypeError) as e:  # names and values the config gave them
+        raise UserError(f"config: {e}") from e
     size = config.data.image_size
 
     def init_params(key):
@@ -111,7 +118,13 @@ def make_trainer(config, *, mesh: Mesh, num_classes: int, steps_per_epoch: int) 
         return model.init(key, images, train=False)["params"]
 
     init = functools.partial(init_state, init_params, tx, use_ema=config.optimizer.ema_decay > 0)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    try:
+        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    except Exception as e:  # e.g. an image too small for the model's strides
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"model {config.model.name!r} cannot be built for data.image_size={size}: {first}"
+        ) from e
     state_sh = sharding.state_shardings(
         abstract, mesh, fsdp=config.mesh.fsdp, fsdp_min_size=config.mesh.fsdp_min_size
     )
@@ -140,4 +153,99 @@ def make_trainer(config, *, mesh: Mesh, num_classes: int, steps_per_epoch: int) 
         init=jax.jit(init, out_shardings=state_sh),
         train_step=train_step,
         eval_step=eval_step,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """A validated run: its trainer and the sizes the loop needs.
+
+    Attributes:
+      trainer: as `make_trainer` builds it.
+      num_classes: labels of the dataset.
+      train_examples, eval_examples: sizes of `data.train_split` and `data.eval_split`.
+      steps_per_epoch: optimizer steps per epoch of the train split.
+      total_steps: where the run ends (`loop.total_steps`, else `optimizer.epochs` epochs).
+    """
+
+    trainer: Trainer
+    num_classes: int
+    train_examples: int
+    eval_examples: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _split_size(d, field: str) -> int:
+    """Examples in the split named by `config.data.<field>` (a name or a TFDS slice)."""
+    from vig_jax.data import sources  # TFDS: only runs need it, not the step benchmarks
+
+    split = d[field]
+    try:
+        size = len(sources.data_source(d.dataset, d.data_dir, split))
+    except ValueError as e:
+        raise UserError(f"data.{field}={split!r}: {e}") from None
+    if size < 1:
+        raise UserError(f"data.{field}={split!r} of {d.dataset!r} is empty")
+    return size
+
+
+def _check_ranges(config) -> None:
+    """Fields whose valid range needs no dataset or device (one `UserError` per bad field)."""
+    d, lp, o = config.data, config.loop, config.optimizer
+    checks = [
+        (d.image_size >= 1, f"data.image_size must be >= 1, got {d.image_size}"),
+        (0 < d.crop_pct <= 1, f"data.crop_pct must be in (0, 1], got {d.crop_pct}"),
+        (d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),
+        (len(d.mean) == len(d.std) == 3, "data.mean and data.std need 3 values (RGB)"),
+        (lp.total_steps is None or lp.total_steps >= 1, "loop.total_steps must be >= 1 or None"),
+        (o.epochs > 0, f"optimizer.epochs must be > 0, got {o.epochs}"),
+        (0 <= o.ema_decay < 1, f"optimizer.ema_decay must be in [0, 1), got {o.ema_decay}"),
+    ]
+    for name in ("log_every_steps", "eval_every_steps", "ckpt_every_steps", "keep_checkpoints"):
+        value = lp[name]
+        checks.append((value >= 1, f"loop.{name} must be >= 1, got {value}"))
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def plan_run(config, mesh: Mesh) -> RunPlan:
+    """Checks every field of `config` against the dataset and `mesh`, then builds the trainer.
+
+    Prepares the local datasets if needed (see `vig_jax.data.sources`); compiles nothing.
+
+    Raises:
+      UserError: one line naming the field and what is wrong: a value out of range, a batch
+        size that does not divide over the processes or devices, a split that does not exist,
+        a dataset that is not prepared, a model that cannot take the image size.
+    """
+    from vig_jax import data
+
+    _check_ranges(config)
+    d = config.data
+    try:
+        info = data.dataset_info(d.dataset, d.data_dir)
+    except (ValueError, FileNotFoundError) as e:  # unknown or not prepared: the message says
+        raise UserError(str(e)) from None
+    train_examples = _split_size(d, "train_split")
+    eval_examples = _split_size(d, "eval_split")
+    processes = jax.process_count()
+    for field in ("batch_size", "eval_batch_size"):
+        if d[field] < 1 or d[field] % processes:
+            raise UserError(f"data.{field}={d[field]} must be a positive multiple of {processes=}")
+    if d.batch_size > train_examples:
+        raise UserError(
+            f"data.batch_size={d.batch_size} exceeds the {train_examples} examples of "
+            f"data.train_split={d.train_split!r}"
+        )
+    spe = optim.steps_per_epoch(train_examples, d.batch_size)
+    trainer = make_trainer(config, mesh=mesh, num_classes=info.num_classes, steps_per_epoch=spe)
+    return RunPlan(
+        trainer=trainer,
+        num_classes=info.num_classes,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        steps_per_epoch=spe,
+        total_steps=config.loop.total_steps or optim.schedule_steps(config.optimizer, spe),
     )
