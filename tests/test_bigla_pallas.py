@@ -6,6 +6,7 @@ Tolerances are max|Δ| / max|ref| (tests/helpers.assert_close), per notes/bigla_
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,17 @@ INTERPRET_CASES = [
         "typical",
         id="N130-B2-long-split",
     ),
+    # The split states plan (spans of chunks, a scan over spans), forced at small N: spans of 2
+    # chunks over NT = 9 (the last span half padding), and spans of 1 (the scan gives every state).
+    pytest.param(
+        (1, 130, 2, 16, 32), KernelParams(chunk=16, states_span=2), "typical", id="N130-span2"
+    ),
+    pytest.param(
+        (1, 72, 1, 16, 32),
+        KernelParams(chunk=16, states_span=1),
+        "very_negative",
+        id="N72-gates-10-span1",
+    ),
     # The one-program plan over several chunks (the benchmark's --sweep can select it).
     pytest.param(
         (1, 40, 1, 16, 32),
@@ -103,6 +115,34 @@ def test_bigla_pallas_interpret_matches_reference(shape, params, gates):
     f = lambda *a: bigla_pallas(*a, params=params)
     got = run_fast(lambda a, d: fwd_and_grads(f, a, d), args, do)
     check_all(got, reference64(args, do), 1e-5, 1e-5)
+
+
+def test_bigla_pallas_span_scan_is_load_bearing(monkeypatch):
+    """Negative control of the split states plan: a scan over spans that drops the decay between
+    spans must fail the parity check the correct plan passes."""
+    from pallas_kernels.bigla import pallas
+
+    args, do = make_inputs((1, 72, 1, 16, 32))
+    params = KernelParams(chunk=16, states_span=2, interpret=True)
+    want = reference64(args, do)[0]
+    right = bigla_pallas(*args, params=params)
+    scan = pallas._scan_spans
+    monkeypatch.setattr(pallas, "_scan_spans", lambda total, own, rev: scan(0 * total, own, rev))
+    broken = bigla_pallas(*args, params=params)
+    assert_close("o", right, want, 1e-5)
+    with pytest.raises(AssertionError, match="relative"):
+        assert_close("o", broken, want, 1e-2)
+
+
+def test_states_span_by_programs_unless_set():
+    from pallas_kernels.bigla.pallas import STATE_PROGRAMS, _states_span
+
+    assert _states_span(128, 3, 4, KernelParams()) == 0  # B * H = 384 programs: sequential
+    assert _states_span(1, 3, 1024, KernelParams()) == 12  # 86 spans of 12 chunks: 258 programs
+    assert abs(3 * math.ceil(1024 / 12) - STATE_PROGRAMS) <= 0.1 * STATE_PROGRAMS
+    assert _states_span(1, 3, 1024, KernelParams(states_span=0)) == 0
+    assert _states_span(128, 3, 4, KernelParams(states_span=1)) == 1
+    assert _states_span(1, 1, 4, KernelParams(states_span=4)) == 0  # one span: sequential
 
 
 def test_bigla_pallas_dispatch_interpret_fp16_outputs_keep_dtypes():
@@ -232,23 +272,36 @@ def test_bigla_pallas_gpu_very_negative_gates_finite(exact):
 
 @pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
 def test_bigla_pallas_lowers_to_triton_for_cuda(exact):
-    """Cross-lowers forward + backward of both plans for CUDA on the CPU (no GPU needed): every
+    """Cross-lowers forward + backward of every plan for CUDA on the CPU (no GPU needed): every
     kernel must pass the Pallas Triton lowering (power-of-two tensors, dot shapes, forward cumsum).
     """
-    B, N, H, K, V = 2, 130, 3, 32, 64
-    qk = jax.ShapeDtypeStruct((B, N, H, K), jnp.bfloat16)
-    v = jax.ShapeDtypeStruct((B, N, H, V), jnp.bfloat16)
-    g = jax.ShapeDtypeStruct((B, N, H, K), jnp.float32)
+    B, H, K, V = 2, 3, 32, 64
+    plans = {  # N, chunk, states_span -> the kernels the plan launches besides the chunk kernels
+        (49, 128, None): (),  # short plan
+        (130, 128, 0): ("fwd_states", "bwd_states"),  # sequential states
+        (130, 32, 2): ("fwd_span_summaries", "fwd_states", "bwd_span_summaries", "bwd_states"),
+        (130, 32, 1): ("fwd_span_summaries", "bwd_span_summaries"),  # the scan gives every state
+    }
+    for (n, chunk, span), states_kernels in plans.items():
+        params = KernelParams(chunk=chunk, exact_diagonal=exact, states_span=span)
 
-    def fwd_bwd(q, k, v, gf, gb, do):
-        f = lambda *x: bigla_pallas(*x, params=KernelParams(chunk=128, exact_diagonal=exact))
-        o, vjp = jax.vjp(f, q, k, v, gf, gb)  # NT = 2 here: long plan; N = 49 below: short plan
-        return o, vjp(do)
+        def fwd_bwd(q, k, v, gf, gb, do, params=params):
+            o, vjp = jax.vjp(lambda *x: bigla_pallas(*x, params=params), q, k, v, gf, gb)
+            return o, vjp(do)
 
-    for n in (N, 49):
         shapes = [
-            jax.ShapeDtypeStruct(x.shape[:1] + (n,) + x.shape[2:], x.dtype)
-            for x in (qk, qk, v, g, g, v)
+            jax.ShapeDtypeStruct((B, n, H, d), dt)
+            for d, dt in ((K, jnp.bfloat16),) * 2
+            + ((V, jnp.bfloat16),)
+            + ((K, jnp.float32),) * 2
+            + ((V, jnp.bfloat16),)
         ]
         text = jax.jit(fwd_bwd).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("bigla_") >= (4 if n == N else 2), "expected the named Pallas kernels"
+        for name in states_kernels:
+            assert f"bigla_{name}" in text, (n, chunk, span, name)
+        if not states_kernels:
+            assert "bigla_fwd_short" in text and "bigla_bwd_short" in text
+        else:
+            assert "bigla_fwd_chunks" in text and "bigla_bwd_chunks" in text
+        if span == 1:
+            assert "bigla_fwd_states" not in text

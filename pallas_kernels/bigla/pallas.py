@@ -13,9 +13,13 @@ Two launch plans, chosen by `_use_short_path`:
   short  NT = ceil(N / BT) <= params.short_max_chunks: one program per (b, h) with the chunk loop
          unrolled in Python; a right-to-left pass builds the backward states, a left-to-right pass
          carries the forward state and writes the outputs (states never touch HBM).
-  long   a states kernel per (b, h) walks the chunks with `fori_loop` and writes every chunk's
-         entering states (fp32) to HBM; a chunk kernel with grid (NT, B, H) then works on all chunks
-         in parallel.
+  long   states kernels write every chunk's entering states (fp32) to HBM; a chunk kernel with
+         grid (NT, B, H) then works on all chunks in parallel. The states come from one program
+         per (b, h) walking all chunks with `fori_loop` (sequential), or, when B * H alone cannot
+         fill the GPU (long N, small batch), from spans of `states_span` chunks: a summary launch
+         (grid (NS, B, H)) gives each span's own leaving states and gate totals, `_scan_spans`
+         (`lax.associative_scan` over the NS spans) the states entering every span, and a second
+         launch walks each span from them.
 The backward pass recomputes the states (residuals are the inputs only) plus the two adjoint states
 and produces dq, dk, dv, dgf, dgb in one chunk kernel per plan.
 """
@@ -49,6 +53,11 @@ class KernelParams:
     split_backward: long plan: one backward chunk kernel per direction (the second adds the
       first's fp32 dq, dk, dv) instead of one kernel doing both, halving each program's live state.
       None: split when K >= SPLIT_MIN_K (see `_split_backward`).
+    states_span: long plan: chunks walked in sequence per states program. 0: one program per
+      (b, h) walks all NT chunks (B * H programs). L >= 1: spans of L chunks, B * H * ceil(NT / L)
+      programs, at the cost of a second states launch (each span's own states, then a scan over
+      spans in XLA, then the walk from the scanned states; L = 1 needs no walk). None: 0 when
+      B * H >= STATE_PROGRAMS, else spans giving about STATE_PROGRAMS programs (`_states_span`).
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -58,6 +67,7 @@ class KernelParams:
     num_stages: int = 1
     exact_diagonal: bool = False
     split_backward: bool | None = None
+    states_span: int | None = None
     interpret: bool = False
 
 
@@ -66,6 +76,10 @@ class KernelParams:
 # K 16, V 32 (ViG-H-T stage 1): 2977 vs 2176: fused wins (little live state to save, and the
 # split's fp32 partials of dq, dk, dv cost a larger share of the traffic).
 SPLIT_MIN_K = 32
+
+# Programs the states kernels aim for when B * H alone is fewer (states_span=None): two per SM on
+# a 132-SM H100/H200. An unmeasured guess; the benchmark's states_span variants tune it.
+STATE_PROGRAMS = 264
 
 
 def _split_backward(K, params):
@@ -369,37 +383,58 @@ def _bigla_fwd_short_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, o_ref, *, n, bt
             s = _state_step(s, k, v, gf, False, mm)
 
 
-def _bigla_states_kernel(*refs, n, bt, mm, adjoints):
-    """Entering states of every chunk: Sf (left to right) and Sb (right to left); with `adjoints`
-    also dSf, dSb, the adjoints of the states leaving every chunk. One program per (b, h)."""
+def _bigla_states_kernel(*refs, n, bt, span, mm, adjoints, has_init, summary):
+    """States of the chunks of one span (`span` consecutive chunks; program id 0 picks the span).
+
+    Inputs: k, v, gf, gb (with `adjoints`: q, k, v, gf, gb, do), then with `has_init` the states
+    entering the span: Sf, Sb (and dSf, dSb) [K, V]; else they start at zero.
+    Sf runs left to right and Sb right to left; with `adjoints` also dSf (right to left) and dSb
+    (left to right), the adjoints of the states leaving each chunk.
+    summary=False: writes every chunk's entering states, [span * K, V] per state.
+    summary=True: writes only the states leaving the span (its own contribution when they start
+    at zero), [K, V] each, then the span's gate totals sum(gf), sum(gb) [K] (log decays, <= 0).
+    """
+    nin, nst = (6, 4) if adjoints else (4, 2)
+    ins, init, outs = refs[:nin], refs[nin : nin + nst * has_init], refs[nin + nst * has_init :]
     if adjoints:
-        q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, sf_ref, sb_ref, dsf_ref, dsb_ref = refs
+        q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref = ins
     else:
-        k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref = refs
-    nt = math.ceil(n / bt)
+        k_ref, v_ref, gf_ref, gb_ref = ins
     K, V = k_ref.shape[-1], v_ref.shape[-1]
+    base = pl.program_id(0) * span
 
     def body(it, carry):
-        c_fwd, c_bwd = it, nt - 1 - it  # this step's chunk for each sweep direction
-        sf_ref[pl.ds(c_fwd * K, K), :] = carry[0]
-        sb_ref[pl.ds(c_bwd * K, K), :] = carry[1]
+        states, totals = carry[:nst], carry[nst:]
+        # This step's chunk for each sweep direction: local index into the span, global chunk id.
+        i_fwd, i_bwd = it, span - 1 - it
+        c_fwd, c_bwd = base + i_fwd, base + i_bwd
+        if not summary:
+            # Sf and dSb run left to right, Sb and dSf right to left.
+            rows = (i_fwd, i_bwd, i_bwd, i_fwd)[:nst]
+            for ref, val, i in zip(outs, states, rows, strict=True):
+                ref[pl.ds(i * K, K), :] = val
         k, v, gf = _load_chunk((k_ref, v_ref, gf_ref), c_fwd, bt, n)
-        sf = _state_step(carry[0], k, v, gf, False, mm)
+        new = [_state_step(states[0], k, v, gf, False, mm)]
         k, v, gb = _load_chunk((k_ref, v_ref, gb_ref), c_bwd, bt, n)
-        sb = _state_step(carry[1], k, v, gb, True, mm)
-        if not adjoints:
-            return sf, sb
-        # dSb runs left to right (as Sf does), dSf right to left.
-        dsb_ref[pl.ds(c_fwd * K, K), :] = carry[3]
-        dsf_ref[pl.ds(c_bwd * K, K), :] = carry[2]
-        q, do, gb = _load_chunk((q_ref, do_ref, gb_ref), c_fwd, bt, n)
-        dsb = _adjoint_step(carry[3], q, 0.5 * do, gb, True, mm)
-        q, do, gf = _load_chunk((q_ref, do_ref, gf_ref), c_bwd, bt, n)
-        dsf = _adjoint_step(carry[2], q, 0.5 * do, gf, False, mm)
-        return sf, sb, dsf, dsb
+        new.append(_state_step(states[1], k, v, gb, True, mm))
+        if summary:
+            totals = (totals[0] + jnp.sum(gf, axis=0), totals[1] + jnp.sum(gb, axis=0))
+        if adjoints:
+            q, do, gf = _load_chunk((q_ref, do_ref, gf_ref), c_bwd, bt, n)
+            new.append(_adjoint_step(states[2], q, 0.5 * do, gf, False, mm))
+            q, do, gb = _load_chunk((q_ref, do_ref, gb_ref), c_fwd, bt, n)
+            new.append(_adjoint_step(states[3], q, 0.5 * do, gb, True, mm))
+        return (*new, *totals)
 
-    zero = jnp.zeros((K, V), jnp.float32)
-    lax.fori_loop(0, nt, body, (zero,) * (4 if adjoints else 2))
+    if has_init:
+        states = tuple(r[...] for r in init)
+    else:
+        states = (jnp.zeros((K, V), jnp.float32),) * nst
+    totals = (jnp.zeros((K,), jnp.float32),) * 2 if summary else ()
+    final = lax.fori_loop(0, span, body, (*states, *totals))
+    if summary:
+        for ref, val in zip(outs, final, strict=True):
+            ref[...] = val
 
 
 def _bigla_fwd_chunk_kernel(
@@ -516,24 +551,108 @@ def _call(kernel, name, grid, in_specs, out_specs, out_shape, params):
     )
 
 
+def _states_span(B, H, nt, params):
+    """Chunks per states program, or 0 for the sequential plan (one program per (b, h) walking all
+    NT chunks). None in params: split only when B * H < STATE_PROGRAMS, into about that many
+    programs (the chain each program walks shrinks with them)."""
+    span = params.states_span
+    if span is None:
+        if B * H >= STATE_PROGRAMS:
+            return 0
+        span = math.ceil(nt / math.ceil(STATE_PROGRAMS / (B * H)))
+    return 0 if span >= nt else span
+
+
+def _span_spec(rows, V):
+    """[B, H, NS * rows, V] (or [B, H, NS, rows], V None) -> block of span s; grid (NS, B, H)."""
+    if V is None:
+        return pl.BlockSpec((None, None, None, rows), lambda s, b, h: (b, h, s, 0))
+    return pl.BlockSpec((None, None, rows, V), lambda s, b, h: (b, h, s, 0))
+
+
+def _states_call(inputs, params, adjoints, span, ns, init=None, summary=False):
+    """One launch of the states kernel, grid (NS, B, H). Returns the entering states of every chunk,
+    [B, H, NS * span * K, V] each, or with `summary` the spans' own leaving states [B, H, NS * K, V]
+    and gate totals [B, H, NS, K] (fp32)."""
+    B, N, H, K = inputs[0].shape
+    V = inputs[2].shape[-1] if adjoints else inputs[1].shape[-1]
+    mm = _matmul_dtype(inputs[1].dtype if adjoints else inputs[0].dtype)
+    nst = 4 if adjoints else 2
+    rows = K if summary else span * K
+    out_shape = [jax.ShapeDtypeStruct((B, H, ns * rows, V), jnp.float32)] * nst
+    out_specs = [_span_spec(rows, V)] * nst
+    if summary:
+        out_shape += [jax.ShapeDtypeStruct((B, H, ns, K), jnp.float32)] * 2
+        out_specs += [_span_spec(K, None)] * 2
+    kernel = functools.partial(
+        _bigla_states_kernel,
+        n=N,
+        bt=params.chunk,
+        span=span,
+        mm=mm,
+        adjoints=adjoints,
+        has_init=init is not None,
+        summary=summary,
+    )
+    init = tuple(init or ())
+    name = "bigla_" + ("bwd" if adjoints else "fwd") + ("_span_summaries" if summary else "_states")
+    return _call(
+        kernel,
+        name,
+        (ns, B, H),
+        [_token_spec(x, 3) for x in inputs] + [_span_spec(K, V)] * len(init),
+        out_specs,
+        out_shape,
+        params,
+    )(*inputs, *init)
+
+
+def _scan_spans(total, own, reverse):
+    """States entering every span from the spans' own leaving states and gate totals (XLA).
+
+    own: [B, H, NS, K, V], what each span adds to the state it passes on; total: [B, H, NS, K],
+    the log decay the span applies to a state crossing it. Entering state of span s = sum over the
+    spans j before s in the direction of exp(sum of total over the spans strictly between) own[j];
+    every exponent is <= 0.
+    """
+
+    def combine(a, b):  # a: the earlier run of spans in the direction, b: the later one
+        return a[0] + b[0], jnp.exp(b[0])[..., None] * a[1] + b[1]
+
+    _, leaving = lax.associative_scan(combine, (total, own), reverse=reverse, axis=2)
+    zero = jnp.zeros_like(leaving[:, :, :1])
+    if reverse:
+        return jnp.concatenate([leaving[:, :, 1:], zero], axis=2)
+    return jnp.concatenate([zero, leaving[:, :, :-1]], axis=2)
+
+
 def _states(inputs, params, adjoints):
-    """States kernel launcher: 2 (or 4 with adjoints) arrays [B, H, NT * K, V] fp32."""
+    """Entering states of every chunk: Sf, Sb (and dSf, dSb), [B, H, NTp * K, V] fp32 each, with
+    NTp >= NT (chunks past NT are padding: zero inputs, which change no state).
+
+    Sequential plan (span 0): one program per (b, h) walks all NT chunks. Split plan: spans of
+    `span` chunks; a summary launch gives every span's own leaving states and gate totals, a scan
+    over spans in XLA gives the states entering every span, and a second launch walks each span
+    from its entering states (span 1: the scan's states are already those of every chunk).
+    """
     B, N, H, K = inputs[0].shape
     V = inputs[2].shape[-1] if adjoints else inputs[1].shape[-1]
     nt = math.ceil(N / params.chunk)
-    mm = _matmul_dtype(inputs[1].dtype if adjoints else inputs[0].dtype)
-    state = jax.ShapeDtypeStruct((B, H, nt * K, V), jnp.float32)
-    nout = 4 if adjoints else 2
-    kernel = functools.partial(_bigla_states_kernel, n=N, bt=params.chunk, mm=mm, adjoints=adjoints)
-    return _call(
-        kernel,
-        "bigla_bwd_states" if adjoints else "bigla_fwd_states",
-        (B, H),
-        [_token_spec(x, 2) for x in inputs],
-        [pl.BlockSpec((None, None, nt * K, V), lambda b, h: (b, h, 0, 0))] * nout,
-        [state] * nout,
-        params,
-    )(*inputs)
+    span = _states_span(B, H, nt, params)
+    if not span:
+        return _states_call(inputs, params, adjoints, span=nt, ns=1)
+    ns = math.ceil(nt / span)
+    *own, total_f, total_b = _states_call(inputs, params, adjoints, span, ns, summary=True)
+    # Sf and dSb run left to right, Sb and dSf right to left; Sf and dSf decay by gf, Sb and dSb
+    # by gb.
+    plan = ((total_f, False), (total_b, True), (total_f, True), (total_b, False))[: len(own)]
+    init = [
+        _scan_spans(total, x.reshape(B, H, ns, K, V), reverse).reshape(B, H, ns * K, V)
+        for x, (total, reverse) in zip(own, plan, strict=True)
+    ]
+    if span == 1:
+        return init
+    return _states_call(inputs, params, adjoints, span, ns, init=init)
 
 
 def _state_spec(K, V):
