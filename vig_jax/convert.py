@@ -1,6 +1,6 @@
 """Official PyTorch ViG / ViG-H state_dict -> Flax parameters; the only file that knows torch names.
 
-    python -m vig_jax.convert official.pth out_dir [--model vig_s]
+    python -m vig_jax.convert official.pth out_dir [--model vig_s] [--overwrite]
 
 loads the checkpoint with torch (`pip install -e ".[convert]"`), converts its "model" entry, and
 writes `out_dir/params` (orbax) and `out_dir/model.json` ({"model": name, "num_classes": n}).
@@ -10,8 +10,11 @@ Read the result back with `load_params(out_dir)` and `load_model_info(out_dir)`.
 """
 
 import argparse
+import os
 import pathlib
 import re
+import sys
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,7 @@ from vig_jax.models import VARIANTS, create_model, model_class
 from vig_jax.models.vig import ViG
 from vig_jax.models.vig_h import ViGH
 from vig_jax.train import checkpoint
+from vig_jax.train.errors import EXIT_USER_ERROR
 
 # Layout changes from torch to Flax.
 _TRANSFORMS = {
@@ -121,6 +125,24 @@ def _family_of(model: nn.Module) -> str:
     return _FAMILY[type(model)]
 
 
+def _torch_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+    """The torch-layout shape whose `_TRANSFORMS[transform]` has `shape`."""
+    if transform == "linear":
+        return shape[::-1]
+    if transform == "conv":  # [kh, kw, I, O] -> [O, I, kh, kw]
+        return (shape[3], shape[2], shape[0], shape[1])
+    return shape
+
+
+def _official_name(path: str, family: str) -> tuple[str, str]:
+    """(official name, transform) of our parameter `path`: the name table read backwards."""
+    for official, ours, transform in NAME_MAP[family]:
+        match = _compile(ours).match(path)
+        if match:
+            return official.format(**match.groupdict()), transform
+    raise KeyError(path)  # every parameter of a ViG / ViG-H has a rule
+
+
 def convert_state_dict(state_dict: dict[str, np.ndarray], model: str | nn.Module) -> dict:
     """Maps an official state_dict onto the Flax parameter tree of `model`.
 
@@ -132,7 +154,8 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], model: str | nn.Module
       The nested "params" dict of float32 numpy arrays for `model.apply({"params": ...}, ...)`.
 
     Raises:
-      ValueError: listing together every unknown key, missing parameter and mis-shaped one.
+      ValueError: listing together every unknown key, missing parameter and mis-shaped one, all
+        by their official (torch) names and shapes.
     """
     if isinstance(model, str):
         model = model_for_checkpoint(state_dict, model)
@@ -149,15 +172,14 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], model: str | nn.Module
             unknown.append(key)
             continue
         if path not in expected:
-            unknown.append(f"{key} (-> {path})")
+            unknown.append(f"{key} (no such parameter in this model)")
             continue
         array = np.asarray(_TRANSFORMS[transform](np.asarray(value)), np.float32)
         if array.shape != expected[path]:
-            misshaped.append(
-                f"{key}: {np.shape(value)} -> {array.shape}, expected {expected[path]}"
-            )
+            want = _torch_shape(expected[path], transform)
+            misshaped.append(f"{key}: {tuple(np.shape(value))}, expected {want}")
         params[path] = array
-    missing = sorted(set(expected) - set(params))
+    missing = sorted(_official_name(path, family)[0] for path in set(expected) - set(params))
     if unknown or missing or misshaped:
         problems = [
             f"{label} ({len(items)}): {', '.join(items)}"
@@ -201,9 +223,22 @@ def infer_model_name(state_dict: dict[str, np.ndarray]) -> str:
     )
 
 
-def save_params(params: dict, out_dir: str | pathlib.Path, *, model_name: str, num_classes: int):
-    """Writes out_dir/params (orbax) and out_dir/model.json ({"model", "num_classes"})."""
-    checkpoint.save_converted(out_dir, params, {"model": model_name, "num_classes": num_classes})
+def save_params(
+    params: dict,
+    out_dir: str | pathlib.Path,
+    *,
+    model_name: str,
+    num_classes: int,
+    overwrite: bool = False,
+):
+    """Writes out_dir/params (orbax) and out_dir/model.json ({"model", "num_classes"}).
+
+    Raises:
+      FileExistsError: out_dir already holds a converted checkpoint and `overwrite` is False.
+    """
+    checkpoint.save_converted(
+        out_dir, params, {"model": model_name, "num_classes": num_classes}, overwrite=overwrite
+    )
 
 
 def load_params(path: str | pathlib.Path) -> dict:
@@ -222,39 +257,94 @@ def load_model_info(path: str | pathlib.Path) -> dict:
 
 
 def convert_checkpoint(
-    state_dict: dict[str, np.ndarray], out_dir: str | pathlib.Path, model_name: str | None = None
+    state_dict: dict[str, np.ndarray],
+    out_dir: str | pathlib.Path,
+    model_name: str | None = None,
+    *,
+    overwrite: bool = False,
 ) -> str:
-    """Converts and saves; infers the model when `model_name` is None. Returns the model name."""
+    """Converts and saves; infers the model when `model_name` is None. Returns the model name.
+
+    Raises:
+      FileExistsError: out_dir already holds a converted checkpoint and `overwrite` is False
+        (checked first, before the conversion).
+    """
+    if not overwrite and checkpoint.read_model_json(out_dir) is not None:
+        raise FileExistsError(
+            f"{pathlib.Path(out_dir).resolve()} already holds a converted checkpoint"
+        )
     name = model_name or infer_model_name(state_dict)
     model = model_for_checkpoint(state_dict, name)
     params = convert_state_dict(state_dict, model)
-    save_params(params, out_dir, model_name=name, num_classes=model.num_classes)
+    save_params(
+        params, out_dir, model_name=name, num_classes=model.num_classes, overwrite=overwrite
+    )
     return name
 
 
 def load_torch_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """Reads an official .pth (its "model" entry, or the dict itself) into float32 numpy arrays."""
+    """Reads an official .pth (its "model" entry, or the dict itself) into float32 numpy arrays.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      ImportError: PyTorch is not installed (says how to install it).
+      ValueError: the file is no PyTorch checkpoint, or holds no state_dict (name -> tensor).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
     try:
         import torch
     except ImportError as e:
         raise ImportError(
             "reading .pth checkpoints needs PyTorch: pip install -e '.[convert]' (or torch)"
         ) from e
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("model", checkpoint)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch reports a foreign file as anything from KeyError to EOFError
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})".replace("\n", " ")
+        ) from e
+    state_dict = loaded.get("model", loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state_dict.values()
+    ):
+        raise ValueError(
+            f"{path} holds a {type(state_dict).__name__}, not a state_dict (a dict of parameter "
+            'name -> tensor, or one under "model")'
+        )
     return {k: v.detach().float().numpy() for k, v in state_dict.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: errors are one line and exit code 2 (tracebacks with --verbose or
+    VIG_VERBOSE=1)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("checkpoint", help="official .pth file")
     parser.add_argument("out_dir", help="folder for params/ and model.json")
     parser.add_argument("--model", help="registered name, e.g. vig_s; inferred when omitted")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a converted checkpoint in out_dir"
+    )
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks with errors")
     args = parser.parse_args(argv)
-    name = convert_checkpoint(load_torch_state_dict(args.checkpoint), args.out_dir, args.model)
+    try:
+        state_dict = load_torch_state_dict(args.checkpoint)
+        name = convert_checkpoint(state_dict, args.out_dir, args.model, overwrite=args.overwrite)
+    except FileExistsError as e:
+        _fail(f"{e}; pass --overwrite to replace it", args.verbose)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        _fail(str(e), args.verbose)
     print(f"converted {args.checkpoint} as {name} -> {args.out_dir}")
+
+
+def _fail(message: str, verbose: bool):
+    if verbose or os.environ.get("VIG_VERBOSE", "") not in ("", "0"):
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":
