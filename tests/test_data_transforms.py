@@ -67,7 +67,9 @@ def test_resize_and_centre_crop_geometry():
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     # Shorter side to floor(32 / 0.875) = 36: the full 36x48 resize, centre-cropped, is the answer.
     want = np.asarray(Image.fromarray(image).resize((36, 48), Image.Resampling.BICUBIC))[8:40, 2:34]
-    np.testing.assert_array_equal(out, want)
+    # Only the kept columns are resized: Pillow's weights then round differently by <= 1 level.
+    diff = np.abs(out.astype(int) - want)
+    assert diff.max() <= 1 and diff.mean() < 0.1, (diff.max(), diff.mean())
     # crop_pct 1 at the native size is the identity.
     square = _image(32, 32)
     np.testing.assert_array_equal(transforms.resize_and_centre_crop(square, 32, 1.0), square)

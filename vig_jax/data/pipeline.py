@@ -82,7 +82,7 @@ def make_train_iterator(
     """
     _check_common(image_size, batch_size, shard_index, shard_count, num_workers)
     transform = transforms.TrainTransform.from_config(augment, image_size)
-    source = sources.data_source(dataset, data_dir, split)
+    source = sources.data_source(dataset, data_dir, split, decode_images=False)
     ds = grain.MapDataset.source(source)[shard_index::shard_count].seed(seed)
     ds = ds.shuffle().random_map(transform).repeat(None).batch(batch_size, drop_remainder=True)
     return TrainIterator(ds, num_workers)
@@ -173,7 +173,7 @@ def make_eval_iterator(
     """
     _check_common(image_size, batch_size, shard_index, shard_count, num_workers)
     transform = transforms.EvalTransform(image_size, crop_pct)
-    source = sources.data_source(dataset, data_dir, split)
+    source = sources.data_source(dataset, data_dir, split, decode_images=False)
     shard = grain.MapDataset.source(source)[shard_index::shard_count].map(transform)
     num_batches = math.ceil(math.ceil(len(source) / shard_count) / batch_size)
     padded = grain.MapDataset.range(num_batches * batch_size).map(

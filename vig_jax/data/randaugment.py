@@ -12,6 +12,7 @@ Semantics (timm's RandAugment with the "increasing" op set), written from its de
 """
 
 import dataclasses
+import functools
 import re
 
 import numpy as np
@@ -65,11 +66,22 @@ def _translate_y(img, level, rng):
     return _affine(img, (1, 0, 0, 0, 1, pixels))
 
 
+@functools.cache
+def _lut(kind: str, amount: int, bands: int) -> tuple[int, ...]:
+    """A Pillow `point` table for every band: posterize to `amount` bits, or add `amount` to
+    values below 128 (saturating). Built once per (kind, amount, bands): the levels are integers."""
+    if kind == "posterize":
+        # Pillow's ImageOps.posterize refuses 0 bits (all black), which level 10 asks for.
+        mask = (0xFF << (8 - amount)) & 0xFF
+        table = [v & mask for v in range(256)]
+    else:
+        table = [min(255, v + amount) if v < 128 else v for v in range(256)]
+    return tuple(table * bands)
+
+
 def _posterize(img, level, rng):
     bits = 4 - int(level / _MAX_LEVEL * 4)  # keeps 4 bits at level 0 down to 0 bits at level 10
-    # Our own LUT: Pillow's ImageOps.posterize refuses 0 bits (all black), which level 10 asks for.
-    mask = (0xFF << (8 - bits)) & 0xFF
-    return img.point([v & mask for v in range(256)] * len(img.getbands()))
+    return img.point(_lut("posterize", bits, len(img.getbands())))
 
 
 def _solarize(img, level, rng):
@@ -79,8 +91,7 @@ def _solarize(img, level, rng):
 def _solarize_add(img, level, rng):
     # Adds to pixels below 128 only (saturating), leaves the rest.
     add = int(level / _MAX_LEVEL * 110)
-    lut = [min(255, v + add) if v < 128 else v for v in range(256)] * len(img.getbands())
-    return img.point(lut)
+    return img.point(_lut("solarize_add", add, len(img.getbands())))
 
 
 def _enhancer(kind):

@@ -93,18 +93,23 @@ def dataset_info(dataset: str, data_dir: str | None) -> DatasetInfo:
     )
 
 
-def data_source(dataset: str, data_dir: str | None, split: str) -> Sequence[dict[str, Any]]:
+def data_source(
+    dataset: str, data_dir: str | None, split: str, *, decode_images: bool = True
+) -> Sequence[dict[str, Any]]:
     """Random-access split: `source[i] == {"image": uint8 [h, w, C], "label": int, ...}`.
 
     Args:
       dataset, data_dir: as in `get_builder`.
       split: a split name or TFDS slice, e.g. "train", "validation", "train[:90%]".
+      decode_images: False gives "image" as its stored encoded bytes (JPEG, PNG), which the
+        transforms decode at the scale they need.
     Raises:
       ValueError: unknown split, or the dataset was prepared in a format without random access.
     """
     builder = get_builder(dataset, data_dir)
+    decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
     try:
-        return builder.as_data_source(split=split)
+        return builder.as_data_source(split=split, decoders=decoders)
     except NotImplementedError as e:
         raise ValueError(
             f"{dataset!r} in {builder.data_dir} is prepared as {builder.info.file_format}, "

@@ -1,4 +1,4 @@
-"""Host-side per-example transforms (numpy/PIL) of the training recipe (docs/training.md).
+"""Host-side per-example transforms (numpy/PIL), spec "Training recipe".
 
 Train (`TrainTransform`, chosen by `augment["kind"]`):
 - "deit": random-resized-crop (area `scale`, log-uniform aspect `ratio`, bicubic), horizontal
@@ -8,9 +8,17 @@ Train (`TrainTransform`, chosen by `augment["kind"]`):
 Eval (`EvalTransform`): resize the shorter side to floor(size / crop_pct) (bicubic), centre crop.
 Every transform returns {"image": uint8 [S, S, 3], "label": int32}; grey images become RGB.
 Normalisation, random erasing and mixup/cutmix run on the device (`mix.py`).
+
+Images arrive either decoded (uint8 arrays) or as their encoded bytes (what the pipeline reads,
+issue 19). From bytes, a JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8: Pillow's `draft`)
+whenever the region to resize still has at least the output's size at that scale, so nothing
+below the output resolution is lost; the crop or eval window is resized straight from the decoded
+image (`resize(box=...)`), which is the full resize followed by the crop without computing the
+pixels the crop drops. Random draws are the same, in the same order, for arrays and bytes.
 """
 
 import dataclasses
+import io
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +44,79 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"expected an image [h, w], [h, w, 1] or [h, w, 3], got {image.shape=}")
     return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+_DRAFT_SCALES = (8, 4, 2)  # JPEG DCT scales Pillow's draft offers (1/8, 1/4, 1/2)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Encoded image bytes -> a PIL image whose header is read; pixels decode on first use."""
+    return Image.open(io.BytesIO(data))
+
+
+def decode_region(
+    image: Image.Image, box: tuple[float, float, float, float], out_size: tuple[int, int]
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Decodes `image` (opened, not loaded) as RGB at the coarsest JPEG DCT scale that keeps
+    `box` at least `out_size` (width, height) pixels.
+
+    Args:
+      image: from `open_image`.
+      box: (left, top, right, bottom) of the region to resize, in full-resolution pixels.
+      out_size: (width, height) the region will be resized to.
+    Returns:
+      (RGB image, `box` in its pixels).
+    """
+    width, height = image.size
+    left, top, right, bottom = box
+    if image.format == "JPEG":
+        for scale in _DRAFT_SCALES:
+            if right - left >= scale * out_size[0] and bottom - top >= scale * out_size[1]:
+                # Asking for (w // s, h // s) makes Pillow pick exactly scale s; libjpeg then
+                # decodes ceil(w / s) x ceil(h / s) pixels.
+                image.draft("RGB", (width // scale, height // scale))
+                break
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # grey, CMYK, palette, RGBA
+    sx, sy = width / image.width, height / image.height
+    return image, (left / sx, top / sy, right / sx, bottom / sy)
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 [h, w, 3] at full resolution."""
+    image = open_image(data)
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def _short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
+    # The longer side is truncated, as torchvision's Resize(int) does.
+    if height <= width:
+        return short, int(short * width / height)
+    return int(short * height / width), short
+
+
+def _eval_resize(
+    height: int, width: int, size: int, crop_pct: float
+) -> tuple[tuple[int, int], tuple[float, float, float, float] | None, int]:
+    """How the eval resize + centre crop is computed without the pixels it drops.
+
+    Returns:
+      ((out_w, out_h), box, top): resizing the full-resolution `box` to (out_w, out_h) and keeping
+      rows top:top + size gives the resize of the shorter side to floor(size / crop_pct) followed
+      by the centre crop; box None means no resize (the image already has that size). When the
+      resize shrinks, the box holds only the kept columns: Pillow then samples the same source
+      positions as the full resize, and the result equals it to within one grey level (float
+      rounding of the weights; a box on rows too would differ by up to ~20 levels).
+    """
+    new_h, new_w = _short_side_size(height, width, math.floor(size / crop_pct))
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    if (new_h, new_w) == (height, width):
+        return (size, new_h), None, top
+    if new_h >= height or new_w >= width:  # upscaling: resize everything, crop after
+        return (new_w, new_h), (0, 0, width, height), top
+    sx = width / new_w
+    return (size, new_h), (left * sx, 0.0, (left + size) * sx, float(height)), top
 
 
 def random_resized_crop_box(
@@ -76,22 +157,17 @@ def random_resized_crop_box(
 def resize_and_centre_crop(image: np.ndarray, size: int, crop_pct: float) -> np.ndarray:
     """Resizes the shorter side to floor(size / crop_pct) (bicubic), then centre-crops size x size.
 
+    When the resize shrinks, the dropped columns are not computed (`_eval_resize`).
     Args:
       image: [h, w, 3] uint8.
     Returns:
       [size, size, 3] uint8.
     """
     height, width = image.shape[:2]
-    short = math.floor(size / crop_pct)
-    # The longer side is truncated, as torchvision's Resize(int) does.
-    if height <= width:
-        new_h, new_w = short, int(short * width / height)
-    else:
-        new_h, new_w = int(short * height / width), short
-    if (new_h, new_w) != (height, width):
-        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), _RESAMPLE))
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
+    out_size, box, top = _eval_resize(height, width, size, crop_pct)
+    if box is not None:
+        image = np.asarray(Image.fromarray(image).resize(out_size, _RESAMPLE, box=box))
+    left = int(round((image.shape[1] - size) / 2.0))
     return image[top : top + size, left : left + size]
 
 
@@ -162,22 +238,25 @@ class TrainTransform:
         return cls(**options)
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        """{"image": uint8 [h, w, C], "label": int} -> {"image": uint8 [S, S, 3], "label": i32}."""
-        image = to_rgb(np.asarray(example["image"]))
+        """{"image": uint8 [h, w, C] or encoded bytes, "label": int} ->
+        {"image": uint8 [S, S, 3], "label": int32}."""
+        image = example["image"]
+        encoded = isinstance(image, bytes)
         size = self.image_size
         if self.kind == "deit":
+            pil = open_image(image) if encoded else Image.fromarray(to_rgb(np.asarray(image)))
             top, left, crop_h, crop_w = random_resized_crop_box(
-                rng, image.shape[0], image.shape[1], self.scale, self.ratio
+                rng, pil.height, pil.width, self.scale, self.ratio
             )
-            pil = Image.fromarray(image).resize(
-                (size, size), _RESAMPLE, box=(left, top, left + crop_w, top + crop_h)
-            )
+            pil, box = decode_region(pil, (left, top, left + crop_w, top + crop_h), (size, size))
+            pil = pil.resize((size, size), _RESAMPLE, box=box)
             if self.hflip and rng.random() < 0.5:
                 pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if self.randaugment is not None:
                 pil = self.randaugment(pil, rng)
             image = np.asarray(pil)
         else:
+            image = decode_rgb(image) if encoded else to_rgb(np.asarray(image))
             image = resize_and_centre_crop(image, size, crop_pct=1.0)
             if self.kind == "pad_crop":
                 image = pad_and_random_crop(rng, image, self.padding)
@@ -201,7 +280,19 @@ class EvalTransform:
             )
 
     def __call__(self, example: Mapping[str, Any]) -> dict[str, Any]:
-        """{"image": uint8 [h, w, C], "label": int} -> {"image": uint8 [S, S, 3], "label": i32}."""
-        image = to_rgb(np.asarray(example["image"]))
-        image = resize_and_centre_crop(image, self.image_size, self.crop_pct)
+        """{"image": uint8 [h, w, C] or encoded bytes, "label": int} ->
+        {"image": uint8 [S, S, 3], "label": int32}."""
+        image, size = example["image"], self.image_size
+        if isinstance(image, bytes):
+            pil = open_image(image)
+            out_size, box, top = _eval_resize(pil.height, pil.width, size, self.crop_pct)
+            if box is None:
+                image = decode_rgb(image)
+            else:
+                pil, box = decode_region(pil, box, out_size)
+                image = np.asarray(pil.resize(out_size, _RESAMPLE, box=box))
+            left = int(round((image.shape[1] - size) / 2.0))
+            image = image[top : top + size, left : left + size]
+        else:
+            image = resize_and_centre_crop(to_rgb(np.asarray(image)), size, self.crop_pct)
         return {"image": np.ascontiguousarray(image), "label": np.int32(example["label"])}
