@@ -1,0 +1,268 @@
+"""Host input pipeline throughput on ImageNet-like JPEGs, through grain to the device (issue 19).
+
+    python benchmarks/bench_input.py --out-dir /tmp/bench_input             # GPU host, ~3-4 min
+    python benchmarks/bench_input.py --out-dir /tmp/bench_input --smoke     # CPU check, ~1 min
+
+1. Generates a folder of ImageNet-like JPEGs (`vig_jax.data.imagenet_like`: mean ~400x340,
+   quality 85-95) under OUT/jpegs and prepares it with `vig_jax.data.prepare` (the path users
+   take; timed: images/s overall and per worker process) into OUT/tfds. Both are reused when
+   present, so a second run starts measuring at once.
+2. Per-image CPU cost in this process (no grain, `time.process_time`): reading the stored bytes,
+   the training transform (DeiT: random-resized crop 224, flip, RandAugment m9) and the eval
+   transform (resize to 256, centre crop 224). 1000 / ms is the img/s one core gives.
+3. End to end: `make_train_iterator` / `make_eval_iterator` (the functions training uses) with
+   1, 2, 4, 8, 16 grain workers, each batch placed on the device as the trainer does
+   (`sharding.global_batch`) and normalised there, ending in block_until_ready. The first
+   batches (while workers start) are excluded; img/s is then counted over --seconds of steady
+   state (eval: over whole passes over the split, restarted until --seconds are spent).
+
+Writes OUT/input.json and OUT/input.md.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.child_results import git_sha  # noqa: E402
+from vig_jax import data  # noqa: E402
+from vig_jax.data import imagenet_like, mix, prepare, sources, transforms  # noqa: E402
+from vig_jax.train import sharding  # noqa: E402
+
+DATASET = "input_bench"
+DEIT = {
+    "kind": "deit",
+    "scale": (0.08, 1.0),
+    "ratio": (3 / 4, 4 / 3),
+    "hflip": True,
+    "randaugment": "rand-m9-mstd0.5-inc1",
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", required=True, help="dataset, JSON and markdown go here")
+    p.add_argument("--smoke", action="store_true", help="CPU check: tiny dataset, 0-1 workers")
+    p.add_argument("--workers", default=None, help="comma-separated, default 1,2,4,8,16")
+    p.add_argument("--images", type=int, default=None, help="train images (default 12000)")
+    p.add_argument("--batch", type=int, default=None, help="default 128 (smoke 8)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--seconds", type=float, default=None, help="steady state per run (8)")
+    return p.parse_args(argv)
+
+
+def settings(args) -> dict:
+    smoke = args.smoke
+    return {
+        "workers": [
+            int(w) for w in (args.workers or ("0,1" if smoke else "1,2,4,8,16")).split(",")
+        ],
+        "images": args.images or (40 if smoke else 12000),
+        "batch": args.batch or (8 if smoke else 128),
+        "image_size": args.image_size,
+        "seconds": args.seconds or (1.0 if smoke else 8.0),
+        "stage_images": 16 if smoke else 300,
+    }
+
+
+def make_dataset(out: pathlib.Path, images: int) -> dict:
+    """Generates and prepares the JPEG set unless present; returns sizes and prepare timing."""
+    jpegs, data_dir = out / "jpegs", out / "tfds"
+    classes = 10
+    per_class = max(1, images // classes)
+    stamp = jpegs / f".complete-{classes}x{per_class}"
+    if not stamp.exists():
+        start = time.perf_counter()
+        imagenet_like.generate_folder(
+            jpegs, classes=classes, train_per_class=per_class, val_per_class=2
+        )
+        print(f"generated {classes * per_class} JPEGs in {time.perf_counter() - start:.1f} s")
+        stamp.touch()
+    result = {}
+    workers = os.cpu_count()
+    if not prepare.is_prepared(data_dir, DATASET, "1.0.0") or not (out / "prepare.json").exists():
+        report = prepare.prepare_folder(
+            jpegs, name=DATASET, data_dir=data_dir, num_workers=workers, overwrite=True
+        )
+        print(report.summary())
+        total = sum(report.num_examples.values()) + len(report.skipped)
+        result = {
+            "prepare_images": total,
+            "prepare_workers": workers,
+            "prepare_seconds": report.seconds,
+            "prepare_img_per_s": total / report.seconds,
+            "prepare_img_per_s_per_worker": total / report.seconds / workers,
+        }
+        (out / "prepare.json").write_text(json.dumps(result))
+    result = json.loads((out / "prepare.json").read_text())
+    files = sorted((jpegs / "train").rglob("*.JPEG"))[:200]
+    sizes = np.array([transforms.open_image(f.read_bytes()).size for f in files])
+    result["mean_width_height"] = sizes.mean(0).round().tolist()
+    result["mean_jpeg_kb"] = float(np.mean([f.stat().st_size for f in files]) / 1e3)
+    return result
+
+
+def stage_costs(data_dir: str, n: int, image_size: int) -> dict:
+    """ms of CPU per image for each host stage, in this process."""
+    source = sources.data_source(DATASET, data_dir, "train", decode_images=False)
+    train = transforms.TrainTransform.from_config(DEIT, image_size)
+    no_ra = transforms.TrainTransform.from_config({**DEIT, "randaugment": None}, image_size)
+    evaluate = transforms.EvalTransform(image_size, 0.875)
+    rng = np.random.default_rng(0)
+    stages = {
+        "read": lambda i: source[i],
+        "train": lambda i: train(source[i], rng),
+        "train_without_randaugment": lambda i: no_ra(source[i], rng),
+        "eval": lambda i: evaluate(source[i]),
+    }
+    costs = {}
+    for name, fn in stages.items():
+        best = float("inf")
+        for _ in range(3):
+            start = time.process_time()
+            for i in range(n):
+                fn(i % len(source))
+            best = min(best, (time.process_time() - start) / n)
+        costs[name] = best * 1e3
+        print(f"stage {name}: {costs[name]:.2f} ms/img ({1e3 / costs[name]:.0f} img/s per core)")
+    return costs
+
+
+def _device_ready(mesh, normalise):
+    def put(batch):
+        arrays = sharding.global_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+        return normalise(arrays["image"]).block_until_ready()
+
+    return put
+
+
+def run_train(data_dir, workers, s, put) -> dict:
+    it = data.make_train_iterator(
+        dataset=DATASET,
+        data_dir=data_dir,
+        split="train",
+        image_size=s["image_size"],
+        batch_size=s["batch"],
+        seed=0,
+        augment=DEIT,
+        shard_index=0,
+        shard_count=1,
+        num_workers=workers,
+    )
+    skip = max(2, workers)  # the batches built while the workers start
+    try:
+        for _ in range(skip):
+            put(next(it))
+        start, batches = time.perf_counter(), 0
+        while time.perf_counter() - start < s["seconds"] or batches < 2:
+            put(next(it))
+            batches += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        it.close()
+    return {"images": batches * s["batch"], "seconds": elapsed}
+
+
+def run_eval(data_dir, workers, s, put) -> dict:
+    images, elapsed = 0, 0.0
+    spent = time.perf_counter()
+    while elapsed < s["seconds"] and time.perf_counter() - spent < 4 * s["seconds"] + 30:
+        it = data.make_eval_iterator(
+            dataset=DATASET,
+            data_dir=data_dir,
+            split="train",
+            image_size=s["image_size"],
+            crop_pct=0.875,
+            batch_size=s["batch"],
+            shard_index=0,
+            shard_count=1,
+            num_workers=workers,
+        )
+        skip = max(2, workers)
+        start = end = None
+        try:
+            for index, batch in enumerate(it):
+                put(batch)
+                if index + 1 == skip:
+                    start = time.perf_counter()
+                elif index + 1 > skip:
+                    images += batch["image"].shape[0]
+                    end = time.perf_counter()  # not the end-of-pass wait for the workers
+        finally:
+            it.close()
+        if end is not None:
+            elapsed += end - start
+    if images == 0:
+        raise ValueError("the eval split is too small to time past the start-up batches")
+    return {"images": images, "seconds": elapsed}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Input pipeline ({result['device']}, {result['cpu_count']} CPUs, "
+        f"{result['settings']['image_size']} px, batch {result['settings']['batch']})",
+        "",
+        f"Dataset: {result['dataset']['prepare_images']} generated JPEGs, mean "
+        f"{result['dataset']['mean_width_height']} px, {result['dataset']['mean_jpeg_kb']:.0f} KB. "
+        f"Prepare: {result['dataset']['prepare_img_per_s']:.0f} images/s with "
+        f"{result['dataset']['prepare_workers']} processes "
+        f"({result['dataset']['prepare_img_per_s_per_worker']:.0f} per process).",
+        "",
+        "| stage (one core, no grain) | ms/img | img/s |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {v:.2f} | {1e3 / v:.0f} |" for k, v in result["stage_ms"].items()]
+    lines += ["", "| transform | workers | img/s | img/s per worker |", "|---|---|---|---|"]
+    for row in result["runs"]:
+        per = row["img_per_s"] / max(row["workers"], 1)
+        lines.append(f"| {row['mode']} | {row['workers']} | {row['img_per_s']:.0f} | {per:.0f} |")
+    lines += ["", f"git {result['git_sha']}, jax {result['jax']}, Python {result['python']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    s = settings(args)
+    out = pathlib.Path(args.out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = str(out / "tfds")
+    dataset = make_dataset(out, s["images"])
+    costs = stage_costs(data_dir, s["stage_images"], s["image_size"])
+    mesh = sharding.make_mesh()
+    normalise = jax.jit(lambda x: mix.normalize(x, mix.IMAGENET_MEAN, mix.IMAGENET_STD))
+    put = _device_ready(mesh, normalise)
+    runs = []
+    for mode, run in (("train", run_train), ("eval", run_eval)):
+        for workers in s["workers"]:
+            r = run(data_dir, workers, s, put)
+            row = {"mode": mode, "workers": workers, **r, "img_per_s": r["images"] / r["seconds"]}
+            runs.append(row)
+            print(f"{mode} workers={workers}: {row['img_per_s']:.0f} img/s", flush=True)
+    result = {
+        "device": str(jax.devices()[0].device_kind),
+        "cpu_count": os.cpu_count(),
+        "settings": s,
+        "dataset": dataset,
+        "stage_ms": costs,
+        "runs": runs,
+        "git_sha": git_sha(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+    (out / "input.json").write_text(json.dumps(result, indent=2))
+    (out / "input.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
