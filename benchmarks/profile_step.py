@@ -105,7 +105,9 @@ def hlo_classes(hlo_text: str) -> dict[str, str]:
     classes = {}
     for body in bodies.values():
         for line in body.splitlines():
-            m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+([\w-]+)\((.*)$", line)
+            m = re.match(
+                r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w-]+)\((.*)$", line
+            )
             if not m:
                 continue
             name, opcode, rest = m.groups()
@@ -114,7 +116,9 @@ def hlo_classes(hlo_text: str) -> dict[str, str]:
                 body_text = bodies.get(called.group(1), "") if called else ""
                 classes[name] = kind(body_text + " " + rest)
             elif opcode == "custom-call":
-                classes[name] = kind(rest) if kind(rest) != "elementwise" else "other"
+                # Pallas kernels lower to Triton custom calls; the model's only ones are BiGLA's.
+                triton = "xla.gpu.triton" in rest or "__gpu$" in rest
+                classes[name] = "bigla" if triton else kind(rest).replace("elementwise", "other")
             elif opcode in ("copy", "transpose"):
                 classes[name] = "copy"
             elif opcode in ("dot", "convolution", "reduce"):
