@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 from PIL import Image, ImageEnhance
 
 from configs import common
+from tests.helpers import FAST_COMPILE, run_fast
 from vig_jax.data import mix, randaugment, transforms
 from vig_jax.train import optim
 from vig_jax.train.state import init_state
@@ -82,7 +84,8 @@ def make_step(config):
         init_params, tx, jax.random.PRNGKey(4), use_ema=config.optimizer.ema_decay > 0
     )
     step = jax.jit(make_train_step(model, tx, schedule, config, NUM_CLASSES))
-    return step, state
+    # LLVM -O0 (tests/helpers.FAST_COMPILE): the step is compile-bound on CPU; same numerics.
+    return step.lower(state, random_batch()).compile(FAST_COMPILE), state
 
 
 def random_batch(seed=0):
@@ -210,11 +213,16 @@ def test_train_step_loss_uses_mixed_smoothed_targets_with_its_own_keys(mixup, cu
     plain = jnp.asarray(normalise_by_hand(batch["image"]), jnp.float32)
     images = plain
     if erasing:
-        images = mix.random_erasing(erase_key, plain, erasing)
+        images = run_fast(lambda k, x: mix.random_erasing(k, x, erasing), erase_key, plain)
         assert not np.array_equal(images, plain), "premise: this key erases some image"
     smoothed = jnp.asarray(smooth_by_hand(batch["label"], 0.1), jnp.float32)
-    images, targets = mix.mixup_cutmix(
-        mix_key, images, smoothed, mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=0.5
+    images, targets = run_fast(
+        lambda k, x, t: mix.mixup_cutmix(
+            k, x, t, mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=0.5
+        ),
+        mix_key,
+        images,
+        smoothed,
     )
     params = as_float64(state.params)
     want, _ = loss_and_grads_by_hand(params, images, np.asarray(targets, np.float64))
@@ -281,9 +289,10 @@ def test_optimizer_clips_global_norm_to_clip_norm_before_adam(norm):
     ]
     got = jax.tree_util.tree_map(jnp.float32, params)
     opt_state = tx.init(got)
+    update = jax.jit(tx.update)
     for g in grads:
-        updates, opt_state = tx.update(jax.tree_util.tree_map(jnp.float32, g), opt_state, got)
-        got = jax.tree_util.tree_map(lambda p, u: p + u, got, updates)
+        updates, opt_state = update(jax.tree_util.tree_map(jnp.float32, g), opt_state, got)
+        got = optax.apply_updates(got, updates)
     hand = AdamWByHand(params, clip_norm=5.0)
     want = params
     for g in grads:
@@ -312,15 +321,13 @@ def _mix_batch(seed):
 def test_switch_prob_is_the_probability_of_cutmix(switch_prob):
     images, targets = _mix_batch(0)
     flipped = np.asarray(images[::-1])
-    for seed in range(8):
-        out, out_targets = mix.mixup_cutmix(
-            jax.random.PRNGKey(seed),
-            images,
-            targets,
-            mixup_alpha=0.8,
-            cutmix_alpha=1.0,
-            switch_prob=switch_prob,
+    mix_fn = jax.jit(
+        lambda key: mix.mixup_cutmix(
+            key, images, targets, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=switch_prob
         )
+    )
+    for seed in range(8):
+        out, out_targets = mix_fn(jax.random.PRNGKey(seed))
         out, lam = np.asarray(out), float(out_targets[0, 0])  # image 0 keeps a fraction lam
         from_image = out == np.asarray(images)
         from_flip = out == flipped
