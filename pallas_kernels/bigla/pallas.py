@@ -18,8 +18,8 @@ Two launch plans, chosen by `_use_short_path`:
          per (b, h) walking all chunks with `fori_loop` (sequential), or, when B * H alone cannot
          fill the GPU (long N, small batch), from spans of `states_span` chunks: a summary launch
          (grid (NS, B, H)) gives each span's own leaving states and gate totals, `_scan_spans`
-         (`lax.associative_scan` over the NS spans) the states entering every span, and a second
-         launch walks each span from them.
+         (in XLA, over the NS spans) the states entering every span, and a second launch walks
+         each span from them.
 The backward pass recomputes the states (residuals are the inputs only) plus the two adjoint states
 and produces dq, dk, dv, dgf, dgb in one chunk kernel per plan.
 """
@@ -58,6 +58,8 @@ class KernelParams:
       programs, at the cost of a second states launch (each span's own states, then a scan over
       spans in XLA, then the walk from the scanned states; L = 1 needs no walk). None: 0 when
       B * H >= STATE_PROGRAMS, else spans giving about STATE_PROGRAMS programs (`_states_span`).
+    span_scan: how XLA scans the spans' states (`_scan_spans`): "matmul", "associative" or
+      "auto" (matmul up to SCAN_MATMUL_MAX_SPANS spans).
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -68,6 +70,7 @@ class KernelParams:
     exact_diagonal: bool = False
     split_backward: bool | None = None
     states_span: int | None = None
+    span_scan: str = "auto"
     interpret: bool = False
 
 
@@ -80,6 +83,9 @@ SPLIT_MIN_K = 32
 # Programs the states kernels aim for when B * H alone is fewer (states_span=None): two per SM on
 # a 132-SM H100/H200. An unmeasured guess; the benchmark's states_span variants tune it.
 STATE_PROGRAMS = 264
+# The matmul scan over spans builds [NS, NS, K] weights per (b, h) and state; beyond this many
+# spans the associative scan (O(NS) memory) takes over.
+SCAN_MATMUL_MAX_SPANS = 256
 
 
 def _split_backward(K, params):
@@ -607,23 +613,44 @@ def _states_call(inputs, params, adjoints, span, ns, init=None, summary=False):
     )(*inputs, *init)
 
 
-def _scan_spans(total, own, reverse):
-    """States entering every span from the spans' own leaving states and gate totals (XLA).
+def _scan_spans(totals, owns, reverses, method):
+    """States entering every span, from the spans' own leaving states and gate totals (XLA).
 
-    own: [B, H, NS, K, V], what each span adds to the state it passes on; total: [B, H, NS, K],
-    the log decay the span applies to a state crossing it. Entering state of span s = sum over the
-    spans j before s in the direction of exp(sum of total over the spans strictly between) own[j];
-    every exponent is <= 0.
+    owns: [B, H, NS, K, V] each, what every span adds to the state it passes on; totals:
+    [B, H, NS, K] each, the log decay (<= 0) a span applies to a state crossing it; reverses: the
+    direction of each state. Entering state of span s = sum over the spans j before s in its
+    direction of exp(sum of totals of the spans strictly between) owns[j]. All states go through
+    one scan (the reverse ones flipped), so XLA launches its few kernels once.
+    method: "matmul" (O(NS^2) weights and one batched dot: a handful of launches) or "associative"
+    (`lax.associative_scan`: O(NS) work, ~2 log2(NS) levels of launches); "auto": matmul while
+    NS <= SCAN_MATMUL_MAX_SPANS.
     """
+    flip = lambda x, r: jnp.flip(x, axis=2) if r else x
+    g = jnp.stack([flip(t, r) for t, r in zip(totals, reverses, strict=True)])  # [S, B, H, NS, K]
+    u = jnp.stack([flip(x, r) for x, r in zip(owns, reverses, strict=True)])  # [S, B, H, NS, K, V]
+    ns = g.shape[3]
+    if method == "auto":
+        method = "matmul" if ns <= SCAN_MATMUL_MAX_SPANS else "associative"
+    if method == "matmul":
+        # seg[j, t] = sum of g over the spans i with j < i <= t: a cumsum of non-positive terms
+        # within the segment only (no difference of two long cumsums, hence no cancellation).
+        idx = jnp.arange(ns)
+        after = (idx[None, :] > idx[:, None])[:, :, None]  # [NS(j), NS(t), 1]: t after j
+        seg = jnp.cumsum(jnp.where(after, g[..., None, :, :], 0.0), axis=-2)  # [S, B, H, j, t, K]
+        # Decay from span j's exit to span s's entry: seg[j, s - 1], for s after j only.
+        seg = jnp.pad(seg, [(0, 0)] * 4 + [(1, 0), (0, 0)])[..., :-1, :]
+        w = jnp.exp(jnp.where(after, seg, -jnp.inf))  # [S, B, H, j, s, K]
+        entering = jnp.einsum("...jsk,...jkv->...skv", w, u, precision=lax.Precision.HIGHEST)
+    elif method == "associative":
 
-    def combine(a, b):  # a: the earlier run of spans in the direction, b: the later one
-        return a[0] + b[0], jnp.exp(b[0])[..., None] * a[1] + b[1]
+        def combine(a, b):  # a: the earlier run of spans in the direction, b: the later one
+            return a[0] + b[0], jnp.exp(b[0])[..., None] * a[1] + b[1]
 
-    _, leaving = lax.associative_scan(combine, (total, own), reverse=reverse, axis=2)
-    zero = jnp.zeros_like(leaving[:, :, :1])
-    if reverse:
-        return jnp.concatenate([leaving[:, :, 1:], zero], axis=2)
-    return jnp.concatenate([zero, leaving[:, :, :-1]], axis=2)
+        _, leaving = lax.associative_scan(combine, (g, u), axis=3)
+        entering = jnp.concatenate([jnp.zeros_like(leaving[:, :, :, :1]), leaving[:, :, :, :-1]], 3)
+    else:
+        raise ValueError(f"span_scan={method!r} is not one of ('auto', 'matmul', 'associative')")
+    return [flip(entering[i], r) for i, r in enumerate(reverses)]
 
 
 def _states(inputs, params, adjoints):
@@ -645,11 +672,14 @@ def _states(inputs, params, adjoints):
     *own, total_f, total_b = _states_call(inputs, params, adjoints, span, ns, summary=True)
     # Sf and dSb run left to right, Sb and dSf right to left; Sf and dSf decay by gf, Sb and dSb
     # by gb.
-    plan = ((total_f, False), (total_b, True), (total_f, True), (total_b, False))[: len(own)]
-    init = [
-        _scan_spans(total, x.reshape(B, H, ns, K, V), reverse).reshape(B, H, ns * K, V)
-        for x, (total, reverse) in zip(own, plan, strict=True)
-    ]
+    nst = len(own)
+    init = _scan_spans(
+        (total_f, total_b, total_f, total_b)[:nst],
+        [x.reshape(B, H, ns, K, V) for x in own],
+        (False, True, True, False)[:nst],
+        params.span_scan,
+    )
+    init = [x.reshape(B, H, ns * K, V) for x in init]
     if span == 1:
         return init
     return _states_call(inputs, params, adjoints, span, ns, init=init)
