@@ -1,8 +1,9 @@
 """Dataset sources: TFDS datasets read by random access (`as_data_source`), no TensorFlow.
 
 Two datasets are prepared here on first use, offline: `vig_demo_shapes` (procedural) and
-`fashion_mnist` (from local IDX files). Any other TFDS name (e.g. `imagenet2012`) must already be
-prepared in ArrayRecord format in the data dir; we only read it.
+`fashion_mnist` (from local IDX files). Any other name (e.g. `imagenet2012`, or a folder of images)
+must already be prepared in ArrayRecord format in the data dir (`python -m vig_jax.data.prepare`);
+we only read it.
 """
 
 import dataclasses
@@ -11,7 +12,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from vig_jax.data import demo_dataset, fashion_mnist
+from vig_jax.data import demo_dataset, fashion_mnist, prepare
 
 # Datasets we prepare ourselves on first use, without network or TensorFlow.
 _LOCAL_DATASETS = {"vig_demo_shapes": demo_dataset.prepare, "fashion_mnist": fashion_mnist.prepare}
@@ -38,12 +39,13 @@ def _not_prepared_message(dataset: str, builder: tfds.core.DatasetBuilder) -> st
     return (
         f"TFDS dataset {dataset!r} is not prepared: no dataset_info.json in {builder.data_dir}. "
         f"vig-jax only reads prepared datasets ({', '.join(sorted(_LOCAL_DATASETS))} excepted). "
-        f"Prepare it once in ArrayRecord format, e.g. `tfds build {dataset} "
-        f"--data_dir={root} --file_format=array_record` "
-        f"(datasets with manual downloads such as imagenet2012 read their archives from "
-        f"{root / 'downloads' / 'manual'}; preparing some, imagenet2012 included, needs "
-        "TensorFlow installed once), "
-        "or copy a prepared ArrayRecord copy there. Reading needs no TensorFlow."
+        "Prepare it once, without TensorFlow: "
+        f"`python -m vig_jax.data.prepare --imagenet DIR --data-dir {root}` for imagenet2012 "
+        "(DIR: the ILSVRC2012 tars, or train/ and val/ folders), or "
+        f"`python -m vig_jax.data.prepare --from-folder DIR --name NAME --data-dir {root}` for a "
+        f"folder of images; other TFDS datasets: `tfds build {dataset} --data_dir={root} "
+        "--file_format=array_record` (TFDS's builders may need TensorFlow), or copy a prepared "
+        "ArrayRecord copy there. Reading needs no TensorFlow."
     )
 
 
@@ -59,24 +61,15 @@ def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         Fashion-MNIST's source files are missing (names them and the apt package).
     """
     if dataset in _LOCAL_DATASETS:
-        try:
-            return _LOCAL_DATASETS[dataset](data_dir)
-        except ModuleNotFoundError as e:
-            if e.name != "importlib_resources":
-                raise
-            # TFDS imports it when preparing a builder defined in a package but does not declare
-            # it (tensorflow/datasets#11212).
-            raise ModuleNotFoundError(
-                "preparing a TFDS dataset needs `pip install importlib_resources` (a dependency "
-                "tensorflow-datasets forgets to declare)",
-                name=e.name,
-            ) from e
+        _LOCAL_DATASETS[dataset](data_dir or prepare.default_data_dir())
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
-            f"unknown dataset {dataset!r}: neither one of ours "
-            f"({', '.join(sorted(_LOCAL_DATASETS))}) nor a TFDS dataset name"
+            f"unknown dataset {dataset!r}: not one of ours ({', '.join(sorted(_LOCAL_DATASETS))}), "
+            f"not a TFDS name, and not prepared in {data_dir or prepare.default_data_dir()} "
+            f"(a folder of images: `python -m vig_jax.data.prepare --from-folder DIR --name "
+            f"{dataset}`)"
         ) from None
     if not builder.is_prepared():
         raise FileNotFoundError(_not_prepared_message(dataset, builder))
