@@ -285,6 +285,14 @@ def test_bigla_pallas_gpu_unsplit_backward(shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("span", [None, 0, 8], ids=["auto-span1", "sequential", "span8"])
+def test_bigla_pallas_gpu_long_n_states_plans(span, dtype):
+    """Long N, small batch (B * H = 2, NT = 128): the states plans side by side."""
+    check_gpu((1, 8192, 2, 32, 64), dtype, KernelParams(states_span=span))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
 def test_bigla_pallas_gpu_very_negative_gates_finite(exact):
     check_gpu(
