@@ -219,7 +219,10 @@ def _child_main(script: str, name: str, case_json: str, out: str) -> None:
         tmp.write_text(json.dumps(partial))
         os.replace(tmp, path)
 
-    result = getattr(module, name)(json.loads(case_json), report)
+    try:
+        result = getattr(module, name)(json.loads(case_json), report)
+    except Exception as exc:  # recorded with what the case reported before it
+        result = {**(json.loads(path.read_text()) if path.exists() else {}), "status": status(exc)}
     report({**result, "done": True})
 
 
