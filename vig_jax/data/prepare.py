@@ -129,16 +129,18 @@ def checked_image_bytes(data: bytes, file_name: str, *, jpeg_only: bool) -> tupl
       file_name: its name; a .jpg/.jpeg name asks for JPEG when re-encoding.
       jpeg_only: re-encode anything but an RGB JPEG as JPEG (imagenet2012's feature is JPEG).
     Returns:
-      (bytes, why): the original bytes and "" for an RGB JPEG (or RGB PNG unless jpeg_only),
-      else RGB re-encoded bytes and the reason, e.g. "CMYK JPEG".
+      (bytes, why): the original bytes and "" for an RGB JPEG (or an RGB PNG, unless jpeg_only
+      or named like a JPEG), else RGB re-encoded bytes and the reason, e.g. "CMYK JPEG -> RGB
+      JPEG".
     Raises:
       UnreadableImage: the bytes do not decode as an image.
     """
     try:
+        jpeg_name = os.path.splitext(file_name)[1].lower() in _JPEG_EXTENSIONS
         with Image.open(io.BytesIO(data)) as image:
             kind = f"{image.mode} {image.format}"
             if image.mode == "RGB" and (
-                image.format == "JPEG" or (image.format == "PNG" and not jpeg_only)
+                image.format == "JPEG" or (image.format == "PNG" and not (jpeg_only or jpeg_name))
             ):
                 # The entropy-coded data is decoded in full at any DCT scale, so 1/8 finds a
                 # truncated or corrupt file at a fraction of the cost.
@@ -146,11 +148,7 @@ def checked_image_bytes(data: bytes, file_name: str, *, jpeg_only: bool) -> tupl
                 image.load()
                 return data, ""
             rgb = image.convert("RGB")  # decodes everything
-            as_jpeg = (
-                jpeg_only
-                or image.format == "JPEG"
-                or os.path.splitext(file_name)[1].lower() in _JPEG_EXTENSIONS
-            )
+            as_jpeg = jpeg_only or jpeg_name or image.format == "JPEG"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UnreadableImage(f"{type(error).__name__}: {error}") from None
     out = io.BytesIO()
