@@ -1,0 +1,183 @@
+"""vig_jax/models/gla.py: the GLA layer against an independent float64 numpy transcription.
+
+`gla_by_hand` is docs/architecture.md's GLA layer written out in numpy (depthwise conv as nine
+shifted products, the token recurrence as a Python loop): it shares no code with the layer. Two
+regimes:
+- float64, small activations: the BiGLA output and xs have an RMS near sqrt(eps) = 1e-3, where the
+  RMSNorm eps and the mean (not sum) of the two directions change the result; at unit scale the
+  norm after BiGLA cancels both up to its eps.
+- bfloat16 at ViG-T's size (D 192, 3 heads, 14x14 tokens): the output error against float64 has
+  a tolerance set from its measured value, and the float32 islands of the layer (gate log-sigmoid,
+  RMSNorm statistics) are checked where they happen, against the layer's own bf16 inputs.
+The layer's speed switches (the GatedLinearAttention fields besides the recipe's) are parametrized:
+every form must compute the same function.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import assert_close, rel_err
+from vig_jax.models import gla
+
+EPS = 1e-6  # RMSNorm eps of the spec
+_FIELDS = {f.name for f in dataclasses.fields(gla.GatedLinearAttention)}
+# Forms of the layer that must compute the same function (present ones only: the model is being
+# given speed switches; a switch that does not exist yet is left out).
+_FORMS = {
+    "fused_proj": {"fused_proj": True},
+    "dwconv_shift": {"dwconv": "shift"},
+    "fp32_mix": {"fp32_mix": True},
+}
+FORMS = {"default": {}} | {name: form for name, form in _FORMS.items() if set(form) <= _FIELDS}
+if len(FORMS) > 2:
+    FORMS["all_switches"] = {k: v for form in list(FORMS.values()) for k, v in form.items()}
+
+
+# ------------------------------------------------------------------- the layer by hand (float64)
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _rms_norm(x, scale, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _bigla(q, k, v, gf, gb, *, directions="mean"):
+    """Both gated recurrences over tokens, per batch and head; o = (o_f + o_b) / 2."""
+    B, N, H, K = q.shape
+    V = v.shape[-1]
+    out = np.zeros((B, N, H, V))
+    for gates, order in ((gf, range(N)), (gb, range(N - 1, -1, -1))):
+        state = np.zeros((B, H, K, V))
+        for t in order:
+            state = np.exp(gates[:, t])[..., None] * state
+            state = state + k[:, t, :, :, None] * v[:, t, :, None, :]
+            out[:, t] += np.einsum("bhk,bhkv->bhv", q[:, t], state)
+    return out / 2 if directions == "mean" else out
+
+
+def gla_by_hand(params, x, num_heads, *, act_in_conv, out_act, eps=EPS, directions="mean"):
+    """The GLA layer in float64 numpy. x: [B, h, w, D] -> (out [B, h, w, D], parts dict)."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    x = np.asarray(x, np.float64)
+    B, h, w, D = x.shape
+    H, N = num_heads, h * w
+    key_dim = D // 2
+    K, V = key_dim // H, D // H
+    # 1. depthwise 3x3, zero padding 1, no bias (cross-correlation, as torch and flax).
+    kernel = p["dwconv"]["kernel"]  # [3, 3, 1, D]
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    xs = sum(xp[:, i : i + h, j : j + w] * kernel[i, j, 0] for i in range(3) for j in range(3))
+    if act_in_conv:
+        xs = _silu(xs)
+    xs = xs.reshape(B, N, D)
+    # 2. [q | k | v] without bias; 4. q scaled by K^-1/2; heads are head-major.
+    qkv = xs @ p["qkv"]["kernel"]
+    q = qkv[..., :key_dim].reshape(B, N, H, K) * K**-0.5
+    k = qkv[..., key_dim : 2 * key_dim].reshape(B, N, H, K)
+    v = qkv[..., 2 * key_dim :].reshape(B, N, H, V)
+    # 3. gates: low rank 16, bias on the second; log_sigmoid / 16; forward half first.
+    logits = xs @ p["gate_down"]["kernel"] @ p["gate_up"]["kernel"] + p["gate_up"]["bias"]
+    gates = -np.logaddexp(0.0, -logits) / 16.0
+    gf = gates[..., :key_dim].reshape(B, N, H, K)
+    gb = gates[..., key_dim:].reshape(B, N, H, K)
+    # 5.-7. BiGLA, per-head RMSNorms (one weight of size V), sigmoid mix with xs.
+    o = _bigla(q, k, v, gf, gb, directions=directions)
+    o_norm = _rms_norm(o, p["o_norm"]["scale"], eps)
+    local = _rms_norm(xs.reshape(B, N, H, V), p["local_norm"]["scale"], eps)
+    mix = _sigmoid(xs @ p["mix_gate"]["kernel"] + p["mix_gate"]["bias"]).reshape(B, N, H, V)
+    y = (o_norm * mix + local * (1 - mix)).reshape(B, N, D)
+    if out_act:
+        y = _silu(y)
+    out = (y @ p["out"]["kernel"]).reshape(B, h, w, D)
+    return out, {"o": o, "local_rms": np.sqrt(np.mean(xs**2))}
+
+
+# --------------------------------------------------------------------------------- utilities
+
+
+def make_layer(num_heads, dtype, form, *, act=True, impl="reference"):
+    return gla.GatedLinearAttention(
+        num_heads=num_heads,
+        use_act_in_conv=act,
+        use_out_act=act,
+        xavier_init=True,
+        bigla_impl=impl,
+        dtype=dtype,
+        **form,
+    )
+
+
+def random_params(layer, x, seed):
+    """Every parameter random (non-trivial norm scales and biases), float32 values, init's layout.
+
+    Kernels ~ N(0, 1/fan_in) as a unit-gain init; biases ~ N(0, 0.5), norm scales ~ 1 + N(0, 0.3).
+    """
+    shapes = jax.eval_shape(lambda: layer.init(jax.random.key(0), x))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            fan_in = np.prod(leaf.shape[:-1]) if "dwconv" not in name else 9
+            value = rng.normal(size=leaf.shape) / np.sqrt(fan_in)
+        elif "bias" in name:
+            value = rng.normal(size=leaf.shape) * 0.5
+        else:
+            value = 1.0 + rng.normal(size=leaf.shape) * 0.3
+        return np.asarray(value, np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+# ------------------------------------------------------------- float64, small-activation regime
+
+F64_TOL = 1e-10  # float64 layer vs float64 numpy: summation order only
+SMALL_B, SMALL_H, SMALL_W, SMALL_D, SMALL_HEADS = 2, 3, 4, 16, 2  # K 4, V 8, 12 tokens
+# Input scale and q/k/v kernel gain putting the RMS of xs (1.1e-3) and of the BiGLA output
+# (8e-4, cubic in the input) near sqrt(eps) = 1e-3.
+SMALL_SCALE, QKV_GAIN = 3e-3, 50.0
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("form", list(FORMS.values()), ids=list(FORMS))
+def test_gla_layer_float64_equals_transcription_where_eps_and_mean_matter(x64, form, impl):
+    layer = make_layer(SMALL_HEADS, jnp.float64, form, impl=impl)
+    rng = np.random.default_rng(0)
+    x = SMALL_SCALE * rng.normal(size=(SMALL_B, SMALL_H, SMALL_W, SMALL_D))
+    params = random_params(layer, x, seed=1)
+    params["qkv"]["kernel"] = params["qkv"]["kernel"] * np.float32(QKV_GAIN)
+    got = jax.jit(lambda p, x: layer.apply({"params": p}, x))(params, jnp.asarray(x))
+    assert got.dtype == jnp.float64
+    want, parts = gla_by_hand(params, x, SMALL_HEADS, act_in_conv=True, out_act=True)
+    # The regime: both normalised tensors have an RMS within a factor 3 of sqrt(eps).
+    for name, rms in (("o", np.sqrt(np.mean(parts["o"] ** 2))), ("xs", parts["local_rms"])):
+        assert 3e-4 < rms < 3e-3, f"{name} RMS {rms:.1e} is not near sqrt(eps)"
+    assert_close("GLA layer", got, want, F64_TOL)
+    # Negative controls: a summed BiGLA or a 10x larger eps moves the output by > 1e-3.
+    for wrong in (dict(directions="sum"), dict(eps=1e-5)):
+        other, _ = gla_by_hand(params, x, SMALL_HEADS, act_in_conv=True, out_act=True, **wrong)
+        assert rel_err(other, want) > 1e-3, wrong
+
+
+@pytest.mark.parametrize("act", [False, True], ids=["vig_s", "vig_t"])
+def test_gla_layer_float64_activations_switch(x64, act):
+    # use_act_in_conv / use_out_act (ViG-T only), at unit scale.
+    layer = make_layer(SMALL_HEADS, jnp.float64, {}, act=act)
+    x = np.random.default_rng(2).normal(size=(SMALL_B, SMALL_H, SMALL_W, SMALL_D))
+    params = random_params(layer, x, seed=3)
+    got = jax.jit(lambda p, x: layer.apply({"params": p}, x))(params, jnp.asarray(x))
+    want, _ = gla_by_hand(params, x, SMALL_HEADS, act_in_conv=act, out_act=act)
+    assert_close("GLA layer", got, want, F64_TOL)
+    other, _ = gla_by_hand(params, x, SMALL_HEADS, act_in_conv=not act, out_act=not act)
+    assert rel_err(other, want) > 1e-2
