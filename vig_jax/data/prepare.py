@@ -104,11 +104,12 @@ class Report:
     def summary(self) -> str:
         total = sum(self.num_examples.values()) + len(self.skipped)
         rate = total / max(self.seconds, 1e-9)
+        processes = max(self.num_workers, 1)  # 0 workers: written by this process
         lines = [
             f"wrote {self.path}: "
             + ", ".join(f"{split} {n}" for split, n in self.num_examples.items())
-            + f" examples in {self.seconds:.1f} s ({rate:.0f} images/s, "
-            f"{rate / max(self.num_workers, 1):.0f} per worker, {self.num_workers} workers)"
+            + f" examples in {self.seconds:.1f} s ({rate:.0f} images/s with {processes} "
+            f"processes, {rate / processes:.0f} per process)"
         ]
         if self.reencoded:
             lines.append(f"re-encoded as RGB: {len(self.reencoded)} files")
