@@ -33,6 +33,7 @@ Results: `<out>.json` (one row per measured process) and `<out>.md` (the compari
 
 import argparse
 import dataclasses
+import functools
 import pathlib
 import sys
 
@@ -105,6 +106,19 @@ def measure_jax(case: dict, report) -> dict:
     init_images = jnp.zeros((1, min(size, 224), min(size, 224), 3), jnp.bfloat16)
     params = jax.jit(lambda x: model.init(key, x, train=False)["params"])(init_images)
     out["params"] = sum(x.size for x in jax.tree.leaves(params))
+    if case.get("parity"):  # float32 logits of 2 images against bigla_impl="reference"
+        x2, impl = images[:2].astype(jnp.float32), kwargs["bigla_impl"]
+        kw32 = {**kwargs, "dtype": jnp.float32}
+        # Unit-scale parameters: at the official init BiGLA moves the logits by < 1e-6.
+        leaves, tree = jax.tree.flatten(params)
+        unit = [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
+        logits = [
+            jax.jit(functools.partial(m.apply, train=False))({"params": tree.unflatten(unit)}, x2)
+            for m in (create_model(name, **{**kw32, "bigla_impl": i}) for i in (impl, "reference"))
+        ]
+        out["parity_rel_err"] = float(
+            jnp.abs(logits[0] - logits[1]).max() / jnp.abs(logits[1]).max()
+        )
     tx = optax.adamw(1e-3, weight_decay=0.05)
 
     def train_step(state, x, y):
