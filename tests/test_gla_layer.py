@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from tests.helpers import assert_close, rel_err
 from vig_jax.models import gla
@@ -181,3 +182,82 @@ def test_gla_layer_float64_activations_switch(x64, act):
     assert_close("GLA layer", got, want, F64_TOL)
     other, _ = gla_by_hand(params, x, SMALL_HEADS, act_in_conv=not act, out_act=not act)
     assert rel_err(other, want) > 1e-2
+
+
+# ------------------------------------------------------------------- bfloat16 at ViG-T's size
+
+BF16_SHAPE, BF16_HEADS = (2, 14, 14, 192), 3  # ViG-T: D 192, K 32, V 64, 196 tokens
+# RMS of (bf16 layer - float64 transcription) / RMS of the transcription, init params, unit
+# input, measured on CPU: 6.2e-3 default, 5.3e-3 with every switch (reference and chunked BiGLA
+# alike; max elementwise 6.7e-3 of the largest). A float32
+# layer is at ~1e-6: the error must also stay above 1e-3 (the layer does compute in bf16).
+BF16_RMS_TOL = 8e-3
+BF16_UNIT = 2.0**-8  # bf16 unit roundoff: |round(y) - y| <= 2^-8 |y|
+F32_ISLAND_TOL = 1e-6  # float32 maths on bf16 inputs: ~2e-7 measured
+
+
+def _bf16_case(form, impl="reference", init=True):
+    layer = make_layer(BF16_HEADS, jnp.bfloat16, form, impl=impl)
+    x = np.random.default_rng(0).normal(size=BF16_SHAPE).astype(np.float32)
+    x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # the bf16 values, exactly
+    if init:
+        params = jax.jit(layer.init)(jax.random.key(0), x)["params"]
+    else:
+        params = random_params(layer, x, seed=1)
+    return layer, params, x
+
+
+@pytest.mark.parametrize(
+    "form", [FORMS["default"], FORMS.get("all_switches", {})], ids=["default", "all_switches"]
+)
+def test_gla_layer_bf16_error_against_float64_at_vig_t_size(form):
+    # Chunked BiGLA, the CPU's: the reference scan gives the same error (both accumulate in f32).
+    layer, params, x = _bf16_case(form, impl="chunked")
+    got = jax.jit(lambda p, x: layer.apply({"params": p}, x))(params, jnp.asarray(x, jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    want, _ = gla_by_hand(params, x, BF16_HEADS, act_in_conv=True, out_act=True)
+    err = np.sqrt(np.mean((np.asarray(got, np.float64) - want) ** 2) / np.mean(want**2))
+    assert 1e-3 < err < BF16_RMS_TOL, f"RMS relative error {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    "form", [FORMS["default"], FORMS.get("fp32_mix", {})], ids=["default", "fp32_mix"]
+)
+def test_gla_layer_bf16_keeps_gates_and_norm_statistics_in_float32(form, monkeypatch):
+    # Each float32 island checked on the layer's own bf16 inputs: the BiGLA gates against
+    # log_sigmoid(gate_up's bf16 logits) / 16 in float64, the two RMSNorms against float64 norms
+    # of their bf16 inputs. In bf16 either would be off by up to ~2^-8 relative (measured 6e-3
+    # for the gates, 1.5e-2 for the norms); in float32 the gates are off by ~2e-7, a bf16 norm
+    # output by at most its final rounding (2^-8), a float32 one (fp32_mix) by ~2e-7.
+    layer, params, x = _bf16_case(form, init=False)  # non-trivial norm scales and gate biases
+    calls, gates = {}, []
+
+    def record_calls(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name:
+            calls[context.module.name] = (args, out)
+        return out
+
+    def record_bigla(q, k, v, gf, gb, **kwargs):
+        gates.extend([gf, gb])
+        return bigla(q, k, v, gf, gb, **kwargs)
+
+    bigla = gla.bigla
+    monkeypatch.setattr(gla, "bigla", record_bigla)
+    with nn.intercept_methods(record_calls):
+        layer.apply({"params": params}, jnp.asarray(x, jnp.bfloat16))
+
+    logits = np.asarray(calls["gate_up"][1], np.float64)  # [B, N, 2 key_dim], bf16 values
+    want = -np.logaddexp(0.0, -logits) / 16.0
+    got = np.concatenate(
+        [np.asarray(g, np.float64).reshape(logits.shape[:2] + (-1,)) for g in gates], -1
+    )
+    assert np.max(np.abs(got - want) / np.abs(want)) < F32_ISLAND_TOL, "gates"
+    for name in ("o_norm", "local_norm"):
+        (inputs,), out = calls[name]
+        y = np.asarray(inputs, np.float64)
+        want = y / np.sqrt(np.mean(y * y, axis=-1, keepdims=True) + EPS) * params[name]["scale"]
+        big = np.abs(want) > 1e-3 * np.abs(want).max()
+        err = np.max(np.abs(np.asarray(out, np.float64) - want)[big] / np.abs(want)[big])
+        tol = BF16_UNIT * (1 + 1e-3) if out.dtype == jnp.bfloat16 else F32_ISLAND_TOL
+        assert err < tol, f"{name} ({out.dtype}): elementwise relative error {err:.2e}"
