@@ -2,7 +2,8 @@
 
 Reads as a table of contents: signals, workdir lock, config checks (`trainer.plan_run`), data,
 restore (or init), then the step loop with log / checkpoint / eval hooks. The resume order is:
-the newest checkpoint in `workdir` that restores completely, else a fresh initialisation from
+the newest checkpoint in `workdir` that restores completely, else the params at
+`config.init_from` (a fine-tune: `vig_jax.train.init_from`), else a fresh initialisation from
 `config.seed`.
 
 Faults (docs/faults.md has the table): every run stops with one of the errors of
@@ -23,7 +24,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from vig_jax import data
-from vig_jax.train import sharding
+from vig_jax.train import init_from, sharding
 from vig_jax.train.checkpoint import Checkpointer
 from vig_jax.train.errors import EXIT_PREEMPTED, NonFiniteLossError, Preempted
 from vig_jax.train.metrics import MetricsWriter, Progress, peak_memory_gb
@@ -216,15 +217,15 @@ def _say(message: str) -> None:
 
 def restore_or_init(config, trainer: Trainer, ckpt: Checkpointer, train_iter):
     """`(state, step)` to start from: the newest checkpoint in the workdir that restores
-    completely (the data iterator is set to its position), else a fresh init from `config.seed`
-    at step 0.
+    completely (the data iterator is set to its position), else `init_from.initial_state` at
+    step 0 (the params at `config.init_from`, or a fresh init from `config.seed`).
 
     Raises:
       UserError: the workdir's checkpoints hold another model (see `Checkpointer.restore_latest`).
     """
     found = ckpt.restore_latest(trainer.abstract_state, _say, check_data=train_iter.set_state)
     if found is None:
-        return trainer.init(jax.random.PRNGKey(config.seed)), 0
+        return init_from.initial_state(trainer, config, log=_say), 0
     step, state, _ = found
     _say(f"resumed from step {step} in {ckpt.directory}")
     return state, step
