@@ -1,6 +1,9 @@
-"""Shared test setup: fake CPU devices (sharding tests), x64 fixture, golden paths, GPU marker."""
+"""Shared test setup: fake CPU devices (sharding tests), a temp TFDS data dir, x64 fixture, golden
+paths, GPU marker."""
 
 import os
+import shutil
+import tempfile
 
 # Sharding tests need several devices; on CPU we fake four. Must be set before JAX is imported.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -8,10 +11,23 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     ).strip()
 
+# Tests write only into temp dirs. TFDS's default data dir (where anything given data_dir=None
+# prepares its dataset, e.g. train.py in test_train_loop's subprocesses) is a temp dir made by the
+# main pytest process and passed to its xdist workers and their subprocesses in the environment;
+# the process that made it removes it at exit. Set before TFDS is imported, which reads it once.
+# (This module is imported twice, as conftest and as tests.conftest: one dir per process.)
+if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("VIG_TESTS_PID") != str(
+    os.getpid()
+):
+    os.environ["VIG_TESTS_PID"] = str(os.getpid())
+    os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="vig_tests_tfds_")
+
 import pathlib
 
 import jax
 import pytest
+
+from tests.helpers import skip_or_fail_in_ci
 
 GOLDEN_DIR = pathlib.Path(
     os.environ.get(
@@ -21,11 +37,18 @@ GOLDEN_DIR = pathlib.Path(
 
 
 def golden_file(name):
-    """Path of a golden file in ../shared/golden; skips the test with the path when it is absent."""
+    """Path of a golden file in ../shared/golden; when it is absent, skips the test naming the
+    path, or fails it under CI=true (parity tests must not pass by skipping)."""
     path = GOLDEN_DIR / name
     if not path.exists():
-        pytest.skip(f"golden file not found: {path} (set VIG_GOLDEN_DIR to its folder)")
+        skip_or_fail_in_ci(f"golden file not found: {path} (set VIG_GOLDEN_DIR to its folder)")
     return path
+
+
+def pytest_unconfigure(config):
+    tfds_dir = pathlib.Path(os.environ.get("TFDS_DATA_DIR", ""))
+    if not os.environ.get("PYTEST_XDIST_WORKER") and tfds_dir.name.startswith("vig_tests_tfds_"):
+        shutil.rmtree(tfds_dir, ignore_errors=True)
 
 
 @pytest.fixture
