@@ -74,11 +74,12 @@ class Checkpointer:
     Args:
       directory: checkpoint root (created if missing); one subdirectory per step.
       keep: how many of the most recent checkpoints to keep.
-      save_timeout_s: a save still running after this many seconds counts as failed (stalled).
+      save_timeout_s: a save still running after this many seconds counts as failed (stalled);
+        None: `SAVE_TIMEOUT_S`.
     """
 
     def __init__(
-        self, directory: str | pathlib.Path, *, keep: int, save_timeout_s: int = SAVE_TIMEOUT_S
+        self, directory: str | pathlib.Path, *, keep: int, save_timeout_s: int | None = None
     ):
         if keep < 1:
             raise UserError(f"loop.keep_checkpoints must be >= 1, got {keep}")
@@ -89,7 +90,7 @@ class Checkpointer:
             enable_async_checkpointing=True,
             # Leftovers of a save cut short (SIGKILL) go at the next start.
             cleanup_tmp_directories=True,
-            async_options=ocp.AsyncOptions(timeout_secs=save_timeout_s),
+            async_options=ocp.AsyncOptions(timeout_secs=save_timeout_s or SAVE_TIMEOUT_S),
         )
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -192,7 +193,9 @@ class Checkpointer:
             with ocp.StandardCheckpointer() as reader:
                 saved = _shapes(reader.metadata(path).item_metadata)
         except Exception:
-            return  # unreadable metadata: a corrupt checkpoint, not another model
+            saved = {}
+        if not saved:
+            return  # unreadable (orbax may return an empty tree): corrupt, not another model
         difference = _difference(saved, _shapes(abstract_state))
         if difference:
             raise UserError(
@@ -219,11 +222,15 @@ class Checkpointer:
         self.check(block=True)
 
     def close(self) -> None:
-        """Waits for a running save (its errors are left to `wait`) and releases orbax."""
-        try:
-            self._manager.close()
-        except Exception:  # already reported by check()/wait() where it mattered
-            pass
+        """Waits for a running save (its errors are left to `check`/`wait`) and releases orbax."""
+        for _ in range(2):
+            try:
+                # After a failed save, orbax's close() re-raises that error before closing
+                # anything; the second call (which does not raise it again) closes.
+                self._manager.close()
+                return
+            except Exception:
+                continue
 
 
 def restore_params(directory: str | pathlib.Path, abstract_params, *, use_ema: bool):

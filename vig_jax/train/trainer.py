@@ -120,7 +120,7 @@ def make_trainer(config, *, mesh: Mesh, num_classes: int, steps_per_epoch: int) 
     init = functools.partial(init_state, init_params, tx, use_ema=config.optimizer.ema_decay > 0)
     try:
         abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    except Exception as e:  # e.g. an image too small for the model's strides
+    except (ValueError, TypeError) as e:  # shape errors, e.g. an image too small for the strides
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"model {config.model.name!r} cannot be built for data.image_size={size}: {first}"
