@@ -3,7 +3,7 @@
     python benchmarks/bench_input.py --out-dir /tmp/bench_input             # GPU host, ~3-4 min
     python benchmarks/bench_input.py --out-dir /tmp/bench_input --smoke     # CPU check, ~1 min
 
-1. Generates a folder of ImageNet-like JPEGs (`vig_jax.data.imagenet_like`: mean ~400x340,
+1. Generates a folder of ImageNet-like JPEGs (`vig_jax.data.imagenet_like`: mean ~400x360,
    quality 85-95) under OUT/jpegs and prepares it with `vig_jax.data.prepare` (the path users
    take; timed: images/s overall and per worker process) into OUT/tfds. Both are reused when
    present, so a second run starts measuring at once.

@@ -6,8 +6,8 @@ writes OUT_DIR/train/<class>/*.JPEG and OUT_DIR/val/<class>/*.JPEG, ready for
 `python -m vig_jax.data.prepare --from-folder OUT_DIR --name NAME`. It exists to measure the input
 pipeline and the preparation on realistic work, not to learn from: labels are arbitrary.
 
-Sizes: width ~ N(420, 120) clipped to [200, 800], height from an aspect drawn like photos (mostly
-4:3 landscape, some portrait and square), so the mean is ~420x340 (ImageNet's train images average
+Sizes: width ~ N(400, 120) clipped to [200, 800], height from an aspect drawn like photos (mostly
+4:3 landscape, some portrait and square), so the mean is ~400x360 (ImageNet's train images average
 about 400x350 at this range). Content: smooth multi-octave colour noise, a gradient, a few filled
 shapes and fine grain, so that JPEG at quality ~90 (85-95) gives ImageNet-like file sizes (~0.5-1
 byte per pixel) and the decoder does the same entropy-decoding work as on photos. Every image is a
@@ -32,7 +32,7 @@ _ASPECTS = ((0.75, 0.6), (1.0, 0.15), (4 / 3, 0.15))  # (height / width, probabi
 
 def image_size(rng: np.random.Generator) -> tuple[int, int]:
     """(height, width) drawn from the ImageNet-like distribution above."""
-    width = int(np.clip(rng.normal(420, 120), 200, 800))
+    width = int(np.clip(rng.normal(400, 120), 200, 800))
     pick = rng.random()
     aspect = None
     for value, probability in _ASPECTS:

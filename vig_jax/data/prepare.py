@@ -109,7 +109,7 @@ class Report:
             f"wrote {self.path}: "
             + ", ".join(f"{split} {n}" for split, n in self.num_examples.items())
             + f" examples in {self.seconds:.1f} s ({rate:.0f} images/s with {processes} "
-            f"processes, {rate / processes:.0f} per process)"
+            f"process{'es' if processes > 1 else ''}, {rate / processes:.0f} per process)"
         ]
         if self.reencoded:
             lines.append(f"re-encoded as RGB: {len(self.reencoded)} files")
