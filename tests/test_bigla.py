@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.bigla import bigla
+from pallas_kernels.bigla import bigla, bigla_logits
 from pallas_kernels.bigla.chunked import bigla_chunked
 from pallas_kernels.bigla.reference import bigla_reference
 from tests.helpers import GRAD_NAMES, assert_close, rel_err, run_fast
@@ -173,6 +173,27 @@ def test_bigla_auto_on_gpu_is_pallas_where_the_kernel_applies(monkeypatch):
     assert dispatch._auto_impl(32, 64, 48) == "chunked"  # chunk not a power of two
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert dispatch._auto_impl(32, 64, 64) == "chunked"
+
+
+def test_bigla_logits_paths_agree():
+    """Gates from logits: the chunked path (gates in XLA, float32) and the pallas one (gates in
+    the kernel, interpret mode) against the reference on log_sigmoid(x) / 16, with gradients of
+    the logits; a normalizer of 0 is rejected."""
+    rng = np.random.default_rng(8)
+    q, k, v, _, _ = _inputs(8, 1, 40, 2, 16, 16, jnp.float32)
+    xf, xb = (jnp.asarray(3 * rng.standard_normal(q.shape), jnp.float32) for _ in range(2))
+    want_fn = lambda q, k, v, xf, xb: bigla_reference(
+        q, k, v, jax.nn.log_sigmoid(xf) / 16, jax.nn.log_sigmoid(xb) / 16
+    )
+    o_ref, grads_ref = _output_and_grads(want_fn, (q, k, v, xf, xb), 0)
+    for kwargs in ({"impl": "chunked"}, {"impl": "pallas", "interpret": True}):
+        fn = lambda *a, kw=kwargs: bigla_logits(*a, chunk_size=16, **kw)
+        o, grads = _output_and_grads(fn, (q, k, v, xf, xb), 0)
+        assert_close(f"o {kwargs}", o, o_ref, TOL[jnp.float32])
+        for name, got, want in zip(("dq", "dk", "dv", "dxf", "dxb"), grads, grads_ref, strict=True):
+            assert_close(f"{name} {kwargs}", got, want, TOL[jnp.float32])
+    with pytest.raises(ValueError, match="normalizer=0"):
+        bigla_logits(q, k, v, xf, xb, normalizer=0)
 
 
 def _good():

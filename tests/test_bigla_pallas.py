@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.bigla import bigla
-from pallas_kernels.bigla.pallas import KernelParams, bigla_pallas
+from pallas_kernels.bigla.pallas import KernelParams, bigla_pallas, bigla_pallas_logits
 from pallas_kernels.bigla.reference import bigla_reference
 from tests.helpers import FAST_COMPILE, GRAD_NAMES, assert_close, run_fast
 
@@ -167,6 +167,66 @@ def test_states_span_by_programs_unless_set():
     assert _states_span(1, 1, 4, KernelParams(states_span=4)) == 0  # one span: sequential
 
 
+def logit_inputs(shape, logit_dtype, very_negative=False, seed=0):
+    """q, k, v fp32, gate logits 3 N(0, 1) in logit_dtype (-160, i.e. gates -10, on half of the
+    channels with very_negative), cotangent do."""
+    (q, k, v, _, _), do = make_inputs(shape, seed=seed)
+    kf, kb = jax.random.split(jax.random.PRNGKey(seed + 1))
+    xf, xb = (3 * jax.random.normal(kk, q.shape) for kk in (kf, kb))
+    if very_negative:
+        strong = jnp.arange(q.shape[-1]) % 2 == 0
+        xf, xb = jnp.where(strong, -160.0, xf), jnp.where(strong[::-1], -160.0, xb)
+    return (q, k, v, xf.astype(logit_dtype), xb.astype(logit_dtype)), do
+
+
+def logits_reference64(args, do):
+    """o and the gradients of (q, k, v, xf, xb) in float64, gates log_sigmoid(x) / 16."""
+    f = lambda q, k, v, xf, xb: bigla_reference(
+        q, k, v, jax.nn.log_sigmoid(xf) / 16, jax.nn.log_sigmoid(xb) / 16
+    )
+    with jax.enable_x64(True):
+        args64 = [jnp.asarray(np.asarray(x, np.float64)) for x in args]
+        return [np.asarray(x) for x in fwd_and_grads(f, args64, do.astype(np.float64))]
+
+
+@pytest.mark.parametrize(
+    "shape,params,very_negative",
+    [
+        pytest.param((1, 20, 1, 16, 32), KernelParams(chunk=32), False, id="short"),
+        pytest.param(
+            (1, 40, 1, 16, 32), KernelParams(chunk=16, states_span=2), True, id="span2-gates-10"
+        ),
+        pytest.param((1, 40, 1, 32, 64), KernelParams(chunk=16), False, id="split-backward"),
+    ],
+)
+def test_bigla_pallas_logits_interpret_matches_reference(shape, params, very_negative):
+    """Gates from fp32 logits inside the kernels: o and the gradients of q, k, v and the logits."""
+    args, do = logit_inputs(shape, jnp.float32, very_negative)
+    f = lambda *a: bigla_pallas_logits(*a, params=dataclasses.replace(params, interpret=True))
+    got = run_fast(lambda a, d: fwd_and_grads(f, a, d), args, do)
+    check_all(got, logits_reference64(args, do), 1e-5, 1e-5)
+
+
+def test_bigla_pallas_logits_bf16_keep_dtype_and_match_their_gates():
+    """bf16 logits: gates are those of the bf16 values upcast (as the model's XLA path computes
+    them), so o matches at fp32 precision; their gradients come back in bf16 (rounding 2^-8)."""
+    args, do = logit_inputs((1, 40, 1, 16, 32), jnp.bfloat16)
+    params = KernelParams(chunk=16, interpret=True)
+    got = fwd_and_grads(lambda *a: bigla_pallas_logits(*a, params=params), args, do)
+    assert [x.dtype for x in got] == [jnp.float32] * 4 + [jnp.bfloat16] * 2
+    want = logits_reference64(args, do)
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want, strict=False):
+        assert_close(name, g, w, 1e-5)
+    for name, g, w in zip(("dxf", "dxb"), got[4:], want[4:], strict=True):
+        assert_close(name, g, w, 1e-2)
+
+
+def test_bigla_pallas_logits_rejects_bad_normalizer():
+    args, _ = logit_inputs((1, 8, 1, 16, 32), jnp.float32)
+    with pytest.raises(ValueError, match="normalizer=0"):
+        bigla_pallas_logits(*args, normalizer=0, interpret=True)
+
+
 def test_bigla_pallas_dispatch_interpret_fp16_outputs_keep_dtypes():
     """Through the public dispatcher; fp16 q/k/v (bf16 dots inside) with fp32 gates keep dtypes."""
     args, do = make_inputs((1, 20, 1, 16, 16), dtype=jnp.float16)
@@ -304,26 +364,41 @@ def test_bigla_pallas_gpu_very_negative_gates_finite(exact):
 def test_bigla_pallas_lowers_to_triton_for_cuda(exact):
     """Cross-lowers forward + backward of every plan for CUDA on the CPU (no GPU needed): every
     kernel must pass the Pallas Triton lowering (power-of-two tensors, dot shapes, forward cumsum).
+    Also the gates-from-logits entry (bf16 logits) on the short and the split states plans.
     """
     B, H, K, V = 2, 3, 32, 64
-    plans = {  # N, chunk, states_span -> the kernels the plan launches besides the chunk kernels
-        (49, 128, None): (),  # short plan
-        (130, 128, 0): ("fwd_states", "bwd_states"),  # sequential states
-        (130, 32, 2): ("fwd_span_summaries", "fwd_states", "bwd_span_summaries", "bwd_states"),
-        (130, 32, 1): ("fwd_span_summaries", "bwd_span_summaries"),  # the scan gives every state
+    plans = {  # N, chunk, states_span, logits -> kernels launched besides the chunk kernels
+        (49, 128, None, False): (),  # short plan
+        (130, 128, 0, False): ("fwd_states", "bwd_states"),  # sequential states
+        (130, 32, 2, False): (
+            "fwd_span_summaries",
+            "fwd_states",
+            "bwd_span_summaries",
+            "bwd_states",
+        ),
+        (130, 32, 1, False): ("fwd_span_summaries", "bwd_span_summaries"),  # scan gives them all
+        (49, 128, None, True): (),
+        (130, 32, 2, True): (
+            "fwd_span_summaries",
+            "fwd_states",
+            "bwd_span_summaries",
+            "bwd_states",
+        ),
     }
-    for (n, chunk, span), states_kernels in plans.items():
+    for (n, chunk, span, logits), states_kernels in plans.items():
         params = KernelParams(chunk=chunk, exact_diagonal=exact, states_span=span)
+        entry = bigla_pallas_logits if logits else bigla_pallas
 
-        def fwd_bwd(q, k, v, gf, gb, do, params=params):
-            o, vjp = jax.vjp(lambda *x: bigla_pallas(*x, params=params), q, k, v, gf, gb)
+        def fwd_bwd(q, k, v, gf, gb, do, params=params, entry=entry):
+            o, vjp = jax.vjp(lambda *x: entry(*x, params=params), q, k, v, gf, gb)
             return o, vjp(do)
 
+        gate_dtype = jnp.bfloat16 if logits else jnp.float32
         shapes = [
             jax.ShapeDtypeStruct((B, n, H, d), dt)
             for d, dt in ((K, jnp.bfloat16),) * 2
             + ((V, jnp.bfloat16),)
-            + ((K, jnp.float32),) * 2
+            + ((K, gate_dtype),) * 2
             + ((V, jnp.bfloat16),)
         ]
         text = jax.jit(fwd_bwd).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()

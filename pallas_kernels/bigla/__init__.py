@@ -43,6 +43,14 @@ def _check(q, k, v, gf, gb, impl, chunk_size, interpret):
         raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
 
 
+def _check_pallas_backend(interpret):
+    if not interpret and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"impl='pallas' needs a GPU (backend is {jax.default_backend()!r}); "
+            "pass interpret=True to run the kernel in Pallas interpret mode, or use impl='chunked'"
+        )
+
+
 def _per_batch_shard(fn, *arrays):
     """`fn(*arrays)`, run by each device on its slice of the batch when a mesh is in context.
 
@@ -98,11 +106,7 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
         from pallas_kernels.bigla.chunked import bigla_chunked
 
         return bigla_chunked(q, k, v, gf, gb, chunk_size=chunk_size)
-    if not interpret and jax.default_backend() != "gpu":
-        raise ValueError(
-            f"impl='pallas' needs a GPU (backend is {jax.default_backend()!r}); "
-            "pass interpret=True to run the kernel in Pallas interpret mode, or use impl='chunked'"
-        )
+    _check_pallas_backend(interpret)
     from pallas_kernels.bigla.pallas import bigla_pallas
 
     def kernel(*arrays):
@@ -111,4 +115,32 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
     return _per_batch_shard(kernel, q, k, v, gf, gb)
 
 
-__all__ = ["IMPLS", "bigla", "bigla_reference"]
+def bigla_logits(q, k, v, xf, xb, *, normalizer=16.0, impl="auto", chunk_size=64, interpret=False):
+    """`bigla` with the gates given as logits: gf = log_sigmoid(xf) / normalizer, gb likewise.
+
+    The pallas path computes the gates inside its kernels (`pallas.bigla_pallas_logits`: no
+    float32 gate tensors in HBM); the others compute them in XLA, in float32 (float64 for float64
+    logits), as ViG's gate projection does. xf, xb: [B, N, H, K] logits, any float dtype; their
+    gradients come back in their dtypes. Other arguments, result and errors as `bigla`.
+    """
+    if not normalizer > 0:
+        raise ValueError(f"normalizer={normalizer!r} must be positive")
+    _check(q, k, v, xf, xb, impl, chunk_size, interpret)
+    if impl == "auto":
+        impl = _auto_impl(q.shape[-1], v.shape[-1], chunk_size)
+    if impl != "pallas":
+        acc = jnp.promote_types(xf.dtype, jnp.float32)
+        gf, gb = (jax.nn.log_sigmoid(x.astype(acc)) / normalizer for x in (xf, xb))
+        return bigla(q, k, v, gf, gb, impl=impl, chunk_size=chunk_size)
+    _check_pallas_backend(interpret)
+    from pallas_kernels.bigla.pallas import bigla_pallas_logits
+
+    def kernel(*arrays):
+        return bigla_pallas_logits(
+            *arrays, normalizer=normalizer, chunk_size=chunk_size, interpret=interpret
+        )
+
+    return _per_batch_shard(kernel, q, k, v, xf, xb)
+
+
+__all__ = ["IMPLS", "bigla", "bigla_logits", "bigla_reference"]

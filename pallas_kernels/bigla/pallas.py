@@ -133,14 +133,41 @@ def _check(q, v, params):
 # Building blocks used inside the kernels (all values fp32 unless cast for a dot).
 
 
+class _Logits:
+    """A gate ref holding logits x: its rows load as the log gates log_sigmoid(x) * scale, fp32."""
+
+    def __init__(self, ref, scale):
+        self.ref, self.scale, self.shape = ref, scale, ref.shape
+
+
+class _LogitGrads:
+    """An output ref for dL/dx of logits x (in x_ref): rows stored as dL/dg get the chain rule's
+    dg/dx = sigmoid(-x) * scale."""
+
+    def __init__(self, ref, x_ref, scale):
+        self.ref, self.x_ref, self.scale, self.shape = ref, x_ref, scale, ref.shape
+
+
+def _log_sigmoid(x):
+    """log(sigmoid(x)) = min(x, 0) - log1p(e^-|x|): no overflow, exact for small gates."""
+    return jnp.minimum(x, 0.0) - jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
 def _load_rows(ref, start, rows, n):
-    """Rows [start, start + rows) of a [N, d] ref; rows past N read 0 (neutral both ways)."""
+    """Rows [start, start + rows) of a [N, d] ref; rows past N read 0 (neutral both ways), also as
+    gates of a `_Logits` ref (masked after the log_sigmoid, which maps 0 to -log 2)."""
     mask = (start + jnp.arange(rows, dtype=jnp.int32) < n)[:, None]
+    if isinstance(ref, _Logits):
+        x = pltriton.load(ref.ref.at[pl.ds(start, rows), :], mask=mask, other=0.0)
+        return jnp.where(mask, _log_sigmoid(x.astype(jnp.float32)) * ref.scale, 0.0)
     return pltriton.load(ref.at[pl.ds(start, rows), :], mask=mask, other=0.0)
 
 
 def _store_rows(ref, start, val, n):
     mask = (start + jnp.arange(val.shape[0], dtype=jnp.int32) < n)[:, None]
+    if isinstance(ref, _LogitGrads):
+        x = _load_rows(ref.x_ref, start, val.shape[0], n).astype(jnp.float32)
+        val, ref = val * (ref.scale / (1.0 + jnp.exp(x))), ref.ref  # sigmoid(-x); e^x = inf -> 0
     pltriton.store(ref.at[pl.ds(start, val.shape[0]), :], val.astype(ref.dtype), mask=mask)
 
 
@@ -509,24 +536,21 @@ def _bigla_bwd_chunk_kernel(
     _store_blocks(out_refs, _bwd_chunk(rows, states, mm, exact), c, bt, n)
 
 
-def _bigla_bwd_dir_kernel(
-    q_ref, k_ref, v_ref, g_ref, do_ref, s_ref, u_ref, *refs, n, bt, mm, exact, reverse
-):
-    """One direction of the backward chunk kernel (split_backward). Forward direction: writes
-    its dq, dk, dv (fp32 partials) and dgf. Backward direction: reads those partials, adds its own,
-    writes dq, dk, dv and dgb."""
+def _bigla_bwd_dir_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, n, bt, mm, exact, reverse):
+    """One direction of the backward chunk kernel (split_backward). Forward direction: refs are
+    (S, dS, out dq, dk, dv, dgf); writes dq, dk, dv as fp32 partials. Backward direction: refs are
+    (partial dq, dk, dv, S, dS, out dq, dk, dv, dgb); adds its own terms to the partials."""
     c = pl.program_id(0)
+    partials, refs = (refs[:3], refs[3:]) if reverse else ((), refs)
+    s_ref, u_ref, *out_refs = refs
     rows = _bwd_rows((q_ref, k_ref, v_ref, g_ref, do_ref), c, bt, n)
     blocks = _bwd_chunk_dir(rows, s_ref[...], u_ref[...], reverse, mm, exact)
-    if reverse:
-        partials, out_refs = refs[:3], refs[3:]
+    if partials:
         read = _Rows(partials, c, bt, n)
         blocks = [
             (*(x + read(j, i) for j, x in enumerate(vals[:3])), vals[3])
             for i, vals in enumerate(blocks)
         ]
-    else:
-        out_refs = refs
     _store_blocks(out_refs, blocks, c, bt, n)
 
 
@@ -542,7 +566,31 @@ def _token_spec(x, grid_rank):
     return pl.BlockSpec(shape, lambda c, b, h: (b, 0, h, 0))
 
 
-def _call(kernel, name, grid, in_specs, out_specs, out_shape, params):
+def _logits(scale, gates, grads=0):
+    """The gate-logit setting of one launch: None for log gates (scale None), else (scale,
+    positions of the gate inputs, number of trailing outputs that are their gradients)."""
+    return None if scale is None else (scale, gates, grads)
+
+
+def _with_logits(kernel, scale, gates, grads):
+    """kernel, with the inputs at `gates` seen as logits (`_Logits`) and its last `grads`
+    outputs, the gradients of those gates in order, stored through the chain rule."""
+
+    def wrapped(*refs):
+        views = list(refs)
+        for i in gates:
+            views[i] = _Logits(refs[i], scale)
+        if grads:  # gradients of all the gates, in order
+            for o, i in zip(range(len(refs) - grads, len(refs)), gates, strict=True):
+                views[o] = _LogitGrads(refs[o], refs[i], scale)
+        kernel(*views)
+
+    return wrapped
+
+
+def _call(kernel, name, grid, in_specs, out_specs, out_shape, params, logits=None):
+    if logits is not None:
+        kernel = _with_logits(kernel, *logits)
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -576,7 +624,7 @@ def _span_spec(rows, V):
     return pl.BlockSpec((None, None, rows, V), lambda s, b, h: (b, h, s, 0))
 
 
-def _states_call(inputs, params, adjoints, span, ns, init=None, summary=False):
+def _states_call(inputs, params, adjoints, span, ns, init=None, summary=False, logits=None):
     """One launch of the states kernel, grid (NS, B, H). Returns the entering states of every chunk,
     [B, H, NS * span * K, V] each, or with `summary` the spans' own leaving states [B, H, NS * K, V]
     and gate totals [B, H, NS, K] (fp32)."""
@@ -610,6 +658,7 @@ def _states_call(inputs, params, adjoints, span, ns, init=None, summary=False):
         out_specs,
         out_shape,
         params,
+        logits,
     )(*inputs, *init)
 
 
@@ -653,7 +702,7 @@ def _scan_spans(totals, owns, reverses, method):
     return [flip(entering[i], r) for i, r in enumerate(reverses)]
 
 
-def _states(inputs, params, adjoints):
+def _states(inputs, params, adjoints, logits=None):
     """Entering states of every chunk: Sf, Sb (and dSf, dSb), [B, H, NTp * K, V] fp32 each, with
     NTp >= NT (chunks past NT are padding: zero inputs, which change no state).
 
@@ -666,10 +715,11 @@ def _states(inputs, params, adjoints):
     V = inputs[2].shape[-1] if adjoints else inputs[1].shape[-1]
     nt = math.ceil(N / params.chunk)
     span = _states_span(B, H, nt, params)
+    call = functools.partial(_states_call, inputs, params, adjoints, logits=logits)
     if not span:
-        return _states_call(inputs, params, adjoints, span=nt, ns=1)
+        return call(span=nt, ns=1)
     ns = math.ceil(nt / span)
-    *own, total_f, total_b = _states_call(inputs, params, adjoints, span, ns, summary=True)
+    *own, total_f, total_b = call(span, ns, summary=True)
     # Sf and dSb run left to right, Sb and dSf right to left; Sf and dSf decay by gf, Sb and dSb
     # by gb.
     nst = len(own)
@@ -682,112 +732,107 @@ def _states(inputs, params, adjoints):
     init = [x.reshape(B, H, ns * K, V) for x in init]
     if span == 1:
         return init
-    return _states_call(inputs, params, adjoints, span, ns, init=init)
+    return call(span, ns, init=init)
 
 
 def _state_spec(K, V):
     return pl.BlockSpec((None, None, K, V), lambda c, b, h: (b, h, c, 0))
 
 
-def _bigla_fwd(q, k, v, gf, gb, params):
-    """o [B, N, H, V] in v.dtype."""
-    B, N, H, K = q.shape
-    V = v.shape[-1]
-    gf, gb = gf.astype(jnp.float32), gb.astype(jnp.float32)
-    inputs = (q, k, v, gf, gb)
-    out_shape = jax.ShapeDtypeStruct(v.shape, v.dtype)
-    statics = dict(n=N, bt=params.chunk, mm=_matmul_dtype(q.dtype), exact=params.exact_diagonal)
-    if _use_short_path(N, params):
-        kernel = functools.partial(_bigla_fwd_short_kernel, **statics)
-        return _call(
-            kernel,
-            "bigla_fwd_short",
-            (B, H),
-            [_token_spec(x, 2) for x in inputs],
-            _token_spec(v, 2),
-            out_shape,
-            params,
-        )(*inputs)
-    sf, sb = _states((k, v, gf, gb), params, adjoints=False)
-    nt = math.ceil(N / params.chunk)
-    kernel = functools.partial(_bigla_fwd_chunk_kernel, **statics)
-    return _call(
+def _launch(kernel, name, params, tokens, outs, states=(), logits=None, **statics):
+    """One launch of a token-layout kernel: grid (B, H) without states (short plan), (NT, B, H)
+    with the chunks' states (long plan). tokens: [B, N, H, d] arrays, then states
+    [B, H, NTp * K, V]; outs: [B, N, H, d] ShapeDtypeStructs. Returns the list of outputs."""
+    B, N, H, K = tokens[0].shape
+    rank = 3 if states else 2
+    grid = (math.ceil(N / params.chunk), B, H) if states else (B, H)
+    in_specs = [_token_spec(x, rank) for x in tokens]
+    in_specs += [_state_spec(K, x.shape[-1]) for x in states]
+    kernel = functools.partial(
         kernel,
-        "bigla_fwd_chunks",
-        (nt, B, H),
-        [_token_spec(x, 3) for x in inputs] + [_state_spec(K, V)] * 2,
-        _token_spec(v, 3),
-        out_shape,
-        params,
-    )(*inputs, sf, sb)
+        n=N,
+        bt=params.chunk,
+        mm=_matmul_dtype(tokens[0].dtype),
+        exact=params.exact_diagonal,
+        **statics,
+    )
+    out_specs = [_token_spec(x, rank) for x in outs]
+    return _call(kernel, name, grid, in_specs, out_specs, list(outs), params, logits)(
+        *tokens, *states
+    )
 
 
-def _bigla_bwd(q, k, v, gf, gb, do, params):
-    """(dq, dk, dv, dgf, dgb) with the shapes and dtypes of the inputs."""
-    B, N, H, K = q.shape
-    V = v.shape[-1]
-    inputs = (q, k, v, gf.astype(jnp.float32), gb.astype(jnp.float32), do.astype(v.dtype))
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, gf, gb)]
-    statics = dict(n=N, bt=params.chunk, mm=_matmul_dtype(q.dtype), exact=params.exact_diagonal)
-    if _use_short_path(N, params):
-        kernel = functools.partial(_bigla_bwd_short_kernel, **statics)
-        return _call(
-            kernel,
-            "bigla_bwd_short",
-            (B, H),
-            [_token_spec(x, 2) for x in inputs],
-            [_token_spec(x, 2) for x in out_shape],
-            out_shape,
-            params,
-        )(*inputs)
-    states = _states(inputs, params, adjoints=True)
-    grid = (math.ceil(N / params.chunk), B, H)
-    if _split_backward(K, params):
-        return _bwd_split(inputs, states, out_shape, statics, grid, params)
-    kernel = functools.partial(_bigla_bwd_chunk_kernel, **statics)
-    return _call(
-        kernel,
-        "bigla_bwd_chunks",
-        grid,
-        [_token_spec(x, 3) for x in inputs] + [_state_spec(K, V)] * 4,
-        [_token_spec(x, 3) for x in out_shape],
-        out_shape,
-        params,
-    )(*inputs, *states)
+def _gates_in(g, scale):
+    """Gates as the kernels read them: log gates in fp32; logits (scale set) as they come."""
+    return g if scale is not None else g.astype(jnp.float32)
 
 
-def _bwd_split(inputs, states, out_shape, statics, grid, params):
-    """The long plan's backward chunk work as two launches, one per direction (split_backward)."""
-    q, k, v, gf, gb, do = inputs
+def _bigla_fwd(q, k, v, gf, gb, params, scale):
+    """o [B, N, H, V] in v.dtype. scale None: gf, gb are log gates; else logits, gates
+    log_sigmoid(x) * scale."""
+    gf, gb = _gates_in(gf, scale), _gates_in(gb, scale)
+    tokens = (q, k, v, gf, gb)
+    out = [jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    logits = _logits(scale, (3, 4))
+    if _use_short_path(q.shape[1], params):
+        return _launch(_bigla_fwd_short_kernel, "bigla_fwd_short", params, tokens, out, (), logits)[
+            0
+        ]
+    states = _states((k, v, gf, gb), params, False, _logits(scale, (2, 3)))
+    return _launch(
+        _bigla_fwd_chunk_kernel, "bigla_fwd_chunks", params, tokens, out, states, logits
+    )[0]
+
+
+def _bigla_bwd(q, k, v, gf, gb, do, params, scale):
+    """(dq, dk, dv, dgf, dgb) with the shapes and dtypes of the inputs (dgf, dgb: gradients of
+    the logits when `scale` is set)."""
+    outs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, gf, gb)]
+    tokens = (q, k, v, _gates_in(gf, scale), _gates_in(gb, scale), do.astype(v.dtype))
+    logits = _logits(scale, (3, 4), 2)
+    if _use_short_path(q.shape[1], params):
+        return _launch(_bigla_bwd_short_kernel, "bigla_bwd_short", params, tokens, outs, (), logits)
+    states = _states(tokens, params, True, _logits(scale, (3, 4)))
+    if not _split_backward(q.shape[-1], params):
+        return _launch(
+            _bigla_bwd_chunk_kernel, "bigla_bwd_chunks", params, tokens, outs, states, logits
+        )
+    # One launch per direction: the first writes fp32 partials of dq, dk, dv; the second adds.
+    q, k, v, gf, gb, do = tokens
     sf, sb, dsf, dsb = states
-    K, V = q.shape[-1], v.shape[-1]
-    dq, dk, dv, dgf, dgb = out_shape
-    partial = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (dq, dk, dv)]
-    in_specs = [_token_spec(x, 3) for x in (q, k, v, gf, do)] + [_state_spec(K, V)] * 2
-
-    def launch(reverse, outs, *args):
-        kernel = functools.partial(_bigla_bwd_dir_kernel, **statics, reverse=reverse)
-        extra = [_token_spec(x, 3) for x in args[7:]]
-        name = "bigla_bwd_chunks_" + ("backward_dir" if reverse else "forward_dir")
-        specs = [_token_spec(x, 3) for x in outs]
-        return _call(kernel, name, grid, in_specs + extra, specs, outs, params)(*args)
-
-    dq_p, dk_p, dv_p, dgf = launch(False, [*partial, dgf], q, k, v, gf, do, sf, dsf)
-    dq, dk, dv, dgb = launch(True, [dq, dk, dv, dgb], q, k, v, gb, do, sb, dsb, dq_p, dk_p, dv_p)
+    partial = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in outs[:3]]
+    launch = functools.partial(_launch, _bigla_bwd_dir_kernel, params=params)
+    logits = _logits(scale, (3,), 1)
+    dq_p, dk_p, dv_p, dgf = launch(
+        name="bigla_bwd_chunks_forward_dir",
+        tokens=(q, k, v, gf, do),
+        outs=[*partial, outs[3]],
+        states=(sf, dsf),
+        logits=logits,
+        reverse=False,
+    )
+    dq, dk, dv, dgb = launch(
+        name="bigla_bwd_chunks_backward_dir",
+        tokens=(q, k, v, gb, do, dq_p, dk_p, dv_p),
+        outs=[*outs[:3], outs[4]],
+        states=(sb, dsb),
+        logits=logits,
+        reverse=True,
+    )
     return dq, dk, dv, dgf, dgb
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _bigla(q, k, v, gf, gb, params):
-    return _bigla_fwd(q, k, v, gf, gb, params)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _bigla(q, k, v, gf, gb, params, scale):
+    return _bigla_fwd(q, k, v, gf, gb, params, scale)
 
 
-def _bigla_vjp_fwd(q, k, v, gf, gb, params):
-    return _bigla_fwd(q, k, v, gf, gb, params), (q, k, v, gf, gb)
+def _bigla_vjp_fwd(q, k, v, gf, gb, params, scale):
+    return _bigla_fwd(q, k, v, gf, gb, params, scale), (q, k, v, gf, gb)
 
 
-def _bigla_vjp_bwd(params, residuals, do):
-    return tuple(_bigla_bwd(*residuals, do, params))
+def _bigla_vjp_bwd(params, scale, residuals, do):
+    return tuple(_bigla_bwd(*residuals, do, params, scale))
 
 
 _bigla.defvjp(_bigla_vjp_fwd, _bigla_vjp_bwd)
@@ -813,4 +858,35 @@ def bigla_pallas(q, k, v, gf, gb, *, chunk_size=64, interpret=False, params=None
     if params is None:
         params = KernelParams(chunk=chunk_size, interpret=interpret)
     _check(q, v, params)
-    return _bigla(q, k, v, gf, gb, params)
+    return _bigla(q, k, v, gf, gb, params, None)
+
+
+def bigla_pallas_logits(
+    q, k, v, xf, xb, *, normalizer=16.0, chunk_size=64, interpret=False, params=None
+):
+    """`bigla_pallas` with the gates computed in the kernels from their logits:
+    gf = log_sigmoid(xf) / normalizer, gb likewise (ViG: normalizer 16), in float32.
+
+    The [B, N, H, K] float32 gate tensors are then neither written by XLA nor read by the kernels:
+    bfloat16 logits halve the gate traffic and give the gates of an XLA log_sigmoid of the same
+    logits upcast to float32 (notes_bigla.md, v6b, for their precision). Gradients of xf, xb
+    come back in their dtypes.
+
+    Args:
+      q, k, v: as `bigla_pallas`.
+      xf, xb: [B, N, H, K] gate logits, any float dtype.
+      normalizer: positive; the log gates are log_sigmoid(x) / normalizer.
+      chunk_size, interpret, params: as `bigla_pallas`.
+
+    Returns:
+      o: [B, N, H, V] in v.dtype.
+
+    Raises:
+      ValueError: on unsupported K, V or chunk size, or a normalizer <= 0.
+    """
+    if params is None:
+        params = KernelParams(chunk=chunk_size, interpret=interpret)
+    _check(q, v, params)
+    if not normalizer > 0:
+        raise ValueError(f"normalizer={normalizer!r} must be positive")
+    return _bigla(q, k, v, xf, xb, params, 1.0 / float(normalizer))
