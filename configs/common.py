@@ -15,12 +15,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def model_section(name, *, dtype="bfloat16", **overrides):
-    """`create_model(name, dtype=..., bigla_impl=..., **overrides)` as data."""
+    """`create_model(name, dtype=..., bigla_impl=..., remat=..., **overrides)` as data."""
     m = ml_collections.ConfigDict()
     m.name = name
     # Params and optimizer state stay float32; `dtype` is the compute dtype of the model.
     m.dtype = dtype
     m.bigla_impl = "auto"
+    # Activation memory: "none", "block" (per block, matmul and BiGLA outputs saved, the rest
+    # recomputed) or "full" (per block, nothing saved); same loss and gradients (issue 14).
+    m.remat = "none"
     m.overrides = ml_collections.ConfigDict(overrides)
     return m
 

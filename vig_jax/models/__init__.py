@@ -63,7 +63,9 @@ def create_model(
       bigla_impl: BiGLA implementation for models that use it ("auto", "reference", "chunked",
         "pallas"); models without BiGLA accept only the default.
       **overrides: fields of the model class to change, e.g. depth=2 or drop_path_rate=0.0 for ViG,
-        dims=(32, 64, 128, 256) for ViG-H, bigla_interpret=True.
+        dims=(32, 64, 128, 256) for ViG-H, bigla_interpret=True. Execution forms that keep the
+        parameters (ViG and ViG-H; see the model docstrings): fused_proj=True, dwconv="shift",
+        fp32_mix=True, scan_blocks=True; remat="none" | "block" | "full" (also DeiT).
 
     Raises:
       ValueError: unknown name (lists the known names and the closest match) or unknown override.

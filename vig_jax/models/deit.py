@@ -25,7 +25,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vig_jax.models.layers import torch_conv_bias_init, torch_conv_kernel_init, trunc_normal
+from vig_jax.models import stack
+from vig_jax.models.layers import (
+    check_images,
+    torch_conv_bias_init,
+    torch_conv_kernel_init,
+    trunc_normal,
+)
 from vig_jax.models.pos_embed import resize_pos_embed
 
 ATTENTION_IMPLS = (None, "xla", "cudnn")
@@ -121,6 +127,7 @@ class DeiT(nn.Module):
         attention_impl: None (XLA chooses), "xla" or "cudnn" (flash; GPU, bf16/fp16 only).
         token_multiple: inside attention, pad the token count 1 + h·w up to a multiple of this
             (1 = no padding), masking the padded keys; e.g. 64 for cuDNN's backward.
+        remat: "none", "block" or "full" (`vig_jax.models.stack`), as for ViG.
         dtype: compute dtype; params are float32.
     """
 
@@ -133,6 +140,7 @@ class DeiT(nn.Module):
     pos_embed_grid: tuple[int, int] = (14, 14)
     attention_impl: str | None = None
     token_multiple: int = 1
+    remat: str = "none"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -149,8 +157,7 @@ class DeiT(nn.Module):
             raise ValueError(f"{self.token_multiple=} must be >= 1")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"{self.embed_dim=} must be divisible by {self.num_heads=}")
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be [B, H, W, 3] (NHWC), got {images.shape=}")
+        check_images(images)
         p, d = self.patch_size, self.embed_dim
         if images.shape[1] < p or images.shape[2] < p:
             raise ValueError(f"images {images.shape[1:3]} are smaller than one {p}x{p} patch")
@@ -181,14 +188,15 @@ class DeiT(nn.Module):
         x = (x + pos).astype(self.dtype)  # [B, 1+N, D]
 
         for i in range(self.depth):
-            x = DeiTBlock(
+            block = DeiTBlock(
                 self.num_heads,
                 self.mlp_ratio,
                 self.attention_impl,
                 self.token_multiple,
                 self.dtype,
                 name=f"block{i}",
-            )(x)  # [B, 1+N, D]
+            )
+            x = stack.apply_block(block, x, train=None, remat=self.remat)  # [B, 1+N, D]
 
         # LayerNorm acts per token: normalising only the class token equals timm's norm-then-pick.
         cls = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x[:, 0])  # [B, D]

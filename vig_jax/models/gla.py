@@ -6,10 +6,21 @@ vig.py) and ViG-H (GLA2D in vig_h.py): the math is the same, only the initialisa
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.bigla import bigla
-from vig_jax.models.layers import RMSNorm, stats_dtype, trunc_normal, xavier_uniform
+from vig_jax.models.layers import (
+    DenseParams,
+    DepthwiseConv3x3,
+    RMSNorm,
+    linear,
+    stats_dtype,
+    trunc_normal,
+    xavier_uniform,
+)
+from vig_jax.models.stack import BIGLA_OUTPUT
 
 GATE_LOW_RANK = 16  # gk_proj: D -> 16 -> 2 * key_dim
 GATE_LOGIT_NORMALIZER = 16.0  # gates = log_sigmoid(.) / 16
@@ -31,6 +42,12 @@ class GatedLinearAttention(nn.Module):
         gain 2^-2.5); False in ViG-H, whose model re-initialises every Linear with
         trunc_normal(0.02) so that only the depthwise conv keeps xavier.
       bigla_impl, bigla_interpret: passed to `pallas_kernels.bigla.bigla` as impl / interpret.
+      fused_proj: the three projections that read xs (qkv, gate_down, mix_gate) as one matmul
+        against their kernels concatenated at run time (same parameters).
+      dwconv: "conv" (XLA grouped convolution) or "shift" (nine shifted multiply-adds).
+      fp32_mix: the RMSNorms of o and xs, the sigmoid mix and the output SiLU as one float32 chain,
+        rounded to `dtype` once before the output projection (the plain form rounds the two
+        norms and the mix gate to `dtype` first; the same numbers in float32).
       dtype: compute dtype; gates are computed in float32 (float64 when computing in float64).
     """
 
@@ -40,6 +57,9 @@ class GatedLinearAttention(nn.Module):
     xavier_init: bool
     bigla_impl: str
     bigla_interpret: bool = False
+    fused_proj: bool = False
+    dwconv: str = "conv"
+    fp32_mix: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -53,42 +73,52 @@ class GatedLinearAttention(nn.Module):
         K, V = key_dim // H, D // H
         xavier = xavier_uniform(XAVIER_GAIN)
         proj_init = xavier if self.xavier_init else trunc_normal(0.02)
+        acc = stats_dtype(self.dtype)
 
         def dense(features, name, use_bias=False):
             return nn.Dense(
                 features, use_bias=use_bias, kernel_init=proj_init, dtype=self.dtype, name=name
             )
 
-        xs = nn.Conv(
-            D,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            feature_group_count=D,
-            use_bias=False,
-            kernel_init=xavier,
-            dtype=self.dtype,
-            name="dwconv",
-        )(x)
+        xs = DepthwiseConv3x3(xavier, self.dwconv, self.dtype, name="dwconv")(x)
         if self.use_act_in_conv:
             xs = nn.silu(xs)
         xs = xs.reshape(B, N, D)  # row-major tokens
 
-        qkv = dense(2 * key_dim + D, "qkv")(xs)  # [B, N, 2 key_dim + D] = [q | k | v]
+        if self.fused_proj:
+            widths = (2 * key_dim + D, D, GATE_LOW_RANK)  # [q | k | v], mix_gate, gate_down
+            w_qkv, _ = DenseParams(widths[0], False, proj_init, name="qkv")(D)
+            w_mix, b_mix = DenseParams(widths[1], True, proj_init, name="mix_gate")(D)
+            w_down, _ = DenseParams(widths[2], False, proj_init, name="gate_down")(D)
+            # [B, N, 2 key_dim + 2 D + 16]: the rank-16 gate_down last keeps the others aligned.
+            y = linear(xs, jnp.concatenate([w_qkv, w_mix, w_down], axis=1), self.dtype)
+            qkv, mix_logits, down = jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
+            mix_logits = mix_logits + b_mix.astype(self.dtype)
+        else:
+            qkv = dense(2 * key_dim + D, "qkv")(xs)  # [B, N, 2 key_dim + D] = [q | k | v]
+            down = dense(GATE_LOW_RANK, "gate_down")(xs)  # [B, N, 16]
+            mix_logits = None  # computed after BiGLA, where the plain form has it
         q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
         q = q.reshape(B, N, H, K) * jnp.asarray(K**-0.5, self.dtype)
         k = k.reshape(B, N, H, K)
         v = v.reshape(B, N, H, V)
 
-        gates = dense(2 * key_dim, "gate_up", use_bias=True)(dense(GATE_LOW_RANK, "gate_down")(xs))
+        gates = dense(2 * key_dim, "gate_up", use_bias=True)(down)
         # log_sigmoid of low-precision logits loses the small gates that matter most: float32.
-        gates = jax.nn.log_sigmoid(gates.astype(stats_dtype(self.dtype))) / GATE_LOGIT_NORMALIZER
+        gates = jax.nn.log_sigmoid(gates.astype(acc)) / GATE_LOGIT_NORMALIZER
         gf, gb = (g.reshape(B, N, H, K) for g in jnp.split(gates, 2, axis=-1))
 
         o = bigla(q, k, v, gf, gb, impl=self.bigla_impl, interpret=self.bigla_interpret)
-        o = RMSNorm(NORM_EPS, self.dtype, name="o_norm")(o)  # [B, N, H, V]
-        local = RMSNorm(NORM_EPS, self.dtype, name="local_norm")(xs.reshape(B, N, H, V))
-        mix = nn.sigmoid(dense(D, "mix_gate", use_bias=True)(xs)).reshape(B, N, H, V)
+        o = checkpoint_name(o, BIGLA_OUTPUT)  # [B, N, H, V]; saved by remat "block"
+        if mix_logits is None:
+            mix_logits = dense(D, "mix_gate", use_bias=True)(xs)
+        mix_logits = mix_logits.reshape(B, N, H, V)
+        # fp32_mix: norms return float32, the chain below stays float32 until the last cast.
+        chain = acc if self.fp32_mix else self.dtype
+        o = RMSNorm(NORM_EPS, chain, name="o_norm")(o)  # [B, N, H, V]
+        local = RMSNorm(NORM_EPS, chain, name="local_norm")(xs.reshape(B, N, H, V))
+        mix = nn.sigmoid(mix_logits.astype(chain))
         o = (o * mix + local * (1 - mix)).reshape(B, N, D)
         if self.use_out_act:
             o = nn.silu(o)
-        return dense(D, "out")(o).reshape(B, h, w, D)
+        return dense(D, "out")(o.astype(self.dtype)).reshape(B, h, w, D)

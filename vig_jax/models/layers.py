@@ -1,4 +1,5 @@
-"""Building blocks shared by ViG and ViG-H (docs/architecture.md): norms, SwiGLU MLP, DropPath, conv stems.
+"""Building blocks shared by ViG and ViG-H (docs/architecture.md): norms, SwiGLU MLP, DropPath,
+conv stems, the depthwise conv, the image check and pooled head shared by the model families.
 
 Everything is channels-last: tokens are [B, N, D] or grids [B, h, w, D]. Parameters are float32; the
 computation runs in `dtype`, with norm statistics in float32 (float64 when computing in float64).
@@ -47,6 +48,117 @@ def torch_conv_bias_init(fan_in: int) -> Initializer:
 def stats_dtype(dtype) -> jnp.dtype:
     """float32, or float64 when computing in float64: dtype of norm statistics and BiGLA gates."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def check_images(images: jax.Array) -> None:
+    """Raises ValueError unless `images` is [B, H, W, 3] (NHWC); every model starts with it."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [B, H, W, 3] (NHWC), got {images.shape=}")
+
+
+def mean_pool_head(head: nn.Module, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Global average of a feature map in float32 (float64 under float64), then the linear head.
+
+    Args:
+      head: the classifier Dense, computing in `dtype`.
+      x: [B, h, w, C] in `dtype`.
+
+    Returns:
+      logits [B, num_classes] in float32 (float64 when computing in float64).
+    """
+    pooled = jnp.mean(x.astype(stats_dtype(dtype)), axis=(1, 2))  # [B, C]
+    return head(pooled.astype(dtype)).astype(stats_dtype(dtype))
+
+
+class DenseParams(nn.Module):
+    """The parameters nn.Dense(features) creates (same names, shapes, init), without applying them.
+
+    Lets a layer multiply one input by several projections' kernels concatenated (one larger
+    matmul) while the parameter tree, the converter and the checkpoints stay those of separate
+    nn.Dense layers.
+    """
+
+    features: int
+    use_bias: bool
+    kernel_init: Initializer
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+        """Returns (kernel [in_features, features], bias [features] or None), float32."""
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), jnp.float32)
+        if not self.use_bias:
+            return kernel, None
+        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,))
+
+
+def linear(x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """x @ kernel computed as nn.Dense does it: both cast to `dtype`, default precision.
+
+    x: [..., F_in], kernel: [F_in, F_out] -> [..., F_out] in `dtype`.
+    """
+    return jax.lax.dot_general(
+        x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ()))
+    )
+
+
+DWCONV_IMPLS = ("conv", "shift")
+
+
+def depthwise_conv3x3_shift(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """3x3 depthwise convolution, stride 1, zero padding 1, as nine shifted multiply-adds.
+
+    The same function as `nn.Conv(D, (3, 3), padding=1, feature_group_count=D)`; written as
+    elementwise work, which XLA fuses into one pass (forward) and one pass plus nine sibling
+    reductions (backward), instead of a grouped convolution, whose backward is often slow on GPUs.
+    Products are summed in float32 (float64 under float64) and rounded to x.dtype once.
+
+    Args:
+      x: [B, h, w, D] in the compute dtype.
+      kernel: [3, 3, 1, D] (nn.Conv's depthwise layout), float32; cast to x.dtype first, as
+        nn.Conv does.
+
+    Returns:
+      [B, h, w, D] in x.dtype.
+    """
+    _, h, w, _ = x.shape
+    acc = stats_dtype(x.dtype)
+    k = kernel.astype(x.dtype).astype(acc)  # [3, 3, 1, D]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(acc)  # [B, h+2, w+2, D]
+    out = sum(xp[:, i : i + h, j : j + w] * k[i, j, 0] for i in range(3) for j in range(3))
+    return out.astype(x.dtype)  # [B, h, w, D]
+
+
+class DepthwiseConv3x3(nn.Module):
+    """3x3 depthwise conv without bias (stride 1, padding 1); parameters those of the nn.Conv form.
+
+    Attributes:
+      kernel_init: initialiser of the [3, 3, 1, D] kernel.
+      impl: "conv" (XLA grouped convolution) or "shift" (`depthwise_conv3x3_shift`).
+      dtype: compute dtype.
+    """
+
+    kernel_init: Initializer
+    impl: str = "conv"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, h, w, D] -> [B, h, w, D] in `dtype`."""
+        if self.impl not in DWCONV_IMPLS:
+            raise ValueError(f"dwconv impl {self.impl!r} must be one of {DWCONV_IMPLS}")
+        D = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (3, 3, 1, D), jnp.float32)
+        x = x.astype(self.dtype)
+        if self.impl == "shift":
+            return depthwise_conv3x3_shift(x, kernel)
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel.astype(self.dtype),
+            window_strides=(1, 1),
+            padding=((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=D,
+        )
 
 
 class RMSNorm(nn.Module):
@@ -117,15 +229,16 @@ class SwiGLU(nn.Module):
 class DropPath(nn.Module):
     """Stochastic depth: zeroes whole samples with probability `rate`, scales others by 1/(1-rate).
 
-    Uses the "dropout" rng stream; identity when not training or when rate is 0.
+    Uses the "dropout" rng stream; identity when not training or when rate is 0. The rate may be
+    a traced scalar (blocks run as a scan, `stack.scan_blocks`).
     """
 
-    rate: float
+    rate: float | jax.Array
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """x: [B, ...] -> [B, ...]."""
-        if not train or self.rate == 0.0:
+        if not train or (isinstance(self.rate, float) and self.rate == 0.0):
             return x
         keep = 1.0 - self.rate
         mask = jax.random.bernoulli(
@@ -134,38 +247,93 @@ class DropPath(nn.Module):
         return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype))
 
 
-def conv_out_size(size: int, kernel: int, stride: int, padding: int = 1) -> int:
-    """Output length of a torch-style convolution (floor division)."""
-    return (size + 2 * padding - kernel) // stride + 1
+CONV_IMPLS = ("conv", "patches")
+
+
+def conv_patches(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """k x k convolution, stride s, zero padding 1, as patch extraction plus one matmul.
+
+    The patches are k^2 strided slices of the padded input concatenated along channels
+    ([B, h, w, k^2 C_in], XLA fuses them into one pass), multiplied by the kernel reshaped to
+    [k^2 C_in, F]. For few input channels (the 3-channel stem) this is a large matmul where a
+    convolution kernel would run nearly idle; the kernel gradient is one matmul as well.
+
+    Args:
+      x: [B, H, W, C_in] in the compute dtype.
+      kernel: [k, k, C_in, F] (HWIO, nn.Conv's layout) in the compute dtype.
+      stride: s.
+
+    Returns:
+      [B, h, w, F], h = floor((H + 2 - k) / s) + 1 (same for w), in x.dtype.
+    """
+    k, _, c_in, features = kernel.shape
+    _, H, W, _ = x.shape
+    h, w = (H + 2 - k) // stride + 1, (W + 2 - k) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate(
+        [
+            xp[:, i : i + stride * (h - 1) + 1 : stride, j : j + stride * (w - 1) + 1 : stride]
+            for i in range(k)
+            for j in range(k)
+        ],
+        axis=-1,
+    )  # [B, h, w, k^2 C_in], channel = (i k + j) C_in + c: the row-major order of HWIO
+    return linear(patches, kernel.reshape(k * k * c_in, features), x.dtype)
 
 
 class ConvNorm(nn.Module):
     """Conv(k, s, padding 1, bias) -> LayerNorm over channels: stem stages and the v3 downsample.
 
     Convolutions keep torch's default initialisation, as in the official models (no re-init
-    touches them).
+    touches them). `impl` "patches" computes the convolution as `conv_patches` with the same
+    parameters.
     """
 
     features: int
     kernel: int
     stride: int
     dtype: jnp.dtype = jnp.float32
+    impl: str = "conv"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C_in] -> [B, h, w, features], h = floor((H + 2 - k) / s) + 1."""
-        fan_in = x.shape[-1] * self.kernel**2
-        x = nn.Conv(
-            self.features,
-            (self.kernel, self.kernel),
-            strides=(self.stride, self.stride),
-            padding=((1, 1), (1, 1)),
-            kernel_init=torch_conv_kernel_init(),
-            bias_init=torch_conv_bias_init(fan_in),
-            dtype=self.dtype,
-            name="conv",
-        )(x)
+        if self.impl not in CONV_IMPLS:
+            raise ValueError(f"stem impl {self.impl!r} must be one of {CONV_IMPLS}")
+        k = self.kernel
+        inits = (torch_conv_kernel_init(), torch_conv_bias_init(x.shape[-1] * k**2))
+        if self.impl == "patches":
+            kernel, bias = ConvParams(self.features, (k, k), *inits, name="conv")(x.shape[-1])
+            x = conv_patches(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+            x = x + bias.astype(self.dtype)
+        else:
+            x = nn.Conv(
+                self.features,
+                (k, k),
+                strides=(self.stride, self.stride),
+                padding=((1, 1), (1, 1)),
+                kernel_init=inits[0],
+                bias_init=inits[1],
+                dtype=self.dtype,
+                name="conv",
+            )(x)
         return LayerNorm(dtype=self.dtype, name="norm")(x)
+
+
+class ConvParams(nn.Module):
+    """The parameters nn.Conv creates (kernel [kh, kw, C_in, F], bias [F]), not applied."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    kernel_init: Initializer
+    bias_init: Initializer
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        """Returns (kernel [kh, kw, in_features, F], bias [F]), float32."""
+        shape = (*self.kernel_size, in_features, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        return kernel, self.param("bias", self.bias_init, (self.features,), jnp.float32)
 
 
 class PatchEmbed(nn.Module):
@@ -173,6 +341,7 @@ class PatchEmbed(nn.Module):
 
     Plain ViG ("v2" patch embed, stride 16): k=9, s=8, act=SiLU.
     ViG-H stem (stride 4): k=3, s=2, act=GELU.
+    `first_impl`: "conv" or "patches" (`conv_patches`) for the first, 3-channel convolution.
     """
 
     embed_dim: int
@@ -180,12 +349,18 @@ class PatchEmbed(nn.Module):
     first_stride: int
     act: Callable[[jax.Array], jax.Array]
     dtype: jnp.dtype = jnp.float32
+    first_impl: str = "conv"
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         """images: [B, H, W, 3] -> [B, h, w, D]."""
         x = ConvNorm(
-            self.embed_dim // 2, self.first_kernel, self.first_stride, self.dtype, name="stage1"
+            self.embed_dim // 2,
+            self.first_kernel,
+            self.first_stride,
+            self.dtype,
+            self.first_impl,
+            name="stage1",
         )(images)
         x = self.act(x)
         return ConvNorm(self.embed_dim, 3, 2, self.dtype, name="stage2")(x)

@@ -11,13 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vig_jax.models import stack
 from vig_jax.models.gla import GatedLinearAttention
 from vig_jax.models.layers import (
     DropPath,
     PatchEmbed,
     RMSNorm,
     SwiGLU,
-    stats_dtype,
+    check_images,
+    mean_pool_head,
     swiglu_hidden,
     trunc_normal,
 )
@@ -38,6 +40,9 @@ class ViGBlock(nn.Module):
     bigla_impl: str
     bigla_interpret: bool
     dtype: jnp.dtype
+    fused_proj: bool = False
+    dwconv: str = "conv"
+    fp32_mix: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -51,6 +56,9 @@ class ViGBlock(nn.Module):
             xavier_init=True,
             bigla_impl=self.bigla_impl,
             bigla_interpret=self.bigla_interpret,
+            fused_proj=self.fused_proj,
+            dwconv=self.dwconv,
+            fp32_mix=self.fp32_mix,
             dtype=self.dtype,
             name="attn",
         )(y)
@@ -75,6 +83,13 @@ class ViG(nn.Module):
       pos_grid: side of the learned position table (14: the official 224^2 grid); other token
         grids use its bicubic resize. A fine-tune at another resolution may learn a table of its
         own grid, resized once from the pretrained one (`vig_jax.train.init_from`).
+      fused_proj, dwconv, fp32_mix: forms of the GLA layer (see `GatedLinearAttention`); the
+        parameters are the same for all of them.
+      stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
+        3-channel convolution; same parameters.
+      remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
+      scan_blocks: run the blocks as one lax.scan (compiles one block instead of `depth`); same
+        parameters; stochastic depth draws other masks than the unrolled loop.
       dtype: compute dtype; parameters stay float32.
     """
 
@@ -88,6 +103,12 @@ class ViG(nn.Module):
     pos_grid: int = POS_GRID
     bigla_impl: str = "auto"
     bigla_interpret: bool = False
+    fused_proj: bool = False
+    dwconv: str = "conv"
+    fp32_mix: bool = False
+    stem_impl: str = "conv"
+    remat: str = "none"
+    scan_blocks: bool = False
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
@@ -96,7 +117,7 @@ class ViG(nn.Module):
             raise ValueError(
                 f"embed_dim={D} must be divisible by 2 * num_heads={2 * self.num_heads}"
             )
-        self.stem = PatchEmbed(D, 9, 8, nn.silu, self.dtype)
+        self.stem = PatchEmbed(D, 9, 8, nn.silu, self.dtype, self.stem_impl)
         self.pos_embed = self.param(
             "pos_embed", trunc_normal(0.02), (1, self.pos_grid * self.pos_grid, D), jnp.float32
         )
@@ -110,6 +131,9 @@ class ViG(nn.Module):
                 self.bigla_impl,
                 self.bigla_interpret,
                 self.dtype,
+                self.fused_proj,
+                self.dwconv,
+                self.fp32_mix,
             )
             for rate in rates
         ]
@@ -129,24 +153,28 @@ class ViG(nn.Module):
         Sows "patch_embed" (tokens before the position embedding) and "block0" (after the first
         block), both [B, N, D], into the "intermediates" collection.
         """
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be [B, H, W, 3] (NHWC), got {images.shape=}")
+        check_images(images)
         x = self.stem(images.astype(self.dtype))  # [B, h, w, D]
         B, h, w, D = x.shape
         self.sow("intermediates", "patch_embed", x.reshape(B, h * w, D))
         pos = resize_pos_embed(self.pos_embed.reshape(self.pos_grid, self.pos_grid, D), (h, w))
         x = x + pos.astype(self.dtype)
-        for i, block in enumerate(self.blocks):
-            x = block(x, train=train)
+        # Unrolled: at init (creates the parameters), without scan_blocks, and for block 0 when
+        # intermediates are collected (its output is sown); the rest as one scan.
+        unrolled = self.depth
+        if self.scan_blocks and not self.is_initializing():
+            unrolled = 1 if self.is_mutable_collection("intermediates") else 0
+        for i, block in enumerate(self.blocks[:unrolled]):
+            x = stack.apply_block(block, x, train=train, remat=self.remat)
             if i == 0:
                 self.sow("intermediates", "block0", x.reshape(B, h * w, D))
+        if self.blocks[unrolled:]:
+            x = stack.scan_blocks(self, self.blocks[unrolled:], x, train=train, remat=self.remat)
         return self.norm(x)
 
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         """images: [B, H, W, 3] NHWC -> logits [B, num_classes], float32 (float64 under float64)."""
-        x = self.features(images, train=train)
-        pooled = jnp.mean(x.astype(stats_dtype(self.dtype)), axis=(1, 2))  # [B, D]
-        return self.head(pooled.astype(self.dtype)).astype(stats_dtype(self.dtype))
+        return mean_pool_head(self.head, self.features(images, train=train), self.dtype)
 
 
 VARIANTS = {

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vig_jax.models import stack
 from vig_jax.models.gla import GatedLinearAttention
 from vig_jax.models.layers import (
     ConvNorm,
@@ -21,7 +22,8 @@ from vig_jax.models.layers import (
     LayerNorm,
     PatchEmbed,
     SwiGLU,
-    stats_dtype,
+    check_images,
+    mean_pool_head,
     swiglu_hidden,
     trunc_normal,
 )
@@ -42,6 +44,9 @@ class ViGHBlock(nn.Module):
     bigla_impl: str
     bigla_interpret: bool
     dtype: jnp.dtype
+    fused_proj: bool = False
+    dwconv: str = "conv"
+    fp32_mix: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -55,6 +60,9 @@ class ViGHBlock(nn.Module):
             xavier_init=False,
             bigla_impl=self.bigla_impl,
             bigla_interpret=self.bigla_interpret,
+            fused_proj=self.fused_proj,
+            dwconv=self.dwconv,
+            fp32_mix=self.fp32_mix,
             dtype=self.dtype,
             name="attn",
         )(y)
@@ -75,6 +83,13 @@ class ViGH(nn.Module):
       drop_path_rate: stochastic depth of the last block (linear from 0 over all blocks).
       bigla_impl: "auto", "reference", "chunked" or "pallas" (see `pallas_kernels.bigla.bigla`).
       bigla_interpret: run the pallas kernel in interpret mode (CPU tests).
+      fused_proj, dwconv, fp32_mix: forms of the GLA layer (see `GatedLinearAttention`); the
+        parameters are the same for all of them.
+      stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
+        3-channel convolution; same parameters.
+      remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
+      scan_blocks: run each stage's blocks as one lax.scan (compiles one block per stage); same
+        parameters; stochastic depth draws other masks than the unrolled loop.
       dtype: compute dtype; parameters stay float32.
     """
 
@@ -85,6 +100,12 @@ class ViGH(nn.Module):
     drop_path_rate: float
     bigla_impl: str = "auto"
     bigla_interpret: bool = False
+    fused_proj: bool = False
+    dwconv: str = "conv"
+    fp32_mix: bool = False
+    stem_impl: str = "conv"
+    remat: str = "none"
+    scan_blocks: bool = False
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
@@ -93,12 +114,19 @@ class ViGH(nn.Module):
                 f"dims, depths and num_heads need one entry per stage: got {self.dims=}, "
                 f"{self.depths=}, {self.num_heads=}"
             )
-        self.stem = PatchEmbed(self.dims[0], 3, 2, gelu_exact, self.dtype)
+        self.stem = PatchEmbed(self.dims[0], 3, 2, gelu_exact, self.dtype, self.stem_impl)
         rates = iter(np.linspace(0.0, self.drop_path_rate, sum(self.depths)))
         self.stages = [
             [
                 ViGHBlock(
-                    heads, float(next(rates)), self.bigla_impl, self.bigla_interpret, self.dtype
+                    heads,
+                    float(next(rates)),
+                    self.bigla_impl,
+                    self.bigla_interpret,
+                    self.dtype,
+                    self.fused_proj,
+                    self.dwconv,
+                    self.fp32_mix,
                 )
                 for _ in range(depth)
             ]
@@ -119,23 +147,25 @@ class ViGH(nn.Module):
           [[B, h_i, w_i, C_i] for each stage] in `dtype`; h_1 = ceil(ceil(H / 2) / 2), then halved
           (rounding up) by each downsample.
         """
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be [B, H, W, 3] (NHWC), got {images.shape=}")
+        check_images(images)
         x = self.stem(images.astype(self.dtype))  # [B, h_1, w_1, C_1]
+        scan = self.scan_blocks and not self.is_initializing()  # init creates the parameters
         outs = []
         for i, blocks in enumerate(self.stages):
             if i > 0:
                 x = self.downsamples[i - 1](x)
-            for block in blocks:
-                x = block(x, train=train)
+            if scan and len(blocks) > 1:
+                x = stack.scan_blocks(self, blocks, x, train=train, remat=self.remat)
+            else:
+                for block in blocks:
+                    x = stack.apply_block(block, x, train=train, remat=self.remat)
             outs.append(x)
         return outs
 
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         """images: [B, H, W, 3] NHWC -> logits [B, num_classes], float32 (float64 under float64)."""
         x = self.head_norm(self.features(images, train=train)[-1])
-        pooled = jnp.mean(x.astype(stats_dtype(self.dtype)), axis=(1, 2))  # [B, C_4]
-        return self.head(pooled.astype(self.dtype)).astype(stats_dtype(self.dtype))
+        return mean_pool_head(self.head, x, self.dtype)
 
 
 VARIANTS = {

@@ -49,6 +49,7 @@ def build_model(config, num_classes: int) -> nn.Module:
         num_classes=num_classes,
         dtype=jnp.dtype(m.dtype),
         bigla_impl=m.bigla_impl,
+        remat=m.remat,
         **m.overrides.to_dict(),
     )
 

@@ -1,0 +1,323 @@
+"""Execution forms of the models (issue 14) against the plain form: the shifted-add depthwise conv,
+the fused projections, the float32 norm/mix chain, per-block remat and the scan over blocks.
+
+Each form keeps the parameter tree and must compute the same function: values and gradients are
+compared with the plain form in float64 (tolerance near rounding) and float32, and the golden files
+are matched with every form switched on.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax.traverse_util import flatten_dict
+
+from tests.conftest import golden_file
+from tests.helpers import assert_close, rel_err
+from vig_jax.convert import convert_state_dict
+from vig_jax.models import create_model, gla
+from vig_jax.models.gla import GatedLinearAttention
+from vig_jax.models.layers import ConvNorm, DepthwiseConv3x3, DropPath, depthwise_conv3x3_shift
+
+# err / max|want| of a form against the plain form: float64 is rounding only.
+TOL = {"float64": 1e-12, "float32": 2e-5}
+ALL_FORMS = dict(
+    fused_proj=True,
+    dwconv="shift",
+    fp32_mix=True,
+    stem_impl="patches",
+    scan_blocks=True,
+    remat="block",
+)
+TINY = {
+    "vig": ("vig_t", dict(embed_dim=64, depth=3, num_heads=2, drop_path_rate=0.1)),
+    "vig_h": ("vig_h_t", dict(dims=(32, 64), depths=(3, 1), num_heads=(1, 2), drop_path_rate=0.1)),
+}
+
+
+def _normal(shape, dtype, seed):
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def _nn_conv(x, kernel):
+    """The plain form: flax's grouped convolution, as the GLA layer had it before the forms."""
+    D = x.shape[-1]
+    conv = nn.Conv(D, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=D, use_bias=False)
+    return conv.apply({"params": {"kernel": kernel}}, x)
+
+
+def _module(impl):
+    def fn(x, kernel):
+        module = DepthwiseConv3x3(nn.initializers.zeros, impl, x.dtype)
+        return module.apply({"params": {"kernel": kernel}}, x)
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 8), (1, 1, 4, 3), (3, 6, 1, 2)], ids=str)
+def test_dwconv_shift_matches_conv(shape, dtype, request):
+    """Values and both gradients (random cotangent) of the shifted-add form against the conv."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    x = _normal(shape, dtype, 0)
+    kernel = _normal((3, 3, 1, shape[-1]), dtype, 1)
+    do = _normal(shape, dtype, 2)
+    outs = {}
+    for name, fn in (("nn.Conv", _nn_conv), ("conv", _module("conv")), ("shift", _module("shift"))):
+        y, vjp = jax.vjp(jax.jit(fn), x, kernel)
+        outs[name] = (y, *vjp(do))
+    for impl in ("conv", "shift"):
+        for what, got, want in zip(
+            ("y", "dx", "dkernel"), outs[impl], outs["nn.Conv"], strict=True
+        ):
+            assert_close(f"dwconv {impl} {what} {dtype}", got, want, TOL[dtype])
+
+
+def test_dwconv_shift_negative_control():
+    """The comparison tells a mirrored kernel (a wrong tap order) apart."""
+    x = _normal((2, 5, 7, 8), jnp.float32, 0)
+    kernel = _normal((3, 3, 1, 8), jnp.float32, 1)
+    assert rel_err(depthwise_conv3x3_shift(x, kernel[::-1, ::-1]), _nn_conv(x, kernel)) > 0.1
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(
+    "kernel, stride, hw", [(9, 8, (37, 30)), (3, 2, (9, 12)), (3, 2, (1, 4))], ids=str
+)
+def test_conv_patches_matches_conv(kernel, stride, hw, dtype, request):
+    """ConvNorm's patch-extraction form against its nn.Conv form (the ViG stem k9 s8, the ViG-H
+    stem k3 s2): values and gradients of input, kernel, bias and norm, random cotangent."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    x = _normal((2, *hw, 3), dtype, 0)
+    plain = ConvNorm(6, kernel, stride, jnp.dtype(dtype))
+    params = plain.init(jax.random.key(0), x)["params"]
+    params["norm"] = {k: _normal(v.shape, dtype, 5) for k, v in params["norm"].items()}
+    results = {}
+    for impl in ("conv", "patches"):
+        model = plain.clone(impl=impl)
+        y, vjp = jax.vjp(jax.jit(lambda p, x, m=model: m.apply({"params": p}, x)), params, x)
+        dparams, dx = vjp(_normal(y.shape, dtype, 9))
+        results[impl] = {"y": y, "dx": dx, **flatten_dict(dparams, sep="/")}
+    assert results["patches"]["y"].shape[1:3] == tuple((n + 2 - kernel) // stride + 1 for n in hw)
+    for key, want in results["conv"].items():
+        assert_close(f"patches k{kernel} {key} {dtype}", results["patches"][key], want, TOL[dtype])
+
+
+def _gla(dtype, **forms):
+    return GatedLinearAttention(
+        num_heads=2,
+        use_act_in_conv=True,
+        use_out_act=True,
+        xavier_init=False,  # trunc_normal(0.02) would make the BiGLA branch tiny: unit scale below
+        bigla_impl="reference",
+        dtype=jnp.dtype(dtype),
+        **forms,
+    )
+
+
+GLA_FORMS = {
+    "fused_proj": dict(fused_proj=True),
+    "dwconv_shift": dict(dwconv="shift"),
+    "fp32_mix": dict(fp32_mix=True),
+    "all": dict(fused_proj=True, dwconv="shift", fp32_mix=True),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("form", sorted(GLA_FORMS))
+def test_gla_form_matches_plain(form, dtype, request):
+    """The GLA layer's output and its gradients (input and every parameter) in each form."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    x = _normal((2, 4, 6, 16), dtype, 0)
+    plain = _gla(dtype)
+    shapes = jax.eval_shape(plain.init, jax.random.key(0), x)["params"]
+    # Unit-scale parameters, so that every branch (BiGLA, local path, gates) matters.
+    leaves, tree = jax.tree.flatten(shapes)
+    params = tree.unflatten(
+        [_normal(s.shape, dtype, i + 1) / np.sqrt(s.shape[0]) for i, s in enumerate(leaves)]
+    )
+    do = _normal(x.shape, dtype, 99)
+    results = {}
+    for name, model in (("plain", plain), (form, _gla(dtype, **GLA_FORMS[form]))):
+        y, vjp = jax.vjp(jax.jit(lambda p, x, m=model: m.apply({"params": p}, x)), params, x)
+        dparams, dx = vjp(do)
+        results[name] = {"y": y, "dx": dx, **flatten_dict(dparams, sep="/")}
+    for key, want in results["plain"].items():
+        assert_close(f"{form} {key} {dtype}", results[form][key], want, TOL[dtype])
+
+
+@pytest.mark.parametrize("form", sorted(GLA_FORMS))
+def test_gla_form_keeps_float32_gates_and_norm_statistics(form, monkeypatch):
+    """bf16 compute: BiGLA gets float32 gates, and every rsqrt (norm statistics) is float32."""
+    seen, real_bigla = [], gla.bigla
+
+    def recording_bigla(q, k, v, gf, gb, **kw):
+        seen.append((gf.dtype, gb.dtype))
+        return real_bigla(q, k, v, gf, gb, **kw)
+
+    x = _normal((1, 4, 4, 16), jnp.bfloat16, 0)
+    model = _gla("bfloat16", **GLA_FORMS[form])
+    params = model.init(jax.random.key(0), x)
+    monkeypatch.setattr(gla, "bigla", recording_bigla)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply(p, x))(params)
+    assert seen == [(jnp.float32, jnp.float32)]
+    rsqrt = [e for e in jaxpr.eqns if e.primitive.name == "rsqrt"]
+    rsqrt += [e for e in _sub_eqns(jaxpr) if e.primitive.name == "rsqrt"]
+    assert rsqrt and {str(e.outvars[0].aval.dtype) for e in rsqrt} == {"float32"}
+
+
+def _sub_eqns(jaxpr):
+    """Equations of the sub-jaxprs (pjit, custom_jvp bodies) of a closed jaxpr, recursively."""
+    for eqn in jaxpr.eqns:
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            yield from sub.eqns
+            yield from _sub_eqns(sub)
+
+
+def test_forms_keep_parameter_tree_and_init():
+    """Every form initialises the same tree with the same values: checkpoints and the converter
+    are shared."""
+    images = _normal((1, 32, 32, 3), jnp.float32, 0)
+    for family in TINY:
+        want, got = (
+            flatten_dict(_tiny(family, **kw).init(jax.random.key(0), images, train=False), sep="/")
+            for kw in ({}, ALL_FORMS)
+        )
+        assert got.keys() == want.keys(), family
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{family} {key}")
+
+
+def _loss_and_grads(model, params, images, train, dropout_seed=3):
+    def loss(p):
+        logits = model.apply(
+            {"params": p}, images, train=train, rngs={"dropout": jax.random.key(dropout_seed)}
+        )
+        return jnp.mean(jax.nn.log_softmax(logits)[:, 1]), logits
+
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return value, logits, flatten_dict(grads, sep="/")
+
+
+def _tiny(family, **kw):
+    name, overrides = TINY[family]
+    return create_model(name, num_classes=5, bigla_impl="reference", **{**overrides, **kw})
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("remat", ["block", "full"])
+def test_remat_gives_same_loss_and_grads(family, remat):
+    """float32, training mode with stochastic depth: remat keeps the rng stream, so the loss and
+    every gradient match the stored-activation run to float32 rounding."""
+    images = _normal((2, 48, 32, 3), jnp.float32, 0)
+    plain = _tiny(family)
+    params = plain.init(jax.random.key(0), images, train=False)["params"]
+    want = _loss_and_grads(plain, params, images, train=True)
+    model = _tiny(family, remat=remat)
+    got = _loss_and_grads(model, params, images, train=True)
+    assert_close(f"{family} remat={remat} loss", got[0], want[0], 1e-6)
+    for key in want[2]:
+        assert_close(f"{family} remat={remat} d{key}", got[2][key], want[2][key], 1e-5)
+    # Not vacuous: the rematerialised program has checkpoint regions, the plain one none.
+    text = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, images, train=False))(params))
+    assert "remat" in text or "checkpoint" in text
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_scan_blocks_matches_unrolled(family):
+    """Logits and gradients of the scanned stack against the unrolled one (eval mode, and training
+    mode without stochastic depth, whose masks come from another rng stream when scanned); the
+    program holds one scan instead of the repeated blocks."""
+    images = _normal((2, 48, 32, 3), jnp.float32, 0)
+    for train, kw in ((False, {}), (True, dict(drop_path_rate=0.0))):
+        plain = _tiny(family, **kw)
+        params = plain.init(jax.random.key(0), images, train=False)["params"]
+        want = _loss_and_grads(plain, params, images, train)
+        for remat in ("none", "block"):
+            model = _tiny(family, scan_blocks=True, remat=remat, **kw)
+            got = _loss_and_grads(model, params, images, train)
+            tag = f"{family} scan remat={remat} train={train}"
+            assert_close(f"{tag} logits", got[1], want[1], 1e-5)
+            for key in want[2]:
+                assert_close(f"{tag} d{key}", got[2][key], want[2][key], 1e-5)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, images, train=False))(params)
+    assert [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"] == [3]
+
+
+def test_scan_blocks_with_stochastic_depth_drops_whole_samples():
+    """Training through the scan with stochastic depth: finite, and the output differs from the
+    eval-mode output (masks applied) while each sample is either the eval output or not."""
+    images = _normal((8, 32, 32, 3), jnp.float32, 0)
+    model = _tiny("vig", scan_blocks=True, drop_path_rate=0.9)
+    params = model.init(jax.random.key(0), images, train=False)["params"]
+    value, logits, grads = _loss_and_grads(model, params, images, train=True)
+    assert np.isfinite(value) and all(np.isfinite(g).all() for g in grads.values())
+    assert rel_err(logits, model.apply({"params": params}, images, train=False)) > 1e-3
+
+
+def test_drop_path_takes_a_traced_rate():
+    x = jnp.ones((64, 3))
+    rate = jnp.float32(0.25)
+    y = jax.jit(
+        lambda r: DropPath(r).apply({}, x, train=True, rngs={"dropout": jax.random.key(0)})
+    )(rate)
+    assert set(np.unique(np.asarray(y))) <= {0.0, np.float32(1 / 0.75)}
+    assert 4 <= (np.asarray(y)[:, 0] == 0).sum() <= 28
+
+
+GOLDEN_FILES = {  # as tests/test_models.py builds them
+    "vig_t_depth2.npz": ("vig_t", dict(depth=2)),
+    "vig_h_t_small.npz": (
+        "vig_h_t",
+        dict(dims=(32, 64, 128, 256), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
+    ),
+}
+
+
+@pytest.mark.parametrize("filename", sorted(GOLDEN_FILES))
+def test_golden_parity_with_every_form(filename, x64):
+    """float64, official parameters through the converter, every form on: the golden logits to the
+    golden.md tolerance, and the sown intermediates still there (block 0 runs outside the scan)."""
+    golden = np.load(golden_file(filename))
+    name, overrides = GOLDEN_FILES[filename]
+    state_dict = {
+        k.removeprefix("param/"): golden[k] for k in golden.files if k.startswith("param/")
+    }
+    model = create_model(
+        name,
+        num_classes=10,
+        dtype=jnp.float64,
+        bigla_impl="reference",
+        **overrides,
+        **ALL_FORMS,
+    )
+    params = convert_state_dict(state_dict, model)
+    images = jnp.asarray(golden["input0"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
+    logits, state = jax.jit(
+        lambda p, x: model.apply({"params": p}, x, train=False, mutable="intermediates")
+    )(params, images)
+    want = golden["logits0"]
+    scale = np.abs(want).max()
+    assert_close(f"{filename} logits", logits, want, 1e-6 * (1 + scale) / scale)
+    if "block00" in golden:
+        assert_close(
+            f"{filename} block0", state["intermediates"]["block0"][0], golden["block00"], 1e-6
+        )
+
+
+def test_bad_forms_raise():
+    images = jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(
+        ValueError, match=r"dwconv impl 'im2col' must be one of \('conv', 'shift'\)"
+    ):
+        _tiny("vig", dwconv="im2col").init(jax.random.key(0), images, train=False)
+    with pytest.raises(
+        ValueError, match=r"remat='some' must be one of \('none', 'block', 'full'\)"
+    ):
+        _tiny("vig_h", remat="some").init(jax.random.key(0), images, train=False)
+    with pytest.raises(ValueError, match=r"stem impl 'fft' must be one of \('conv', 'patches'\)"):
+        _tiny("vig", stem_impl="fft").init(jax.random.key(0), images, train=False)
