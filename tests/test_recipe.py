@@ -19,7 +19,7 @@ from flax import linen as nn
 from PIL import Image, ImageEnhance
 
 from configs import common
-from tests.helpers import FAST_COMPILE, run_fast
+from tests.helpers import FAST_COMPILE
 from vig_jax.data import mix, randaugment, transforms
 from vig_jax.train import optim
 from vig_jax.train.state import init_state
@@ -86,6 +86,19 @@ def make_step(config):
     step = jax.jit(make_train_step(model, tx, schedule, config, NUM_CLASSES))
     # LLVM -O0 (tests/helpers.FAST_COMPILE): the step is compile-bound on CPU; same numerics.
     return step.lower(state, random_batch()).compile(FAST_COMPILE), state
+
+
+def fast_jit(fn):
+    """jax.jit(fn) compiled at LLVM -O0 on its first call (the Beta sampler of mixup/cutmix
+    compiles slowly on CPU); same numerics."""
+    compiled = []
+
+    def call(*args):
+        if not compiled:
+            compiled.append(jax.jit(fn).lower(*args).compile(FAST_COMPILE))
+        return compiled[0](*args)
+
+    return call
 
 
 def random_batch(seed=0):
@@ -199,38 +212,43 @@ def test_train_step_loss_is_label_smoothed_cross_entropy_of_normalised_images():
 
 
 @pytest.mark.parametrize(
-    "mixup, cutmix, erasing",
-    [(0.8, 0.0, 0.0), (0.0, 1.0, 0.0), (0.8, 1.0, 0.25)],
-    ids=["mixup", "cutmix", "recipe"],
+    "mixup, cutmix, switch_prob, erasing",
+    [(0.8, 0.0, 1.0, 0.0), (0.8, 1.0, 1.0, 0.0), (0.8, 1.0, 0.5, 0.25)],
+    ids=["mixup_only", "cutmix_by_switch_prob", "recipe"],
 )
-def test_train_step_loss_uses_mixed_smoothed_targets_with_its_own_keys(mixup, cutmix, erasing):
-    # The recipe's order: normalise -> erase -> smooth -> mix, keys split from fold_in(key, step).
-    config = recipe_config(smoothing=0.1, erasing=erasing, mixup=mixup, cutmix=cutmix)
+def test_train_steps_loss_uses_mixed_smoothed_targets_with_the_steps_keys(
+    mixup, cutmix, switch_prob, erasing
+):
+    # The recipe's order: normalise -> erase -> smooth -> mix; step t splits its erase and mix
+    # keys from fold_in(key, t). Two steps, so a step reusing one key for every step fails too.
+    config = recipe_config(
+        smoothing=0.1, erasing=erasing, mixup=mixup, cutmix=cutmix, switch_prob=switch_prob
+    )
     step, state = make_step(config)
     batch = random_batch(seed=1)
-    key = jax.random.fold_in(state.key, state.step)
-    erase_key, mix_key, _ = jax.random.split(key, 3)
     plain = jnp.asarray(normalise_by_hand(batch["image"]), jnp.float32)
-    images = plain
-    if erasing:
-        images = run_fast(lambda k, x: mix.random_erasing(k, x, erasing), erase_key, plain)
-        assert not np.array_equal(images, plain), "premise: this key erases some image"
     smoothed = jnp.asarray(smooth_by_hand(batch["label"], 0.1), jnp.float32)
-    images, targets = run_fast(
+    erase = fast_jit(lambda k, x: mix.random_erasing(k, x, erasing))
+    mixes = fast_jit(
         lambda k, x, t: mix.mixup_cutmix(
-            k, x, t, mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=0.5
-        ),
-        mix_key,
-        images,
-        smoothed,
+            k, x, t, mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob
+        )
     )
-    params = as_float64(state.params)
-    want, _ = loss_and_grads_by_hand(params, images, np.asarray(targets, np.float64))
-    _, metrics = step(state, batch)
-    assert float(metrics["loss"]) == pytest.approx(want, rel=LOSS_RTOL)
-    # Negative control: the loss of the unmixed (and unerased) batch is far off.
-    unmixed, _ = loss_and_grads_by_hand(params, plain, np.asarray(smoothed, np.float64))
-    assert abs(unmixed - want) > 100 * LOSS_RTOL * want
+    hand = AdamWByHand(as_float64(state.params), clip_norm=5.0)
+    params, erased = as_float64(state.params), False
+    for t in range(2):
+        erase_key, mix_key, _ = jax.random.split(jax.random.fold_in(state.key, t), 3)
+        images = erase(erase_key, plain) if erasing else plain
+        erased |= not np.array_equal(images, plain)
+        images, targets = mixes(mix_key, images, smoothed)
+        want, grads = loss_and_grads_by_hand(params, images, np.asarray(targets, np.float64))
+        state, metrics = step(state, batch)
+        assert float(metrics["loss"]) == pytest.approx(want, rel=LOSS_RTOL), f"step {t}"
+        # Negative control: the loss of the unmixed (and unerased) batch is far off.
+        unmixed, _ = loss_and_grads_by_hand(params, plain, np.asarray(smoothed, np.float64))
+        assert abs(unmixed - want) > 100 * LOSS_RTOL * want, f"step {t}"
+        params = hand.step(params, grads)
+    assert erased or not erasing, "premise: these keys erase some image"
 
 
 def test_two_train_steps_equal_clipped_adamw_with_decay_mask_schedule_and_ema_by_hand():
@@ -243,7 +261,7 @@ def test_two_train_steps_equal_clipped_adamw_with_decay_mask_schedule_and_ema_by
     params0 = as_float64(state0.params)
     _, grads0 = loss_and_grads_by_hand(params0, images, targets)
     clip_norm = 0.25 * global_norm(grads0)
-    ema_decay = 0.5
+    ema_decay = 0.75  # not 1/2: a swapped decay and step size would go unseen
     step, state = make_step(recipe_config(clip_norm=float(clip_norm), ema=ema_decay))
 
     def by_hand(**adamw):
