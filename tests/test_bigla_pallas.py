@@ -353,6 +353,24 @@ def test_bigla_pallas_gpu_long_n_states_plans(span, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(2, 65, 3, 32, 64), (16, 196, 6, 32, 64), (1, 8192, 2, 16, 32)])
+def test_bigla_pallas_logits_gpu(shape, dtype):
+    """Gates from logits in the kernels; q, k, v and the logits in dtype, the reference in fp32
+    on gates from the same logits upcast."""
+    (q, k, v, _, _), do = make_inputs(shape, dtype=dtype)
+    xs = [(3 * jax.random.normal(jax.random.PRNGKey(s), q.shape)).astype(dtype) for s in (7, 8)]
+    args = (q, k, v, *xs)
+    got = jax.jit(lambda a, d: fwd_and_grads(bigla_pallas_logits, a, d))(args, do)
+    ref = lambda q, k, v, xf, xb: bigla_reference(
+        q, k, v, jax.nn.log_sigmoid(xf) / 16, jax.nn.log_sigmoid(xb) / 16
+    )
+    up = [x.astype(jnp.float32) for x in (*args, do)]
+    want = jax.jit(lambda a, d: fwd_and_grads(ref, a, d))(up[:5], up[5])
+    check_all(got, want, *GPU_TOL[dtype])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
 def test_bigla_pallas_gpu_very_negative_gates_finite(exact):
     check_gpu(
