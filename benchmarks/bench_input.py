@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.child_results import git_sha  # noqa: E402
 from vig_jax import data  # noqa: E402
-from vig_jax.data import imagenet_like, mix, prepare, sources, transforms  # noqa: E402
+from vig_jax.data import imagenet_like, mix, prepare, sources, transforms, writer  # noqa: E402
 from vig_jax.train import sharding  # noqa: E402
 
 DATASET = "input_bench"
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=None, help="train images (default 12000)")
     p.add_argument("--batch", type=int, default=None, help="default 128 (smoke 8)")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--seconds", type=float, default=None, help="steady state per run (8)")
+    p.add_argument("--seconds", type=float, default=None, help="steady state per run (6)")
     return p.parse_args(argv)
 
 
@@ -69,7 +69,7 @@ def settings(args) -> dict:
         "images": args.images or (40 if smoke else 12000),
         "batch": args.batch or (8 if smoke else 128),
         "image_size": args.image_size,
-        "seconds": args.seconds or (1.0 if smoke else 8.0),
+        "seconds": args.seconds or (1.0 if smoke else 6.0),
         "stage_images": 16 if smoke else 300,
         # Generating and preparing in this process spares the smoke run worker start-up.
         "prepare_workers": 0 if smoke else os.cpu_count(),
@@ -90,7 +90,7 @@ def make_dataset(out: pathlib.Path, images: int, workers: int) -> dict:
         print(f"generated {classes * per_class} JPEGs in {time.perf_counter() - start:.1f} s")
         stamp.touch()
     result = {}
-    if not prepare.is_prepared(data_dir, DATASET, "1.0.0") or not (out / "prepare.json").exists():
+    if not writer.is_prepared(data_dir, DATASET, "1.0.0") or not (out / "prepare.json").exists():
         report = prepare.prepare_folder(
             jpegs, name=DATASET, data_dir=data_dir, num_workers=workers, overwrite=True
         )
@@ -234,6 +234,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     s = settings(args)
     out = pathlib.Path(args.out_dir).expanduser()
@@ -265,6 +266,7 @@ def main(argv=None) -> int:
     (out / "input.json").write_text(json.dumps(result, indent=2))
     (out / "input.md").write_text(markdown(result))
     print(markdown(result))
+    print(f"bench_input: {time.perf_counter() - started:.0f} s in all; wrote {out / 'input.md'}")
     return 0
 
 

@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from vig_jax import data
-from vig_jax.data import prepare, sources
+from vig_jax.data import prepare, sources, writer
 
 DEIT = dict(
     kind="deit", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True, randaugment="rand-m9-inc1"
@@ -211,20 +211,20 @@ def test_interrupted_prepare_leaves_nothing_prepared_and_reruns(tmp_path):
         progress=False,
     )
     with pytest.raises(KeyboardInterrupt):
-        prepare.write_dataset(make_example=_InterruptAfter(5), **kwargs)
-    assert not prepare.is_prepared(data_dir, "pets", "1.0.0")
+        writer.write_dataset(make_example=_InterruptAfter(5), **kwargs)
+    assert not writer.is_prepared(data_dir, "pets", "1.0.0")
     assert list((data_dir / "pets").iterdir()) == []  # the temporary directory is gone
     with pytest.raises(ValueError, match="unknown dataset 'pets'"):
         data.dataset_info("pets", str(data_dir))
     # A killed run (no clean-up) leaves a hidden directory: the next run deletes it.
     stale = data_dir / "pets" / ".incomplete-1.0.0-deadbeef"
     _write(stale / "pets-train.array_record-00000-of-00002", b"partial")
-    report = prepare.write_dataset(make_example=prepare.ImageExample(jpeg_only=False), **kwargs)
+    report = writer.write_dataset(make_example=prepare.ImageExample(jpeg_only=False), **kwargs)
     assert report.num_examples == {"train": 9, "validation": 3}
     assert sorted(p.name for p in (data_dir / "pets").iterdir()) == ["1.0.0"]
     assert data.dataset_info("pets", str(data_dir)).num_examples["train"] == 9
     with pytest.raises(FileExistsError, match="already prepared"):
-        prepare.write_dataset(make_example=prepare.ImageExample(jpeg_only=False), **kwargs)
+        writer.write_dataset(make_example=prepare.ImageExample(jpeg_only=False), **kwargs)
 
 
 def _tfds_imagenet_dir():

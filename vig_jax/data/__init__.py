@@ -5,6 +5,9 @@ Public API (used by `vig_jax.train` and `vig_jax.evaluate`):
 - `make_train_iterator(...)`: infinite, resumable batches {"image", "label"}
 - `make_eval_iterator(...)`: one padded pass {"image", "label", "mask"}
 - `vig_jax.data.mix`: normalize, random_erasing, mixup_cutmix (jnp, on device)
+Preparing datasets (no TensorFlow): `python -m vig_jax.data.prepare --from-folder DIR --name NAME`
+or `--imagenet DIR` (`vig_jax.data.prepare`); ImageNet-like JPEGs for benchmarks:
+`vig_jax.data.imagenet_like`.
 """
 
 from vig_jax.data.pipeline import make_eval_iterator, make_train_iterator

@@ -7,7 +7,7 @@ examples. Every example is a pure function of (split, index), so preparing twice
 bytes. It exists so that training runs end to end on any machine (CPU included, no network): a small
 model gets well above chance (10%) in minutes.
 
-It is written by `vig_jax.data.prepare.write_dataset` as a TFDS ArrayRecord dataset and read back
+It is written by `vig_jax.data.writer.write_dataset` as a TFDS ArrayRecord dataset and read back
 with `builder.as_data_source()` like any other. Images are stored as PNG bytes.
 """
 
@@ -16,7 +16,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vig_jax.data import prepare as prepare_lib
+from vig_jax.data import writer
 from vig_jax.data.png import encode_png
 
 IMAGE_SIZE = 48
@@ -131,7 +131,7 @@ def _example(item: tuple[str, int]) -> tuple[dict, str]:
 
 def prepare(data_dir: str | os.PathLike) -> None:
     """Prepares the demo set under `data_dir` unless done; ~6 s of CPU."""
-    if prepare_lib.is_prepared(data_dir, NAME, VERSION):
+    if writer.is_prepared(data_dir, NAME, VERSION):
         return
     features = tfds.features.FeaturesDict(
         {
@@ -139,7 +139,7 @@ def prepare(data_dir: str | os.PathLike) -> None:
             "label": tfds.features.ClassLabel(names=CLASS_NAMES),
         }
     )
-    prepare_lib.write_dataset(
+    writer.write_dataset(
         name=NAME,
         version=VERSION,
         features=features,

@@ -3,7 +3,7 @@
 TFDS's own builder downloads the IDX files and yields numpy images, which TFDS can only encode with
 TensorFlow. `prepare` writes the same dataset (TFDS's name, version, features and splits: image
 [28, 28, 1] uint8, label ClassLabel(10), train 60000 / test 10000) from a local directory (Debian's
-`dataset-fashion-mnist` package by default) as PNG bytes, through `prepare.write_dataset`, without
+`dataset-fashion-mnist` package by default) as PNG bytes, through `writer.write_dataset`, without
 network or TensorFlow, into `<data_dir>/fashion_mnist/3.0.1/` as ArrayRecord.
 `tfds.builder("fashion_mnist")` (the stock class) reads the result, and a copy prepared by stock
 TFDS with `file_format="array_record"` (which needs TensorFlow) holds the same examples.
@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vig_jax.data import prepare as prepare_lib
+from vig_jax.data import writer
 from vig_jax.data.png import encode_png
 
 DEFAULT_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
@@ -77,7 +77,7 @@ def prepare(data_dir: str | os.PathLike, source_dir: str | os.PathLike | None = 
       FileNotFoundError: IDX files missing (names them and the apt package).
     """
     stock = tfds.builder_cls(NAME)(data_dir=str(data_dir))  # TFDS's features and version
-    if prepare_lib.is_prepared(data_dir, NAME, str(stock.version)):
+    if writer.is_prepared(data_dir, NAME, str(stock.version)):
         return
     directory = resolve_source_dir(source_dir)
     check_source_files(directory)
@@ -86,7 +86,7 @@ def prepare(data_dir: str | os.PathLike, source_dir: str | os.PathLike | None = 
         images = _read_idx(directory / images_file, _IMAGE_MAGIC, count)
         labels = _read_idx(directory / labels_file, _LABEL_MAGIC, count)
         splits[split] = list(zip(images, labels, strict=True))
-    prepare_lib.write_dataset(
+    writer.write_dataset(
         name=NAME,
         version=str(stock.version),
         features=stock.info.features,

@@ -169,4 +169,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the package module, so worker processes unpickle its classes under their real name.
+    from vig_jax.data import imagenet_like
+
+    sys.exit(imagenet_like.main())

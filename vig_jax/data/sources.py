@@ -12,7 +12,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from vig_jax.data import demo_dataset, fashion_mnist, prepare
+from vig_jax.data import demo_dataset, fashion_mnist, writer
 
 # Datasets we prepare ourselves on first use, without network or TensorFlow.
 _LOCAL_DATASETS = {"vig_demo_shapes": demo_dataset.prepare, "fashion_mnist": fashion_mnist.prepare}
@@ -61,13 +61,13 @@ def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         Fashion-MNIST's source files are missing (names them and the apt package).
     """
     if dataset in _LOCAL_DATASETS:
-        _LOCAL_DATASETS[dataset](data_dir or prepare.default_data_dir())
+        _LOCAL_DATASETS[dataset](data_dir or writer.default_data_dir())
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"unknown dataset {dataset!r}: not one of ours ({', '.join(sorted(_LOCAL_DATASETS))}), "
-            f"not a TFDS name, and not prepared in {data_dir or prepare.default_data_dir()} "
+            f"not a TFDS name, and not prepared in {data_dir or writer.default_data_dir()} "
             f"(a folder of images: `python -m vig_jax.data.prepare --from-folder DIR --name "
             f"{dataset}`)"
         ) from None
