@@ -22,6 +22,8 @@ Two launch plans, chosen by `_use_short_path`:
          each span from them.
 The backward pass recomputes the states (residuals are the inputs only) plus the two adjoint states
 and produces dq, dk, dv, dgf, dgb in one chunk kernel per plan.
+`bigla_pallas_logits` runs the same kernels on gate logits: every gate load applies
+log_sigmoid(x) / normalizer, every gate-gradient store the chain rule (`_Logits`, `_LogitGrads`).
 """
 
 import dataclasses
@@ -775,13 +777,11 @@ def _bigla_fwd(q, k, v, gf, gb, params, scale):
     out = [jax.ShapeDtypeStruct(v.shape, v.dtype)]
     logits = _logits(scale, (3, 4))
     if _use_short_path(q.shape[1], params):
-        return _launch(_bigla_fwd_short_kernel, "bigla_fwd_short", params, tokens, out, (), logits)[
-            0
-        ]
+        (o,) = _launch(_bigla_fwd_short_kernel, "bigla_fwd_short", params, tokens, out, (), logits)
+        return o
     states = _states((k, v, gf, gb), params, False, _logits(scale, (2, 3)))
-    return _launch(
-        _bigla_fwd_chunk_kernel, "bigla_fwd_chunks", params, tokens, out, states, logits
-    )[0]
+    (o,) = _launch(_bigla_fwd_chunk_kernel, "bigla_fwd_chunks", params, tokens, out, states, logits)
+    return o
 
 
 def _bigla_bwd(q, k, v, gf, gb, do, params, scale):
