@@ -33,7 +33,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.child_results import git_sha  # noqa: E402
+from benchmarks.harness import git_sha  # noqa: E402
 from vig_jax import data  # noqa: E402
 from vig_jax.data import imagenet_like, mix, prepare, sources, transforms, writer  # noqa: E402
 from vig_jax.train import sharding  # noqa: E402

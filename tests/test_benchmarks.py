@@ -1,0 +1,132 @@
+"""Each benchmark script's --smoke run (CPU, fresh Python, temporary output), and the harness."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import harness
+from benchmarks.bench_vs_vit import markdown as vs_vit_markdown
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _ok(row, *modes):
+    for mode in modes:
+        assert row[mode] == "ok", row
+        assert row[f"{mode}_img_s"] > 0 and row[f"{mode}_compile_s"] > 0, row
+
+
+def check_vs_vit(doc):
+    assert [(r["framework"], r["model"], r["variant"]) for r in doc["rows"]] == [
+        ("jax", "vig_t", "a"),
+        ("jax", "vig_t", "b"),
+    ]
+    for r in doc["rows"]:
+        _ok(r, "infer", "train")
+    assert doc["meta"]["variants"] == {"a": {}, "b": {"use_out_act": False}}
+
+
+def check_bigla(doc):
+    assert [r["impl"] for r in doc["rows"]] == ["pallas a", "pallas b", "chunked"]
+    for r in doc["rows"]:
+        for p in ("fwd", "fwd_bwd"):
+            assert r[p]["ms"] > 0 and r[p]["x_floor"] == pytest.approx(
+                r[p]["ms"] / r[p]["floor_ms"]
+            )
+    parity = doc["meta"]["parity"]
+    assert set(parity) == {"pallas a", "pallas b", "chunked"}
+    assert all(p["ok"] and p["dgb"] < 1e-4 for p in parity.values()), parity
+
+
+def check_models(doc):
+    (row,) = doc["rows"]
+    assert (row["model"], row["impl"]) == ("vig_t", "chunked")
+    _ok(row, "infer", "train")
+    assert 0 < row["parity_rel_err"] < 1e-4  # chunked vs reference, float32, unit-scale params
+
+
+def check_scaling(doc):
+    assert [r["devices"] for r in doc["rows"]] == [1, 2]
+    for r in doc["rows"]:
+        assert r["img_s"] > 0 and r["loss_agrees"], r
+    assert doc["rows"][1]["collectives"]["all-reduce"] >= 1  # gradients are averaged
+
+
+SMOKES = {
+    "bench_vs_vit": (["--variant", "a", "--variant", "b:use_out_act=False"], check_vs_vit),
+    "bench_bigla": (
+        ["--impls", "pallas", "chunked", "--variant", "a", "--variant", "b:chunk=32"],
+        check_bigla,
+    ),
+    "bench_models": ([], check_models),
+    "bench_scaling": (["--devices", "1", "2"], check_scaling),
+}
+
+
+@pytest.mark.parametrize("script", list(SMOKES))
+def test_smoke_writes_expected_rows(script, tmp_path):
+    args, check = SMOKES[script]
+    out = tmp_path / "result"
+    # No persistent compilation cache: its programs differ, and on CPU a cached run's loss curve
+    # was seen to differ from an uncached one's beyond the float32 tolerance.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cmd = [sys.executable, BENCH / f"{script}.py", "--smoke", "--out", out, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["meta"]["git_sha"] and doc["meta"]["versions"]["jax"] and doc["meta"]["device"]
+    check(doc)
+    assert out.with_suffix(".md").read_text().count("\n|") >= 2 + len(doc["rows"])
+    assert "wrote" in proc.stdout
+
+
+def test_time_call_is_the_median_per_call():
+    calls = []
+    t = harness.time_call(lambda: calls.append(1), lambda _: None, warmup=2, iters=5)
+    assert t["runs"] == 5 and t["k"] >= 1
+    assert len(calls) == 2 + 1 + 5 * t["k"]  # warm-up, the sizing call, the timed runs
+    assert 0 < t["ms"] < 1
+
+
+def test_results_writes_json_and_markdown(tmp_path):
+    def md(doc):
+        return "\n".join(harness.table(doc["rows"], [("x", "x", ".1f"), ("y", "y", "")]))
+
+    results = harness.Results(tmp_path / "r", {"git_sha": "abc"}, md)
+    results.add({"x": 1.25, "y": "OOM", "device": "gpu0"})
+    results.add({"x": None, "y": "a|b"})
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc == {"meta": {"git_sha": "abc", "device": "gpu0"},
+                   "rows": [{"x": 1.25, "y": "OOM"}, {"x": None, "y": "a|b"}]}  # fmt: skip
+    assert (tmp_path / "r.md").read_text().splitlines()[2:] == ["| 1.2 | OOM |", "| – | a/b |"]
+
+
+def test_vs_vit_table_has_ratios_and_statuses():
+    run = dict(framework="jax", size=224, batch=128, infer="ok", train="ok")
+    vig = dict(run, model="vig_s", variant="v", infer_img_s=200.0, train_img_s=50.0,
+               train_peak_gb=2.0)  # fmt: skip
+    deit = dict(run, framework="timm", model="deit_b", variant="", infer_img_s=100.0,
+                train="OOM")  # fmt: skip
+    meta = {"versions": {"jax": "0"}, "git_sha": "abc", "date_utc": "now",
+            "args": {"bigla_impl": "pallas", "iters": 3}, "variants": {"v": {}},
+            "comparisons": [["vig_s", "deit_b", 224, 128]], "baselines": ["timm"]}  # fmt: skip
+    line = vs_vit_markdown({"meta": meta, "rows": [vig, deit]}).splitlines()[-1]
+    assert line.startswith("| vig_s | deit_b (timm) | 224² | 128 | 200 | 100 | 2.00 | 50.0 | OOM |")
+
+
+def test_variants_parse_literals_and_reject_bad_items():
+    assert harness.parse_variant("v:remat=block,dims=(32, 64),f=1e-3") == (
+        "v", {"remat": "block", "dims": (32, 64), "f": 1e-3}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="is not key=value"):
+        harness.parse_overrides("remat")
+    proc = subprocess.run(
+        [sys.executable, BENCH / "bench_vs_vit.py", "--smoke", "--variant", "x:no_such_field=1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "unknown override(s) ['no_such_field']" in proc.stderr
