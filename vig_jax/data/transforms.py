@@ -35,6 +35,7 @@ _AUGMENT_KEYS = {
     "none": {"kind"},
 }
 _RRC_ATTEMPTS = 10  # tries to draw a box that fits before falling back to a centre crop
+_DRAFT_SCALES = (8, 4, 2)  # JPEG DCT scales Pillow's draft offers (1/8, 1/4, 1/2)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -44,9 +45,6 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"expected an image [h, w], [h, w, 1] or [h, w, 3], got {image.shape=}")
     return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
-
-
-_DRAFT_SCALES = (8, 4, 2)  # JPEG DCT scales Pillow's draft offers (1/8, 1/4, 1/2)
 
 
 def open_image(data: bytes) -> Image.Image:
