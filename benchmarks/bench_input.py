@@ -1,12 +1,13 @@
 """Host input pipeline throughput on ImageNet-like JPEGs, through grain to the device (issue 19).
 
-    python benchmarks/bench_input.py --out-dir /tmp/bench_input             # GPU host, ~3-4 min
-    python benchmarks/bench_input.py --out-dir /tmp/bench_input --smoke     # CPU check, ~1 min
+    python benchmarks/bench_input.py --out-dir OUT --work-dir /tmp/bench_input  # 16 cores: ~3-4 min
+    python benchmarks/bench_input.py --out-dir /tmp/bench_input --smoke         # CPU check, ~1 min
 
 1. Generates a folder of ImageNet-like JPEGs (`vig_jax.data.imagenet_like`: mean ~400x360,
-   quality 85-95) under OUT/jpegs and prepares it with `vig_jax.data.prepare` (the path users
-   take; timed: images/s overall and per worker process) into OUT/tfds. Both are reused when
-   present, so a second run starts measuring at once.
+   quality 85-95; ~1 GB for the default 12,000) under WORK/jpegs and prepares it with
+   `vig_jax.data.prepare` (the path users take; timed: images/s overall and per worker process)
+   into WORK/tfds (WORK: --work-dir, default OUT). Both are reused when present, so a second run
+   starts measuring at once.
 2. Per-image CPU cost in this process (no grain, `time.process_time`): reading the stored bytes,
    the training transform (DeiT: random-resized crop 224, flip, RandAugment m9) and the eval
    transform (resize to 256, centre crop 224). 1000 / ms is the img/s one core gives.
@@ -50,7 +51,8 @@ DEIT = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", required=True, help="dataset, JSON and markdown go here")
+    p.add_argument("--out-dir", required=True, help="input.json and input.md go here")
+    p.add_argument("--work-dir", default=None, help="generated and prepared data (default OUT)")
     p.add_argument("--smoke", action="store_true", help="CPU check: tiny dataset, 0-1 workers")
     p.add_argument("--workers", default=None, help="comma-separated, default 1,2,4,8,16")
     p.add_argument("--images", type=int, default=None, help="train images (default 12000)")
@@ -76,9 +78,9 @@ def settings(args) -> dict:
     }
 
 
-def make_dataset(out: pathlib.Path, images: int, workers: int) -> dict:
+def make_dataset(work: pathlib.Path, images: int, workers: int) -> dict:
     """Generates and prepares the JPEG set unless present; returns sizes and prepare timing."""
-    jpegs, data_dir = out / "jpegs", out / "tfds"
+    jpegs, data_dir = work / "jpegs", work / "tfds"
     classes = 10
     per_class = max(1, images // classes)
     stamp = jpegs / f".complete-{classes}x{per_class}"
@@ -90,7 +92,7 @@ def make_dataset(out: pathlib.Path, images: int, workers: int) -> dict:
         print(f"generated {classes * per_class} JPEGs in {time.perf_counter() - start:.1f} s")
         stamp.touch()
     result = {}
-    if not writer.is_prepared(data_dir, DATASET, "1.0.0") or not (out / "prepare.json").exists():
+    if not writer.is_prepared(data_dir, DATASET, "1.0.0") or not (work / "prepare.json").exists():
         report = prepare.prepare_folder(
             jpegs, name=DATASET, data_dir=data_dir, num_workers=workers, overwrite=True
         )
@@ -103,8 +105,8 @@ def make_dataset(out: pathlib.Path, images: int, workers: int) -> dict:
             "prepare_img_per_s": total / report.seconds,
             "prepare_img_per_s_per_worker": total / report.seconds / max(workers, 1),
         }
-        (out / "prepare.json").write_text(json.dumps(result))
-    result = json.loads((out / "prepare.json").read_text())
+        (work / "prepare.json").write_text(json.dumps(result))
+    result = json.loads((work / "prepare.json").read_text())
     files = sorted((jpegs / "train").rglob("*.JPEG"))[:200]
     sizes = np.array([transforms.open_image(f.read_bytes()).size for f in files])
     result["mean_width_height"] = sizes.mean(0).round().tolist()
@@ -238,9 +240,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     s = settings(args)
     out = pathlib.Path(args.out_dir).expanduser()
+    work = pathlib.Path(args.work_dir).expanduser() if args.work_dir else out
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = str(out / "tfds")
-    dataset = make_dataset(out, s["images"], s["prepare_workers"])
+    work.mkdir(parents=True, exist_ok=True)
+    data_dir = str(work / "tfds")
+    dataset = make_dataset(work, s["images"], s["prepare_workers"])
     costs = stage_costs(data_dir, s["stage_images"], s["image_size"])
     mesh = sharding.make_mesh()
     normalise = jax.jit(lambda x: mix.normalize(x, mix.IMAGENET_MEAN, mix.IMAGENET_STD))
