@@ -70,37 +70,24 @@ def main(argv=None):
     p.add_argument("--out", help="path stem (default benchmarks/results/models)")
     p.add_argument("--smoke", action="store_true", help="CPU: 1 block per stage, 2×64², chunked")
     args = p.parse_args(argv)
-    env = {}
     if args.smoke:
         args.models, args.impls = args.models or ["vig_t"], ["chunked"]
         if unknown := set(args.models) - set(SMOKE):
             p.error(f"--smoke runs {list(SMOKE)}, not {sorted(unknown)}")
         args.batch, args.size, args.iters, args.warmup = 2, 64, 3, 1
         args.out = args.out or "/tmp/bench_models_smoke"
-        env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     args.models = args.models or list(MODELS)
-    results = harness.Results(
-        args.out or harness.REPO / "benchmarks/results/models", harness.metadata(args), markdown
-    )
+    out = args.out or harness.REPO / "benchmarks/results/models"
+    results = harness.Results(out, harness.metadata(args), markdown)
+    common = dict(size=args.size, batch=args.batch, modes=["infer", "train"], parity=True)
+    common.update(iters=args.iters, warmup=args.warmup)
     for model in args.models:
         for impl in args.impls:
-            harness.log(f"{model} {impl} ...")
-            case = dict(
-                model=model,
-                size=args.size,
-                batch=args.batch,
-                modes=["infer", "train"],
-                iters=args.iters,
-                warmup=args.warmup,
-                bigla_impl=impl,
-                parity=True,
-                overrides=SMOKE[model] if args.smoke else {},
-            )
-            run = harness.run_isolated(measure_jax, case, env=env, timeout_s=args.timeout_s)
-            row = results.add({"model": model, "impl": impl, **run})
-            harness.log(
-                f"{model} {impl}: " + markdown({**results.doc, "rows": [row]}).split("\n")[-1]
-            )
+            overrides = SMOKE[model] if args.smoke else {}
+            case = dict(common, model=model, bigla_impl=impl, overrides=overrides)
+            env = harness.SMOKE_ENV if args.smoke else {}
+            fields = {"model": model, "impl": impl}
+            results.measure(fields, measure_jax, case, env=env, timeout_s=args.timeout_s)
     results.done()
     print(results.markdown(results.doc))
 

@@ -42,12 +42,6 @@ SMOKE = dict(per_device_batch=4, image_size=32, dtype="float32", bigla_impl="ref
 SMOKE_MODEL = {"embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
-def probe(case: dict, report) -> dict:
-    import jax
-
-    return {"platform": jax.default_backend(), "count": jax.device_count()}
-
-
 def measure(case: dict, report) -> dict:
     """Throughput, per-device peaks and collectives, then the loss curve, on all visible devices."""
     import jax
@@ -187,34 +181,30 @@ def main(argv=None):
         p.error(f"--loss-batch {args.loss_batch} must split evenly over devices {bad}")
     if not (harness.REPO / f"configs/{args.model}.py").exists():
         p.error(f"no configs/{args.model}.py")
-    cpu = {"JAX_PLATFORMS": "cpu"}
-    available = max(args.devices) if args.smoke else harness.run_isolated(probe, {})["count"]
+    available = max(args.devices) if args.smoke else harness.probe_devices()["count"]
     if skipped := sorted(n for n in args.devices if n > available):
         harness.log(f"skipping device counts {skipped}: only {available} devices")
-    results = harness.Results(
-        args.out or harness.REPO / "benchmarks/results/scaling", harness.metadata(args), markdown
-    )
+    out = args.out or harness.REPO / "benchmarks/results/scaling"
+    results = harness.Results(out, harness.metadata(args), markdown)
     case = {k: vars(args)[k] for k in (*SMOKE, "model", "fsdp")}
     case["overrides"] = SMOKE_MODEL if args.smoke else {}
     for n in sorted(set(args.devices) - set(skipped)):
-        harness.log(f"{n} device(s) ...")
         visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(n)))
         env = {"CUDA_VISIBLE_DEVICES": ",".join(visible.split(",")[:n])}
-        if args.smoke:  # -O0 halves XLA:CPU compiles and changes no HLO
-            flags = f"--xla_force_host_platform_device_count={n} --xla_backend_optimization_level=0"
-            env = {**cpu, "XLA_FLAGS": flags}
-        row = harness.run_isolated(measure, case, env=env, timeout_s=args.timeout_s)
-        row.setdefault("devices", n)
-        base = next((r for r in results.doc["rows"] if r["devices"] == 1), row if n == 1 else {})
-        if row.get("img_s") and base.get("img_s"):
+        if args.smoke:
+            flags = f"{harness.SMOKE_ENV['XLA_FLAGS']} --xla_force_host_platform_device_count={n}"
+            env = {**harness.SMOKE_ENV, "XLA_FLAGS": flags}
+        row = results.measure({"devices": n}, measure, case, env=env, timeout_s=args.timeout_s)
+        base = results.doc["rows"][0]
+        if row.get("img_s") and base.get("img_s") and base["devices"] == 1:
             row["efficiency"] = row["img_s"] / (n * base["img_s"])
-        if row.get("losses") and base.get("losses"):
-            diff = max(
+        if row.get("losses") and base.get("losses") and base["devices"] == 1:
+            diffs = [
                 abs(a - b) / abs(b) for a, b in zip(row["losses"], base["losses"], strict=True)
-            )
-            row["loss_rel_diff"], row["loss_agrees"] = diff, diff <= LOSS_RTOL[args.dtype]
-        results.add(row)
-        harness.log(f"{n} device(s): " + markdown(results.doc).rstrip().split("\n")[-1])
+            ]
+            row["loss_rel_diff"] = max(diffs)
+            row["loss_agrees"] = max(diffs) <= LOSS_RTOL[args.dtype]
+        results.write()
     results.done()
     print(results.markdown(results.doc))
 

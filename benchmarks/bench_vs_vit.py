@@ -227,93 +227,66 @@ def measure_timm(case: dict, report) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Parent: plan, run, table.
-
-
-def _ratio(a, b):
-    ok = isinstance(a, float | int) and isinstance(b, float | int) and a and b
-    return a / b if ok else None
-
-
-def _value(run: dict | None, mode: str, key: str):
-    """A run's number, or its mode's status ("OOM", ...) when it did not run."""
+def _value(run: dict | None, key: str):
+    """A run's number, or its mode's status ("OOM", ...) when that mode did not run."""
     if run is None:
         return None
-    if run.get(mode) != "ok":
-        return run.get(mode) or run.get("status")
-    return run.get(key)
+    mode = key.split("_")[0]
+    return run.get(key) if run.get(mode) == "ok" else run.get(mode) or run.get("status")
 
 
 def markdown(doc: dict) -> str:
-    meta = doc["meta"]
+    meta, a = doc["meta"], doc["meta"]["args"]
     runs = {
-        (r["framework"], r["model"], r["variant"], r["size"], r["batch"]): r for r in doc["rows"]
+        tuple(r[k] for k in ("framework", "model", "variant", "size", "batch")): r
+        for r in doc["rows"]
     }
-    lines = [
-        "# ViG vs DeiT",
-        "",
-        harness.meta_line(meta) + f"; ViG BiGLA `{meta['args']['bigla_impl']}`.",
-        "",
-        "bf16 compute, drop path off, same batch; img/s from the median of "
-        f"{meta['args']['iters']} runs, compile excluded. Training: AdamW. Ratios: ViG / DeiT "
-        "(speed: > 1 is ViG faster; memory: < 1 is ViG smaller). ViG: vig-jax (JAX, float32 "
-        "params); timm: DeiT under torch.compile (SDPA; bf16 weights for inference, autocast for "
-        "training); jax: our JAX DeiT.",
-        "",
-    ]
+    keys = ("infer_img_s", "train_img_s", "train_peak_gb")
     rows = []
     for vig, base, size, batch in meta["comparisons"]:
         for variant in meta["variants"]:
             for fw in meta["baselines"] or [None]:
                 v = runs.get(("jax", vig, variant, size, batch))
-                d = runs.get((fw, base, "", size, batch)) if fw else None
-                rows.append(
-                    {
-                        "vig": f"{vig} ({variant})" if len(meta["variants"]) > 1 else vig,
-                        "base": f"{base} ({fw})" if fw else "–",
-                        "size": f"{size}²",
-                        "batch": batch,
-                        **{
-                            f"{side}_{key}": _value(r, key.split("_")[0], key)
-                            for side, r in (("v", v), ("d", d))
-                            for key in ("infer_img_s", "train_img_s", "train_peak_gb")
-                        },
-                        **{
-                            f"{side}_compile": "/".join(
-                                "–" if c is None else f"{c:.0f}"
-                                for c in ((r or {}).get(f"{m}_compile_s") for m in MODES)
-                            )
-                            for side, r in (("v", v), ("d", d))
-                        },
-                    }
-                )
-    for r in rows:
-        for key in ("infer_img_s", "train_img_s", "train_peak_gb"):
-            r[f"x_{key}"] = _ratio(r[f"v_{key}"], r[f"d_{key}"])
-    lines += harness.table(
-        rows,
-        [
-            ("ViG", "vig", ""),
-            ("baseline", "base", ""),
-            ("size", "size", ""),
-            ("batch", "batch", "d"),
-            ("ViG infer img/s", "v_infer_img_s", ",.0f"),
-            ("DeiT infer img/s", "d_infer_img_s", ",.0f"),
-            ("infer ×", "x_infer_img_s", ".2f"),
-            ("ViG train img/s", "v_train_img_s", ",.1f"),
-            ("DeiT train img/s", "d_train_img_s", ",.1f"),
-            ("train ×", "x_train_img_s", ".2f"),
-            ("ViG train GB", "v_train_peak_gb", ".2f"),
-            ("DeiT train GB", "d_train_peak_gb", ".2f"),
-            ("memory ×", "x_train_peak_gb", ".2f"),
-            ("ViG compile s (infer/train)", "v_compile", ""),
-            ("DeiT compile s (infer/train)", "d_compile", ""),
-        ],
-    )
-    variants = meta["variants"]
-    if any(variants.values()):
-        lines += ["", "ViG variants: " + "; ".join(f"{k}: {v}" for k, v in variants.items())]
+                d = runs.get((fw, base, "", size, batch))
+                row = {
+                    "vig": f"{vig} ({variant})" if len(meta["variants"]) > 1 else vig,
+                    "base": f"{base} ({fw})" if fw else None,
+                    "size": f"{size}²",
+                    "b": batch,
+                }
+                for key in keys:
+                    row["v" + key], row["d" + key] = _value(v, key), _value(d, key)
+                    ok = all(isinstance(row[s + key], float | int) for s in "vd")
+                    row["x" + key] = row["v" + key] / row["d" + key] if ok else None
+                for side, r in (("v", v), ("d", d)):
+                    row[side + "c"] = "/".join(
+                        "–" if c is None else f"{c:.0f}"
+                        for c in ((r or {}).get(f"{m}_compile_s") for m in MODES)
+                    )
+                rows.append(row)
+    x = [("ViG", "vig", ""), ("baseline", "base", ""), ("size", "size", ""), ("batch", "b", "d")]
+    for key, name, fmt in zip(
+        keys, ("infer img/s", "train img/s", "train GB"), (",.0f", ",.1f", ".2f"), strict=True
+    ):
+        x += [(f"ViG {name}", "v" + key, fmt), (f"DeiT {name}", "d" + key, fmt)]
+        x += [(("memory" if "GB" in name else name[:5]) + " ×", "x" + key, ".2f")]
+    x += [("ViG compile s (infer/train)", "vc", ""), ("DeiT compile s", "dc", "")]
+    lines = [
+        "# ViG vs DeiT",
+        "",
+        harness.meta_line(meta) + f"; ViG BiGLA `{a['bigla_impl']}`; median of {a['iters']} runs.",
+        "",
+        "bf16, drop path off, same batch; training = AdamW step. Ratios ViG / DeiT (speed > 1: "
+        "ViG faster; memory < 1: ViG smaller). timm: DeiT under torch.compile (SDPA; bf16 weights "
+        "for inference, float32 + autocast for training); jax: our JAX DeiT.",
+        "",
+        *harness.table(rows, x),
+    ]
+    if any(meta["variants"].values()):
+        lines += [
+            "",
+            "ViG variants: " + "; ".join(f"{k}: {v}" for k, v in meta["variants"].items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -321,9 +294,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     p.add_argument("--sizes", type=int, nargs="+", help="sweep these sizes instead of --cases")
-    p.add_argument(
-        "--pairs", nargs="+", default=["vig_t:deit_t"], help="vig:deit names for --sizes"
-    )
+    p.add_argument("--pairs", nargs="+", default=["vig_t:deit_t"], help="vig:deit, for --sizes")
     p.add_argument("--batch", type=int, help="one batch for every case")
     p.add_argument("--variant", action="append", default=[], help="NAME[:key=val,...] (repeat)")
     p.add_argument("--vig-override", action="append", default=[], help="key=val for every ViG")
@@ -337,82 +308,60 @@ def parse_args(argv=None):
     p.add_argument("--out", help="path stem (default benchmarks/results/vs_vit)")
     p.add_argument("--smoke", action="store_true", help="CPU check: depth-1 models at 32², B2")
     args = p.parse_args(argv)
+    names = args.variant or ["default"]
     try:
-        args._variants = dict(harness.parse_variant(v) for v in args.variant or ["default"])
         common = harness.parse_overrides(",".join(args.vig_override))
+        args.variants = {n: {**common, **o} for n, o in map(harness.parse_variant, names)}
     except ValueError as exc:
         p.error(str(exc))
-    if len(args._variants) != len(args.variant or ["default"]):
-        p.error(f"--variant names must differ: {args.variant}")
-    args._variants = {k: {**common, **v} for k, v in args._variants.items()}
+    if len(args.variants) != len(names):
+        p.error(f"--variant names must differ: {names}")
     if args.smoke:
         args.iters, args.warmup, args.bigla_impl = 3, 1, "chunked"
-        args._comparisons = [("vig_t", "deit_t", 32, args.batch or 2)]
-        args.out = args.out or "/tmp/bench_vs_vit_smoke"
+        args.comparisons = [("vig_t", "deit_t", 32, args.batch or 2)]
     elif args.sizes:
         pairs = [pair.split(":") for pair in args.pairs]
         if any(len(pair) != 2 for pair in pairs):
             p.error(f"--pairs takes vig:deit names, got {args.pairs}")
-        args._comparisons = [
+        args.comparisons = [
             (v, d, s, args.batch or batch_for(s)) for s in args.sizes for v, d in pairs
         ]
     else:
-        args._comparisons = [
-            (v, d, s, args.batch or b) for v, d, s, b in (CASES[c] for c in args.cases)
-        ]
-    args.out = args.out or str(harness.REPO / "benchmarks/results/vs_vit")
-    for v, d, *_ in args._comparisons:
-        if d not in TIMM_NAMES:
-            p.error(f"baseline {d!r} is not one of {list(TIMM_NAMES)}")
-        _check_overrides(p, v, args)
-    return args
-
-
-def _check_overrides(p, name: str, args) -> None:
-    """Fails here, before any process starts, on an unknown model or override."""
+        args.comparisons = [(v, d, s, args.batch or b) for v, d, s, b in map(CASES.get, args.cases)]
+    args.out = args.out or (
+        "/tmp/bench_vs_vit_smoke" if args.smoke else harness.REPO / "benchmarks/results/vs_vit"
+    )
     from vig_jax.models import create_model, model_class
 
-    try:
-        fields = {f.name for f in dataclasses.fields(model_class(name))}
-        for overrides in args._variants.values():
-            create_model(name, **overrides)
-    except ValueError as exc:
-        p.error(str(exc))
-    if "drop_path_rate" not in fields:
-        p.error(f"{name!r} is not a ViG model (no drop_path_rate)")
+    for v, d, *_ in args.comparisons:  # unknown names and overrides fail before any process starts
+        if d not in TIMM_NAMES:
+            p.error(f"baseline {d!r} is not one of {list(TIMM_NAMES)}")
+        try:
+            if "drop_path_rate" not in {f.name for f in dataclasses.fields(model_class(v))}:
+                p.error(f"{v!r} is not a ViG model")
+            for overrides in args.variants.values():
+                create_model(v, **overrides)
+        except ValueError as exc:
+            p.error(str(exc))
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    baselines = []
-    if not args.no_timm:
-        if harness.importable("torch", "timm"):
-            baselines.append("timm")
-        else:
-            harness.log(
-                "torch/timm not importable: no timm baseline (pip install -e '.[baselines]')"
-            )
-    if args.jax_deit:
-        baselines.append("jax")
+    baselines = ["timm"] if not args.no_timm and harness.importable("torch", "timm") else []
+    if not args.no_timm and not baselines:
+        harness.log("torch/timm not importable: no timm baseline (pip install -e '.[baselines]')")
+    baselines += ["jax"] * args.jax_deit
     smoke = {"depth": 1} if args.smoke else {}
-    env = {}
-    if args.smoke:  # -O0 halves XLA:CPU compiles and changes no HLO; smoke timings mean nothing
-        env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     meta = harness.metadata(args)
-    meta.update(
-        comparisons=args._comparisons,
-        variants=args._variants,
-        baselines=baselines,
-    )
+    meta.update(comparisons=args.comparisons, variants=args.variants, baselines=baselines)
     results = harness.Results(args.out, meta, markdown)
-    plan = []  # (framework, model, variant, size, batch, overrides), each measured once
-    for vig, base, size, batch in args._comparisons:
-        for variant, overrides in args._variants.items():
-            plan.append(("jax", vig, variant, size, batch, {**smoke, **overrides}))
-        plan += [(fw, base, "", size, batch, smoke) for fw in baselines]
-    plan = list({key[:5]: key for key in plan}.values())
-    for i, (fw, model, variant, size, batch, overrides) in enumerate(plan, 1):
-        harness.log(f"[{i}/{len(plan)}] {fw} {model} {variant} {size}² B{batch} ...")
+    plan = {}  # (framework, model, variant, size, batch) -> overrides, each measured once
+    for vig, base, size, batch in args.comparisons:
+        for variant, overrides in args.variants.items():
+            plan[("jax", vig, variant, size, batch)] = {**smoke, **overrides}
+        plan.update({(fw, base, "", size, batch): smoke for fw in baselines})
+    for (fw, model, variant, size, batch), overrides in plan.items():
         case = dict(
             model=model,
             size=size,
@@ -423,21 +372,10 @@ def main(argv=None):
             warmup=args.warmup,
             bigla_impl=args.bigla_impl,
         )
+        fields = dict(framework=fw, model=model, variant=variant, size=size, batch=batch)
         fn = measure_timm if fw == "timm" else measure_jax
-        run = harness.run_isolated(fn, case, env=env, timeout_s=args.timeout_s)
-        row = results.add(
-            dict(framework=fw, model=model, variant=variant, size=size, batch=batch, **run)
-        )
-        harness.log(
-            f"[{i}/{len(plan)}] {fw} {model} {variant} {size}² B{batch}: "
-            + "; ".join(
-                f"{m} {row[f'{m}_img_s']:,.1f} img/s"
-                + (f", peak {row[f'{m}_peak_gb']:.2f} GB" if row.get(f"{m}_peak_gb") else "")
-                if row.get(m) == "ok"
-                else f"{m} {row.get(m) or row.get('status')}"
-                for m in args.modes
-            )
-        )
+        env = harness.SMOKE_ENV if args.smoke else {}
+        results.measure(fields, fn, case, env=env, timeout_s=args.timeout_s)
     results.done()
     print(results.markdown(results.doc))
 

@@ -173,6 +173,25 @@ def metadata(args) -> dict:
     }
 
 
+SMOKE_ENV = {  # --smoke cases: CPU; -O0 halves XLA:CPU compiles and changes no HLO
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_backend_optimization_level=0",
+}
+
+
+def _probe(case: dict, report) -> dict:
+    import jax
+
+    d = jax.devices()
+    return {"platform": d[0].platform, "count": len(d), "kind": d[0].device_kind}
+
+
+def probe_devices() -> dict:
+    """{"platform", "count", "kind"} of JAX's default devices, asked of a fresh Python (this process
+    stays off the device, which the cases need)."""
+    return run_isolated(_probe, {})
+
+
 def run_isolated(fn: Callable, case: dict, *, env: dict | None = None, timeout_s=None) -> dict:
     """`fn(case, report)` run in a fresh Python; returns the dict it returned.
 
@@ -258,6 +277,20 @@ class Results:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text)
             os.replace(tmp, path)
+
+    def measure(self, fields: dict, fn: Callable, case: dict, **kwargs) -> dict:
+        """Adds the row {**fields, **run_isolated(fn, case, **kwargs)}, with progress lines."""
+        label = " ".join(map(str, fields.values()))
+        log(f"{label} ...")
+        row = self.add({**fields, **run_isolated(fn, case, **kwargs)})
+        parts = [
+            f"{k} {v:,.4g}"
+            for k, v in row.items()
+            if k.endswith(("img_s", "peak_gb", "compile_s")) and isinstance(v, float)
+        ]
+        bad = [f"{k}: {row[k]}" for k in ("infer", "train", "status") if row.get(k, "ok") != "ok"]
+        log(f"{label}: {', '.join(parts + bad)}")
+        return row
 
     def done(self) -> None:
         log(f"wrote {self.out.with_suffix('.json')} and {self.out.with_suffix('.md')}")
