@@ -21,6 +21,8 @@ from PIL import Image, ImageEnhance
 from configs import common
 from tests.helpers import FAST_COMPILE
 from vig_jax.data import mix, randaugment, transforms
+from vig_jax.models import create_model
+from vig_jax.models.layers import DropPath
 from vig_jax.train import optim
 from vig_jax.train.state import init_state
 from vig_jax.train.step import make_train_step
@@ -50,6 +52,15 @@ class Linear(nn.Module):
         return dense(images.reshape(images.shape[0], -1))
 
 
+class LinearWithDropPath(nn.Module):
+    """Linear on features dropped per sample with probability 1/2 (stochastic depth's layer)."""
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        x = DropPath(0.5)(images.reshape(images.shape[0], -1), train=train)
+        return nn.Dense(NUM_CLASSES, kernel_init=nn.initializers.normal(0.1))(x)
+
+
 def recipe_config(
     *, smoothing=0.1, erasing=0.0, mixup=0.0, cutmix=0.0, switch_prob=0.5, clip_norm=5.0, ema=0.0
 ):
@@ -70,11 +81,11 @@ def recipe_config(
     return c
 
 
-def make_step(config):
-    """(jitted train step, initial state) for the linear model under `config`."""
+def make_step(config, model=None):
+    """(jitted train step, initial state) for `model` (default: Linear) under `config`."""
     schedule = optim.make_schedule(config.optimizer, BATCH, STEPS_PER_EPOCH)
     tx = optim.make_optimizer(config.optimizer, schedule)
-    model = Linear()
+    model = model or Linear()
     images = jnp.zeros((BATCH, SIZE, SIZE, 3), jnp.float32)
 
     def init_params(key):
@@ -209,6 +220,64 @@ def test_train_step_loss_is_label_smoothed_cross_entropy_of_normalised_images():
     )
     for other in (unsmoothed, raw):
         assert abs(other - want) > 100 * LOSS_RTOL * want
+
+
+def test_train_step_applies_the_model_in_training_mode_with_the_steps_dropout_key():
+    # Stochastic depth happens in the model; the step must call it with train=True and the
+    # dropout key split from fold_in(key, step) (micro-batch 0 of 1: fold_in(drop_key, 0)).
+    model = LinearWithDropPath()
+    step, state = make_step(recipe_config(smoothing=0.0), model)
+    batch = random_batch(seed=3)
+    images = jnp.asarray(normalise_by_hand(batch["image"]), jnp.float32)
+    targets = smooth_by_hand(batch["label"], 0.0)
+
+    def loss(key, train):
+        rngs = {"dropout": key} if train else {}
+        logits = model.apply({"params": state.params}, images, train=train, rngs=rngs)
+        logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)))
+        return -(targets * logp).sum(axis=1).mean()
+
+    for t in range(2):
+        drop_key = jax.random.split(jax.random.fold_in(state.key, t), 3)[2]
+        want = loss(jax.random.fold_in(drop_key, 0), train=True)
+        # Negative control: without dropping, the loss is far off.
+        assert abs(loss(None, train=False) - want) > 100 * LOSS_RTOL * want
+        params = state.params
+        state, metrics = step(state, batch)
+        assert float(metrics["loss"]) == pytest.approx(want, rel=LOSS_RTOL), f"step {t}"
+        state = state.replace(params=params)  # same params: only the key changes
+
+
+@pytest.mark.parametrize(
+    "name, overrides, want",
+    [
+        # One DropPath per block (after GLA and after the MLP); rates linear from 0 over blocks.
+        ("vig_t", dict(embed_dim=32, depth=3, num_heads=2, drop_path_rate=0.2), [0, 0.1, 0.2]),
+        (
+            "vig_h_t",
+            dict(dims=(16, 32), depths=(1, 2), num_heads=(1, 2), drop_path_rate=0.3),
+            [0, 0.15, 0.3],
+        ),
+    ],
+    ids=["vig", "vig_h"],
+)
+def test_drop_path_rates_rise_linearly_over_the_blocks(name, overrides, want):
+    model = create_model(name, num_classes=NUM_CLASSES, bigla_impl="reference", **overrides)
+    rates = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, DropPath):
+            rates[context.module.scope.path] = context.module.rate
+        return next_fun(*args, **kwargs)
+
+    images = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    with nn.intercept_methods(record):
+        jax.eval_shape(
+            lambda p: model.apply(p, images, train=True, rngs={"dropout": jax.random.key(0)}),
+            params,
+        )
+    np.testing.assert_allclose([rates[k] for k in sorted(rates)], want, atol=1e-12)
 
 
 @pytest.mark.parametrize(
