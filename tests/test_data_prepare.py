@@ -367,3 +367,11 @@ def test_prepare_cli_reports_and_names_the_training_flags(tmp_path, capsys):
             (tmp_path / "tfds" / "pets" / "1.0.0" / "features.json").read_bytes()
         ).hexdigest()
     )
+
+
+def test_a_file_that_cannot_be_read_is_reported_not_fatal(tmp_path):
+    item = prepare.ImageFile(str(tmp_path / "gone.jpg"), 0, "cat/gone.jpg")
+    with pytest.raises(writer.UnreadableImage, match="cannot read: .*No such file"):
+        prepare.ImageExample(jpeg_only=False)(item)
+    with pytest.raises(writer.UnreadableImage, match="cannot identify image file"):
+        prepare.checked_image_bytes(b"not an image", "x.jpg", jpeg_only=False)

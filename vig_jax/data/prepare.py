@@ -130,7 +130,11 @@ class ImageExample:
     jpeg_only: bool
 
     def __call__(self, item: ImageFile) -> tuple[dict[str, Any], str]:
-        data, why = checked_image_bytes(item.read(), item.file_name, jpeg_only=self.jpeg_only)
+        try:
+            data = item.read()
+        except OSError as error:  # vanished, unreadable: reported like an undecodable file
+            raise UnreadableImage(f"cannot read: {error}") from None
+        data, why = checked_image_bytes(data, item.file_name, jpeg_only=self.jpeg_only)
         return {"image": data, "label": item.label, "file_name": item.file_name}, why
 
 
