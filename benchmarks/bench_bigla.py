@@ -51,7 +51,7 @@ SHAPES = {
     "vig_t_4096": (1, 65536, 3, 32, 64),
 }
 PARITY_SHAPE = (2, 200, 2, 32, 64)
-SMOKE_SHAPES = {"smoke": (1, 80, 2, 16, 32)}
+SMOKE_SHAPES = {"smoke": (1, 40, 2, 16, 32)}
 SMOKE_PARITY_SHAPE = (1, 40, 2, 16, 32)
 # Parity bound per input dtype (max |Δ| / max |ref|); bf16 rounding of q, k, v and o is ~4e-3.
 TOL = {"bfloat16": 2e-2, "float32": 1e-4}
@@ -149,11 +149,9 @@ def fla_call(inputs, do, backward):
 
 
 def impl_fns(variants: dict) -> dict:
-    """{label: jax BiGLA}: one pallas per kernel variant, then chunked."""
+    """{label: jax BiGLA}: pallas once per kernel variant, then chunked."""
     fns = {
-        ("pallas" if len(variants) == 1 else f"pallas {name}"): functools.partial(
-            bigla_pallas, params=params
-        )
+        f"pallas {name}".strip(): functools.partial(bigla_pallas, params=params)
         for name, params in variants.items()
     }
     return {**fns, "chunked": functools.partial(bigla_chunked, chunk_size=64)}
@@ -196,25 +194,24 @@ def parity(shape, dtype, fns: dict, with_fla: bool) -> dict:
 
 
 def measure(label, fn, shape, dtype, backward, args, gbps) -> dict:
-    """ms, floor ms, compile s of one implementation and pass at one shape."""
+    """{pass}_ms, _floor_ms, _x_floor, _compile_s (or _status) of one impl and pass at one shape."""
     inputs, do = make_inputs(shape, dtype)
-    floor_ms = io_bytes(shape, dtype, backward) / (gbps * 1e9) * 1e3
-    r = {"floor_ms": floor_ms}
+    name = "fwd_bwd" if backward else "fwd"
+    r = {f"{name}_floor_ms": io_bytes(shape, dtype, backward) / (gbps * 1e9) * 1e3}
     try:
         if label == "fla":
-            t = harness.time_call(
-                fla_call(inputs, do, backward), harness.torch_sync, iters=args.iters
-            )
-            r["ms"] = t["ms"]
+            call, sync, n = fla_call(inputs, do, backward), harness.torch_sync, 1
         else:
-            prog = (lambda *a: with_grads(fn)(a[:5], a[5])) if backward else fn
             a = (*inputs, do) if backward else inputs
-            loop, r["compile_s"] = harness.compile_jax(harness.jax_repeat(prog, args.inner), *a)
-            t = harness.time_call(lambda: loop(*a), jax.block_until_ready, iters=args.iters)
-            r["ms"] = t["ms"] / args.inner
-        r["x_floor"] = r["ms"] / floor_ms
+            prog = (lambda *a: with_grads(fn)(a[:5], a[5])) if backward else fn
+            loop, r[f"{name}_compile_s"] = harness.compile_jax(
+                harness.jax_repeat(prog, args.inner), *a
+            )
+            call, sync, n = (lambda: loop(*a)), jax.block_until_ready, args.inner
+        r[f"{name}_ms"] = harness.time_call(call, sync, iters=args.iters)["ms"] / n
+        r[f"{name}_x_floor"] = r[f"{name}_ms"] / r[f"{name}_floor_ms"]
     except Exception as exc:
-        r["status"] = harness.status(exc)
+        r[f"{name}_ms"] = harness.status(exc)
     return r
 
 
@@ -227,18 +224,7 @@ def markdown(doc: dict) -> str:
         f"{meta['dtype']} q/k/v, float32 gates; median of {meta['args']['iters']} runs.",
         "",
     ]
-    rows = [
-        {
-            **r,
-            "case": f"{r['case']} {tuple(r['shape'][:3])}",
-            **{
-                f"{p}_{k}": r[p].get(k) or r[p].get("status")
-                for p in ("fwd", "fwd_bwd")
-                for k in ("ms", "floor_ms", "x_floor")
-            },
-        }
-        for r in doc["rows"]
-    ]
+    rows = [{**r, "case": f"{r['case']} {tuple(r['shape'][:3])}"} for r in doc["rows"]]
     lines += harness.table(
         rows,
         [
@@ -261,7 +247,8 @@ def markdown(doc: dict) -> str:
     for label, p in meta["parity"].items():
         errs = ", ".join(f"{n} {p[n]:.1e}" for n in GRADS if n in p) or p.get("status")
         lines.append(f"- {label}: {errs}{'' if p['ok'] else ' — FAIL'}")
-    lines += ["", "Kernel variants: " + "; ".join(f"{k}: {v}" for k, v in meta["variants"].items())]
+    variants = "; ".join(f"{k or 'default'}: {v}" for k, v in meta["variants"].items())
+    lines += ["", f"Kernel parameters: {variants}"]
     return "\n".join(lines) + "\n"
 
 
@@ -285,22 +272,13 @@ def parse_args(argv=None):
     p.add_argument("--out", help="path stem (default benchmarks/results/bigla)")
     p.add_argument("--smoke", action="store_true", help="CPU: interpret mode, float32, tiny shape")
     args = p.parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(KernelParams)}
     variants = {}
     try:
-        for text in args.variant or ["default"]:
-            name, over = harness.parse_variant(text)
-            if unknown := sorted(set(over) - fields):
-                raise ValueError(
-                    f"--variant {text!r}: unknown KernelParams fields {unknown}; "
-                    f"known: {sorted(fields)}"
-                )
-            variants[name] = dataclasses.replace(
-                KernelParams(), **{"interpret": args.smoke, **over}
-            )
-    except (ValueError, TypeError) as exc:
-        p.error(str(exc))
-    args._variants = variants
+        for name, over in map(harness.parse_variant, args.variant):
+            variants[name] = KernelParams(**{"interpret": args.smoke, **over})
+    except (ValueError, TypeError) as exc:  # TypeError: an unknown KernelParams field
+        p.error(f"--variant: {exc}")
+    args._variants = variants or {"": KernelParams(interpret=args.smoke)}
     if args.smoke:
         args.inner, args.iters = 1, 2
         args._shapes, args._parity_shape = SMOKE_SHAPES, SMOKE_PARITY_SHAPE
@@ -334,18 +312,16 @@ def main(argv=None):
     for case, shape in args._shapes.items():
         for label in labels:
             row = {"case": case, "shape": shape, "impl": label}
-            for name, backward in (("fwd", False), ("fwd_bwd", True)):
-                row[name] = measure(
+            for backward in (False, True):
+                row |= measure(
                     label, fns.get(label), shape, dtype, backward, args, meta["copy_gbps"]
                 )
             results.add(row)
             harness.log(
-                f"{case} {label}: "
-                + ", ".join(
-                    f"{n} {row[n]['ms']:.3f} ms ({row[n]['x_floor']:.1f}× floor)"
-                    if "ms" in row[n]
-                    else f"{n} {row[n]['status']}"
-                    for n in ("fwd", "fwd_bwd")
+                " ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in row.items()
+                    if k != "shape"
                 )
             )
     results.done()
