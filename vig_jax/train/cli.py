@@ -43,12 +43,14 @@ def fail(message: str, code: int = EXIT_USER_ERROR):
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of the last `--name=v` or `--name v` in `argv` (absl's rule: the last wins)."""
+    value = None
     for i, arg in enumerate(argv[1:], start=1):
         if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-        if arg == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
 
 
 def _load_config(path: str) -> ml_collections.ConfigDict:
@@ -68,11 +70,12 @@ def _load_config(path: str) -> ml_collections.ConfigDict:
 
 
 def check_config_overrides(argv: list[str]) -> None:
-    """Exits with one line if a `--config.a.b` flag names no field of the config file."""
+    """Exits with one line if the config file is missing or fails to load, or if a `--config.a.b`
+    flag names no field of it."""
     path = _flag_value(argv, "config")
     if path is None:
         return  # absl reports the missing required flag
-    config = None
+    config = _load_config(path)
     for arg in argv[1:]:
         name = arg.split("=", 1)[0]
         for prefix in ("--config.", "--noconfig."):
@@ -80,7 +83,6 @@ def check_config_overrides(argv: list[str]) -> None:
                 break
         else:
             continue
-        config = config or _load_config(path)
         node, fields = config, name[len(prefix) :].split(".")
         for i, field in enumerate(fields):
             if not isinstance(node, ml_collections.ConfigDict) or field not in node:
