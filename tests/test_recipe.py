@@ -512,3 +512,19 @@ def test_randaugment_op_strengths_at_full_magnitude():
     np.testing.assert_array_equal(
         np.asarray(ops["_solarize"](img, 5.0, None)), np.where(arr >= 128, 255 - arr, arr)
     )
+
+
+def test_deit_transform_flips_half_the_images():
+    # The recipe's host augmentation with the crop pinned to the whole (square) image and
+    # RandAugment off: each output is the image or its mirror, mirrored with probability 1/2.
+    augment = common.deit_host_augment()
+    augment.update(scale=(1.0, 1.0), ratio=(1.0, 1.0), randaugment=None)
+    transform = transforms.TrainTransform.from_config(augment, image_size=16)
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    flips = 0
+    for seed in range(400):
+        out = transform({"image": image, "label": 0}, np.random.default_rng(seed))["image"]
+        flipped = np.array_equal(out, image[:, ::-1])
+        assert flipped or np.array_equal(out, image), f"seed {seed}: neither image nor mirror"
+        flips += flipped
+    assert 160 <= flips <= 240  # Binomial(400, 1/2): 200 +- 10
