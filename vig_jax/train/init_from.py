@@ -28,13 +28,15 @@ from vig_jax.models import model_class
 from vig_jax.models.pos_embed import resize_pos_embed
 from vig_jax.models.vig import ViG
 from vig_jax.train import checkpoint
+from vig_jax.train.errors import UserError
 
 HEAD = "head"  # the classifier's top-level name in every model (ViG, ViG-H, DeiT)
 POS_EMBED = "pos_embed"
 
 
-class InitFromError(ValueError):
-    """The params at `init_from` do not fit the config's model; the message lists every misfit."""
+class InitFromError(UserError):
+    """Nothing at `init_from`, or its params do not fit the config's model (the message lists
+    every misfit)."""
 
 
 def _flatten(tree) -> dict[str, object]:
@@ -184,10 +186,13 @@ def load_params(config, abstract_params: dict) -> tuple[dict[str, jax.Array | No
     """`adapt_params` of the params at `config.init_from` for the config's model; no compiling.
 
     Raises:
-      FileNotFoundError: nothing at `config.init_from`.
-      InitFromError: the params do not fit (lists every difference, names the checkpoint).
+      InitFromError: nothing at `config.init_from`, or the params do not fit (lists every
+        difference); the message starts with the flag.
     """
-    saved, source = read_saved_params(config.init_from)
+    try:
+        saved, source = read_saved_params(config.init_from)
+    except FileNotFoundError as e:
+        raise InitFromError(f"--config.init_from={config.init_from}: {e}") from None
     try:
         return adapt_params(
             saved,
@@ -219,7 +224,7 @@ def initial_state(trainer, config, log: Callable[[str], None] = print):
     from there; `log` gets one line saying where they came from and what was adapted.
 
     Raises:
-      FileNotFoundError, InitFromError: see `load_params`; both before anything is compiled.
+      InitFromError: see `load_params`; before anything is compiled.
     """
     key = jax.random.PRNGKey(config.seed)
     if config.init_from is None:
