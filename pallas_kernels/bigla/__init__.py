@@ -6,6 +6,9 @@ the same arrays:
   chunked    pure-jnp chunked form (intra-chunk matmuls + inter-chunk states): runs anywhere.
   pallas     one Pallas GPU (Triton) kernel computing both directions, with its own backward.
 
+`bigla_logits` takes the gate logits instead of the log gates (the pallas path computes the gates
+inside its kernels).
+
 Under a mesh (`jax.set_mesh`, or `jax.sharding.use_abstract_mesh` while tracing, as
 `vig_jax.train.trainer` does) the pallas path runs per shard of the batch; see `_per_batch_shard`.
 """
