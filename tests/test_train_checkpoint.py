@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 
 from vig_jax.train import optim, sharding
 from vig_jax.train.checkpoint import Checkpointer, restore_params
+from vig_jax.train.errors import UserError
 from vig_jax.train.metrics import MetricsWriter, read_metrics
 from vig_jax.train.state import init_state
 
@@ -77,19 +78,23 @@ def test_checkpoint_round_trip_into_fsdp_layout(tmp_path, use_ema):
             restore_params(tmp_path, abstract_params, use_ema=True)
 
 
-def test_checkpoint_keeps_grain_bytes_state(tmp_path):
+def test_checkpoint_reads_the_wrapped_iterator_state_of_older_checkpoints(tmp_path):
+    """Checkpoints written before issue 18 stored the iterator state as {"value": state}."""
     state = _state(False)
     ckpt = Checkpointer(tmp_path, keep=1)
-    ckpt.save(5, state, b'{"pos": 3}')
+    ckpt.save(5, state, {"value": {"batches": 5}})
     ckpt.wait()
     _, data_state = ckpt.restore(5, _abstract(state, sharding.make_mesh(), fsdp=False))
     ckpt.close()
-    assert data_state == b'{"pos": 3}'
+    assert data_state == {"batches": 5}
 
 
-def test_restore_params_without_checkpoint_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+def test_restore_params_without_checkpoint_is_clear_and_creates_nothing(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint in"):
         restore_params(tmp_path, {}, use_ema=False)
+    with pytest.raises(UserError, match="checkpoint .*/missing/path not found"):
+        restore_params(tmp_path / "missing" / "path", {}, use_ema=False)
+    assert not (tmp_path / "missing").exists()
 
 
 def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
