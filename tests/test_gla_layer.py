@@ -150,10 +150,15 @@ SMALL_B, SMALL_H, SMALL_W, SMALL_D, SMALL_HEADS = 2, 3, 4, 16, 2  # K 4, V 8, 12
 SMALL_SCALE, QKV_GAIN = 3e-3, 50.0
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
-@pytest.mark.parametrize("form", list(FORMS.values()), ids=list(FORMS))
-def test_gla_layer_float64_equals_transcription_where_eps_and_mean_matter(x64, form, impl):
-    layer = make_layer(SMALL_HEADS, jnp.float64, form, impl=impl)
+# Every form with the reference BiGLA; the chunked one (the CPU's) with no switch and with all.
+F64_CASES = [(name, "reference") for name in FORMS] + [
+    (name, "chunked") for name in FORMS if name in ("default", "all_switches")
+]
+
+
+@pytest.mark.parametrize("form_name, impl", F64_CASES, ids=[f"{f}-{i}" for f, i in F64_CASES])
+def test_gla_layer_float64_equals_transcription_where_eps_and_mean_matter(x64, form_name, impl):
+    layer = make_layer(SMALL_HEADS, jnp.float64, FORMS[form_name], impl=impl)
     rng = np.random.default_rng(0)
     x = SMALL_SCALE * rng.normal(size=(SMALL_B, SMALL_H, SMALL_W, SMALL_D))
     params = random_params(layer, x, seed=1)
