@@ -5,8 +5,11 @@ are written out here in float64 numpy: normalisation, label smoothing, soft cros
 gradient, clipping, AdamW with its decay mask, the warmup/cosine schedule and the EMA are each
 computed by hand, so dropping any of them from the step fails a comparison. Mixup/cutmix and
 random erasing are rebuilt with `vig_jax.data.mix` (tested on its own in test_data_mix) and the
-step's own keys. Every comparison has a negative control: the expectation without the element
-under test differs from the step's result by far more than the tolerance.
+step's own keys. Also: the step's dropout key and training mode, the drop-path rates over the
+blocks, `switch_prob` at 0 and 1, and the DeiT host augmentation (flip rate, RandAugment's rate,
+op choice, magnitude and op strengths). Every comparison has a negative control: the expectation
+without the element under test differs from the result by far more than the tolerance.
+docs/testing.md maps each recipe element to its tests and lists the mutations they catch.
 """
 
 import jax
