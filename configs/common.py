@@ -94,15 +94,31 @@ def adamw_section(*, base_lr, weight_decay, epochs=300.0, warmup_epochs=20.0):
     return o
 
 
-def loop_section(*, log_every_steps, eval_every_steps, ckpt_every_steps):
-    """Logging, evaluation and checkpoint intervals, in optimizer steps."""
+def loop_section(
+    *,
+    log_every_steps,
+    eval_every_steps=None,
+    ckpt_every_steps=None,
+    eval_every_epochs=None,
+    ckpt_every_epochs=None,
+):
+    """Logging, evaluation and checkpoint intervals. Evaluation and checkpoints are set either in
+    optimizer steps or in epochs (exactly one of each pair): epochs become steps in
+    `vig_jax/train/trainer.py`, so they follow a --config.data.batch_size override."""
     lp = ml_collections.ConfigDict()
     # None: train for optimizer.epochs; an int stops after that many steps (the schedule still
     # follows optimizer.epochs), for smoke runs and tests.
     lp.total_steps = config_dict.placeholder(int)
     lp.log_every_steps = log_every_steps
-    lp.eval_every_steps = eval_every_steps
-    lp.ckpt_every_steps = ckpt_every_steps
+    for name, value, kind in (
+        ("eval_every_steps", eval_every_steps, int),
+        ("ckpt_every_steps", ckpt_every_steps, int),
+        ("eval_every_epochs", eval_every_epochs, float),
+        ("ckpt_every_epochs", ckpt_every_epochs, float),
+    ):
+        lp[name] = config_dict.placeholder(kind)
+        if value is not None:
+            lp[name] = value
     lp.keep_checkpoints = 2
     lp.progress_bar = True
     return lp

@@ -71,7 +71,7 @@ def get_config():
     c.optimizer = common.adamw_section(
         base_lr=3e-3, weight_decay=0.05, epochs=30.0, warmup_epochs=2.0
     )
-    # 60000 // 256 = 234 steps per epoch: evaluate every epoch (the curve), checkpoint every 10.
-    c.loop = common.loop_section(log_every_steps=39, eval_every_steps=234, ckpt_every_steps=2340)
+    # Evaluate every epoch (the curve), checkpoint every 10 epochs, whatever the batch size.
+    c.loop = common.loop_section(log_every_steps=39, eval_every_epochs=1.0, ckpt_every_epochs=10.0)
     c.mesh = common.mesh_section()
     return c

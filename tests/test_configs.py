@@ -66,14 +66,14 @@ def _train_cli(*flags):
 
 def test_cli_unknown_config_field_fails_before_start():
     out = _train_cli("--config.optimizer.base_lrr=0.1")
-    assert out.returncode != 0
-    assert "unknown config field 'base_lrr' in --config.optimizer.base_lrr" in out.stderr
+    assert out.returncode == 2  # user error (docs/faults.md)
+    assert "unknown config field 'optimizer.base_lrr' in --config.optimizer.base_lrr" in out.stderr
     assert 'Did you mean "base_lr"' in out.stderr
     assert "Traceback" not in out.stderr
 
 
 def test_cli_wrong_type_fails_before_start():
     out = _train_cli("--config.data.batch_size=abc")
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert "--config.data.batch_size=abc" in out.stderr and "invalid literal" in out.stderr
     assert "Traceback" not in out.stderr

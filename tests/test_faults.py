@@ -8,6 +8,7 @@ Subprocesses of `train.py` cover signals, a second run into a busy workdir and t
 """
 
 import asyncio
+import dataclasses
 import errno
 import json
 import os
@@ -67,10 +68,12 @@ def one_trainer_per_config():
     plans = {}
 
     def cached(config, mesh):
-        key = config.to_json()
+        c = config.to_dict()
+        steps = c["loop"].pop("total_steps"), c["loop"].pop("ckpt_every_steps")
+        key = json.dumps(c, sort_keys=True, default=str)
         if key not in plans:
             plans[key] = plan_run(config, mesh)
-        return plans[key]
+        return dataclasses.replace(plans[key], total_steps=steps[0], ckpt_every_steps=steps[1])
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(loop, "plan_run", cached)
@@ -291,7 +294,8 @@ def test_failed_evaluation_keeps_the_checkpoint_of_its_step(data_dir, tmp_path, 
         ({"data.dataset": "imagenet2012"}, r"'imagenet2012' is not prepared"),
         ({"model.name": "vig_x"}, r"config: unknown model 'vig_x'"),
         ({"loop.keep_checkpoints": 0}, r"loop.keep_checkpoints must be >= 1, got 0"),
-        ({"loop.ckpt_every_steps": 0}, r"loop.ckpt_every_steps must be >= 1, got 0"),
+        ({"loop.eval_every_steps": 0}, r"loop.eval_every_steps must be >= 1, got 0"),
+        ({"loop.eval_every_epochs": 1.0}, r"set exactly one of loop.eval_every_steps and loop"),
         ({"optimizer.warmup_epochs": 100.0}, r"config: need 0 <= warmup steps"),
     ],
     ids=lambda v: "-".join(f"{k}={v}" for k, v in v.items()) if isinstance(v, dict) else "",
@@ -323,14 +327,14 @@ def test_unwritable_workdir_is_a_user_error(data_dir, tmp_path):
 
 # --- train.py in subprocesses: signals, a second run, exit codes ---------------------------------
 
-CLI_TOTAL = 24  # long enough that a run is still saving when it is signalled
+CLI_TOTAL = 16  # steps of the subprocess runs, checkpointed every CLI_CKPT
+CLI_CKPT = 4
 
 
 def _flags(data_dir, total):
-    flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-    return ["--config=configs/demo.py", *flags, f"--config.data.data_dir={data_dir}"] + [
-        f"--config.loop.total_steps={total}"
-    ]
+    overrides = {**OVERRIDES, "loop.ckpt_every_steps": CLI_CKPT, "loop.total_steps": total}
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    return ["--config=configs/demo.py", *flags, f"--config.data.data_dir={data_dir}"]
 
 
 @pytest.fixture(scope="module")
@@ -383,9 +387,8 @@ def test_cli_faults_end_in_one_line_and_the_rerun_matches(data_dir, cli_env, tmp
     lock and resumes from the last complete checkpoint; SIGTERM and then SIGINT stop two reruns
     (each saves, exit 75); the last rerun ends with the parameters of an uninterrupted run."""
     flags = _flags(data_dir, CLI_TOTAL)
-    reference_dir = tmp_path / "reference"
-    rc, out, err = _finish(_start(reference_dir, cli_env, *flags))
-    assert rc == 0, err
+    config = make_config(data_dir, CLI_TOTAL, **{"loop.ckpt_every_steps": CLI_CKPT})
+    loop.train_and_evaluate(config, tmp_path / "reference")  # same programs as the subprocesses
 
     workdir = tmp_path / "interrupted"
     first = _start(workdir, cli_env, *flags)
@@ -425,8 +428,7 @@ def test_cli_faults_end_in_one_line_and_the_rerun_matches(data_dir, cli_env, tmp
     else:
         rc, out, err = _finish(_start(workdir, cli_env, *flags))
         assert rc == 0, err
-    config = make_config(data_dir, total=CLI_TOTAL)
-    _assert_bitwise(_restore(workdir, config), _restore(reference_dir, config))
+    _assert_bitwise(_restore(workdir, config), _restore(tmp_path / "reference", config))
     logged = [m["step"] for m in read_metrics(workdir) if "train/loss" in m]
     assert logged == list(range(1, CLI_TOTAL + 1))
     assert (workdir / "lock").read_text() == ""  # released
@@ -452,18 +454,13 @@ def test_cli_sigterm_before_the_first_step_exits_at_once(data_dir, cli_env, tmp_
 @pytest.mark.parametrize(
     "args,line",
     [
-        (
-            ["--config.data.trian_split=x"],
-            "error: unknown config field 'data.trian_split' in --config.data.trian_split. "
-            'Did you mean "train_split"?',
-        ),
         (["--config.data.train_split=trian"], "error: data.train_split='trian': Unknown split"),
-        (["--config.data.batch_size=abc"], "error: "),
         (["--config=configs/nope.py"], "error: config file configs/nope.py not found"),
     ],
-    ids=["unknown_field", "unknown_split", "bad_type", "missing_config"],
+    ids=["unknown_split", "missing_config"],
 )
 def test_cli_user_error_is_one_line_and_exit_2(data_dir, cli_env, tmp_path, args, line):
+    """A misspelt field and a wrong type: tests/test_configs.py."""
     flags = [*_flags(data_dir, 2), *args]
     rc, _, err = _finish(_start(tmp_path / "run", cli_env, *flags), timeout=120)
     assert rc == EXIT_USER_ERROR, err

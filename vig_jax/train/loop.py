@@ -288,7 +288,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
             last = step == total_steps
             # A signal: save right away, no evaluation (grace periods before SIGKILL are short).
             stopping = _stop_agreed(stop.requested is not None, step, loop.log_every_steps)
-            save = last or stopping or step % loop.ckpt_every_steps == 0
+            save = last or stopping or step % plan.ckpt_every_steps == 0
             if save or step % loop.log_every_steps == 0:
                 host = _check_finite(window, last_ckpt)
                 mean = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -311,7 +311,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
                     f"{stop.requested or 'a signal'}: saved checkpoint at step {step} in "
                     f"{ckpt.directory}; rerun the same command to resume"
                 )
-            if last or step % loop.eval_every_steps == 0:
+            if last or step % plan.eval_every_steps == 0:
                 eval_metrics = _evaluate_all(trainer, state, config, eval_batches)
                 writer.write(step, eval_metrics)
                 _say(f"step {step}: " + _format(eval_metrics))

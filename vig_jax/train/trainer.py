@@ -167,6 +167,7 @@ class RunPlan:
       train_examples, eval_examples: sizes of `data.train_split` and `data.eval_split`.
       steps_per_epoch: optimizer steps per epoch of the train split.
       total_steps: where the run ends (`loop.total_steps`, else `optimizer.epochs` epochs).
+      eval_every_steps, ckpt_every_steps: `loop.*_every_steps`, or `loop.*_every_epochs` in steps.
     """
 
     trainer: Trainer
@@ -175,6 +176,8 @@ class RunPlan:
     eval_examples: int
     steps_per_epoch: int
     total_steps: int
+    eval_every_steps: int
+    ckpt_every_steps: int
 
 
 def _split_size(d, field: str) -> int:
@@ -203,12 +206,27 @@ def _check_ranges(config) -> None:
         (o.epochs > 0, f"optimizer.epochs must be > 0, got {o.epochs}"),
         (0 <= o.ema_decay < 1, f"optimizer.ema_decay must be in [0, 1), got {o.ema_decay}"),
     ]
-    for name in ("log_every_steps", "eval_every_steps", "ckpt_every_steps", "keep_checkpoints"):
+    for name in ("log_every_steps", "keep_checkpoints"):
         value = lp[name]
         checks.append((value >= 1, f"loop.{name} must be >= 1, got {value}"))
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+def _interval(lp, what: str, steps_per_epoch: int) -> int:
+    """`loop.<what>_every_steps`, or `loop.<what>_every_epochs` in steps: exactly one is set."""
+    steps, epochs = lp[f"{what}_every_steps"], lp[f"{what}_every_epochs"]
+    if (steps is None) == (epochs is None):
+        raise UserError(
+            f"set exactly one of loop.{what}_every_steps and loop.{what}_every_epochs "
+            f"(got {steps} and {epochs})"
+        )
+    if steps is not None and steps < 1:
+        raise UserError(f"loop.{what}_every_steps must be >= 1, got {steps}")
+    if epochs is not None and epochs <= 0:
+        raise UserError(f"loop.{what}_every_epochs must be > 0, got {epochs}")
+    return steps if steps is not None else max(1, round(epochs * steps_per_epoch))
 
 
 def plan_run(config, mesh: Mesh) -> RunPlan:
@@ -241,6 +259,7 @@ def plan_run(config, mesh: Mesh) -> RunPlan:
             f"data.train_split={d.train_split!r}"
         )
     spe = optim.steps_per_epoch(train_examples, d.batch_size)
+    eval_every, ckpt_every = (_interval(config.loop, what, spe) for what in ("eval", "ckpt"))
     trainer = make_trainer(config, mesh=mesh, num_classes=info.num_classes, steps_per_epoch=spe)
     return RunPlan(
         trainer=trainer,
@@ -249,4 +268,6 @@ def plan_run(config, mesh: Mesh) -> RunPlan:
         eval_examples=eval_examples,
         steps_per_epoch=spe,
         total_steps=config.loop.total_steps or optim.schedule_steps(config.optimizer, spe),
+        eval_every_steps=eval_every,
+        ckpt_every_steps=ckpt_every,
     )
