@@ -66,8 +66,8 @@ def small_config(data_dir):
     c.optimizer.warmup_epochs = 16 / spe
     c.loop.total_steps = STEPS
     c.loop.log_every_steps = 32
-    c.loop.eval_every_steps = STEPS
-    c.loop.ckpt_every_steps = STEPS
+    c.loop.eval_every_steps, c.loop.eval_every_epochs = STEPS, None
+    c.loop.ckpt_every_steps, c.loop.ckpt_every_epochs = STEPS, None
     c.loop.progress_bar = False
     return c
 
