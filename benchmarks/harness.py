@@ -44,7 +44,7 @@ def log(msg: str) -> None:
 
 
 def status(exc: BaseException) -> str:
-    """ "OOM" for an out-of-memory error, else "error: <first line>"."""
+    """The status of a failed case: "OOM" for out of memory, else "error: <first line>"."""
     msg = str(exc)
     if any(m in msg for m in OOM_MARKERS) or type(exc).__name__ in OOM_MARKERS:
         return "OOM"
