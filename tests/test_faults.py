@@ -259,8 +259,10 @@ def test_failed_save_stops_within_one_step_and_rerun_matches(
     for thread in threading.enumerate():
         if type(thread).__name__ == "_SignalingThread":
             thread.join(timeout=60)
-    if error != "stall":  # a stall is seen once the timeout is over: here at the save of step 6
-        assert max(m["step"] for m in read_metrics(workdir)) == 5
+    # A failure is seen at the first step after the save thread failed (here step 5, unless the
+    # thread is slower); a stall once the timeout is over (here at the save of step 6).
+    if error != "stall":
+        assert max(m["step"] for m in read_metrics(workdir)) <= 5
     assert _steps(workdir) == [2]
     monkeypatch.undo()
     loop.train_and_evaluate(config, workdir)

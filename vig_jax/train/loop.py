@@ -305,7 +305,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
             if save:
                 ckpt.save(step, state, train_iter.get_state())
                 last_ckpt = step
-            if stopping:
+            if stopping and not last:
                 ckpt.wait()
                 raise Preempted(
                     f"{stop.requested or 'a signal'}: saved checkpoint at step {step} in "
