@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import pathlib
 import sys
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -55,7 +56,6 @@ TIMM_NAMES = {
     "deit_b": "deit_base_patch16_224",
 }
 MODES = ("infer", "train")
-GB = 1e9
 
 
 def batch_for(size: int) -> int:
@@ -67,16 +67,22 @@ def batch_for(size: int) -> int:
 # One (model, size, batch) per process (harness.run_isolated).
 
 
-def _timed(out: dict, mode: str, batch: int, call, sync, case: dict, peak) -> None:
-    """Times `call` into out[mode_*]: ms, img/s, calls per run, peak GB; a failure as status."""
+def _mode(out: dict, mode: str, case: dict, build, sync, peak) -> None:
+    """Builds (`build() -> (call, compile seconds or None)`) and times one mode into out:
+    img/s, ms, peak GB, compile seconds, and out[mode] = "ok", or out[mode] = its failure."""
+    if mode not in case["modes"]:
+        return
     try:
+        call, compile_s = build()
+        if compile_s is None:  # torch.compile compiles on the first call
+            t0 = time.perf_counter()
+            sync(call())
+            compile_s = time.perf_counter() - t0
         t = harness.time_call(call, sync, warmup=case["warmup"], iters=case["iters"])
-        out[f"{mode}_ms"] = t["ms"]
-        out[f"{mode}_img_s"] = batch / t["ms"] * 1e3
-        out[f"{mode}_calls_per_run"] = t["k"]
         p = peak()
-        out[f"{mode}_peak_gb"] = None if p is None else p / GB
-        out[mode] = "ok"
+        out[f"{mode}_img_s"] = case["batch"] / t["ms"] * 1e3
+        out.update({f"{mode}_ms": t["ms"], f"{mode}_compile_s": compile_s, mode: "ok"})
+        out[f"{mode}_peak_gb"] = None if p is None else p / 1e9
     except Exception as exc:  # recorded; the case goes on
         out[mode] = harness.status(exc)
 
@@ -91,12 +97,12 @@ def measure_jax(case: dict, report) -> dict:
     from vig_jax.models import create_model, uses_bigla
 
     name, size, b = case["model"], case["size"], case["batch"]
-    on_gpu = jax.default_backend() == "gpu"
     kwargs = dict(case["overrides"])
     if uses_bigla(name):
         kwargs.update(bigla_impl=case["bigla_impl"], drop_path_rate=0.0)
     else:  # cuDNN's backward rejects N = 197, 1025, ...: pad attention's tokens to 64
-        kwargs.update(attention_impl="cudnn" if on_gpu else "xla", token_multiple=64)
+        cudnn = jax.default_backend() == "gpu"
+        kwargs.update(attention_impl="cudnn" if cudnn else "xla", token_multiple=64)
     model = create_model(name, dtype=jnp.bfloat16, **kwargs)
     out = {"device": jax.devices()[0].device_kind}
     rng = np.random.default_rng(0)
@@ -107,63 +113,53 @@ def measure_jax(case: dict, report) -> dict:
     params = jax.jit(lambda x: model.init(key, x, train=False)["params"])(init_images)
     out["params"] = sum(x.size for x in jax.tree.leaves(params))
     if case.get("parity"):  # float32 logits of 2 images against bigla_impl="reference"
-        x2, impl = images[:2].astype(jnp.float32), kwargs["bigla_impl"]
-        kw32 = {**kwargs, "dtype": jnp.float32}
         # Unit-scale parameters: at the official init BiGLA moves the logits by < 1e-6.
         leaves, tree = jax.tree.flatten(params)
-        unit = [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
-        logits = [
-            jax.jit(functools.partial(m.apply, train=False))({"params": tree.unflatten(unit)}, x2)
-            for m in (create_model(name, **{**kw32, "bigla_impl": i}) for i in (impl, "reference"))
-        ]
-        out["parity_rel_err"] = float(
-            jnp.abs(logits[0] - logits[1]).max() / jnp.abs(logits[1]).max()
+        unit = tree.unflatten(
+            [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
         )
+        x2, logits = images[:2].astype(jnp.float32), []
+        for impl in (kwargs["bigla_impl"], "reference"):
+            m = create_model(name, **{**kwargs, "bigla_impl": impl})  # float32
+            logits.append(jax.jit(functools.partial(m.apply, train=False))({"params": unit}, x2))
+        err = jnp.abs(logits[0] - logits[1]).max() / jnp.abs(logits[1]).max()
+        out["parity_rel_err"] = float(err)
     tx = optax.adamw(1e-3, weight_decay=0.05)
 
     def train_step(state, x, y):
-        p, opt_state = state
-
         def loss_fn(p):
             logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), loss
+        loss, grads = jax.value_and_grad(loss_fn)(state[0])
+        updates, opt_state = tx.update(grads, state[1], state[0])
+        return (optax.apply_updates(state[0], updates), opt_state), loss
 
-    if "infer" in case["modes"]:
-        try:
-            fwd, out["infer_compile_s"] = harness.compile_jax(
-                lambda p, x: model.apply({"params": p}, x, train=False), params, images
-            )
-            call = lambda: fwd(params, images)
-            _timed(out, "infer", b, call, jax.block_until_ready, case, harness.jax_peak_bytes)
-        except Exception as exc:
-            out["infer"] = harness.status(exc)
-        report(out)
-    if "train" in case["modes"]:
-        try:
-            abstract = jax.eval_shape(lambda p: (p, tx.init(p)), params)
-            step, out["train_compile_s"] = harness.compile_jax(
-                train_step, abstract, images, labels, donate_argnums=0
-            )
-            state = [(params, jax.jit(tx.init)(params))]
+    def infer():
+        fwd = lambda p, x: model.apply({"params": p}, x, train=False)
+        compiled, seconds = harness.compile_jax(fwd, params, images)
+        return (lambda: compiled(params, images)), seconds
 
-            def call():
-                state[0], loss = step(state[0], images, labels)
-                return state[0], loss
+    def train():
+        abstract = jax.eval_shape(lambda p: (p, tx.init(p)), params)
+        step, seconds = harness.compile_jax(train_step, abstract, images, labels, donate_argnums=0)
+        state = [(params, jax.jit(tx.init)(params))]
 
-            _timed(out, "train", b, call, jax.block_until_ready, case, harness.jax_peak_bytes)
-        except Exception as exc:
-            out["train"] = harness.status(exc)
+        def call():
+            state[0], loss = step(state[0], images, labels)
+            return state[0], loss
+
+        return call, seconds
+
+    _mode(out, "infer", case, infer, jax.block_until_ready, harness.jax_peak_bytes)
+    report(out)
+    _mode(out, "train", case, train, jax.block_until_ready, harness.jax_peak_bytes)
     return out
 
 
 def measure_timm(case: dict, report) -> dict:
-    """timm's DeiT under torch.compile: bf16 inference, then autocast training with AdamW."""
+    """timm's DeiT under torch.compile: bf16 inference, then autocast training with fused AdamW."""
     import copy
-    import time
 
     import timm
     import torch
@@ -182,48 +178,37 @@ def measure_timm(case: dict, report) -> dict:
     x = torch.randn(b, 3, size, size, device=dev, dtype=torch.bfloat16)
     y = torch.randint(0, 1000, (b,), device=dev)
 
-    def first_call(mode, call):  # torch.compile compiles on the first call
-        t0 = time.perf_counter()
-        call()
-        harness.torch_sync()
-        out[f"{mode}_compile_s"] = time.perf_counter() - t0
+    def infer():
+        harness.torch_peak_reset()
+        bf16 = torch.compile(copy.deepcopy(model).to(torch.bfloat16).eval())
 
-    if "infer" in case["modes"]:
-        try:
-            harness.torch_peak_reset()
-            infer_model = torch.compile(copy.deepcopy(model).to(torch.bfloat16).eval())
+        def call():
+            with torch.inference_mode():
+                return bf16(x)
 
-            def infer():
-                with torch.inference_mode():
-                    return infer_model(x)
+        return call, None
 
-            first_call("infer", infer)
-            _timed(out, "infer", b, infer, harness.torch_sync, case, harness.torch_peak_bytes)
-            del infer_model
-        except Exception as exc:
-            out["infer"] = harness.status(exc)
-        if cuda:
-            torch.cuda.empty_cache()
-        report(out)
-    if "train" in case["modes"]:
-        try:
-            harness.torch_peak_reset()
-            model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=cuda)
-            train_model = torch.compile(model)
+    def train():
+        harness.torch_peak_reset()
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=cuda)
+        compiled = torch.compile(model)
 
-            def train():
-                with torch.autocast(dev, dtype=torch.bfloat16):
-                    loss = F.cross_entropy(train_model(x), y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss
+        def call():
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                loss = F.cross_entropy(compiled(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
 
-            first_call("train", train)
-            _timed(out, "train", b, train, harness.torch_sync, case, harness.torch_peak_bytes)
-        except Exception as exc:
-            out["train"] = harness.status(exc)
+        return call, None
+
+    _mode(out, "infer", case, infer, harness.torch_sync, harness.torch_peak_bytes)
+    if cuda:  # the bf16 copy is gone: its cached blocks must not count as training's
+        torch.cuda.empty_cache()
+    report(out)
+    _mode(out, "train", case, train, harness.torch_sync, harness.torch_peak_bytes)
     return out
 
 

@@ -325,7 +325,7 @@ def meta_line(meta: dict) -> str:
 
 
 def parse_overrides(text: str) -> dict:
-    """ "a=1,b=shift" -> {"a": 1, "b": "shift"}: values through ast.literal_eval, else strings.
+    """Parses "a=1,b=shift" to {"a": 1, "b": "shift"}: values are Python literals, else strings.
 
     Raises:
       ValueError: an item without "=".
@@ -343,7 +343,7 @@ def parse_overrides(text: str) -> dict:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """ "name:key=val,key=val" (or "name") -> (name, overrides)."""
+    """Parses "name:key=val,key=val" (or "name") to (name, overrides)."""
     name, _, rest = text.partition(":")
     if not name:
         raise ValueError(f"variant {text!r} has no name (name:key=val,...)")
