@@ -163,10 +163,13 @@ def _corrupt(path: pathlib.Path, how: str):
         path.write_bytes(bytes(data) or b"\xff")
 
 
-def test_every_corrupt_file_of_the_newest_checkpoint_falls_back(reference, data_dir, tmp_path):
+def test_every_corrupt_file_of_the_newest_checkpoint_falls_back(
+    reference, data_dir, tmp_path, monkeypatch
+):
     """Each file of checkpoint 6 truncated or garbled (and state/ or data/ missing): the restore
     takes checkpoint 6 only if it restores exactly as saved, else moves it aside, says why in
     one line and takes checkpoint 4. One fallback is then trained on to the end, bit for bit."""
+    monkeypatch.setattr(checkpoint, "RESTORE_DRAIN_S", 0)  # a pause for a quiet stderr only
     ref_dir, ref_state = reference
     config = make_config(data_dir)
     plan = plan_run(config, sharding.make_mesh())

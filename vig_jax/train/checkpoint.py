@@ -16,6 +16,7 @@ moving each unreadable one aside (never deleting it); a checkpoint of another mo
 import json
 import pathlib
 import shutil
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,6 +25,8 @@ from vig_jax.train.errors import CheckpointSaveError, UserError
 
 # A save still running after this long is reported as stalled (orbax's async timeout).
 SAVE_TIMEOUT_S = 600
+# Seconds given to the leftover reads of a failed restore (see `restore_latest`).
+RESTORE_DRAIN_S = 1.0
 
 
 def describe(error: BaseException) -> str:
@@ -177,6 +180,11 @@ class Checkpointer:
                 state, data_state = self.restore(step, abstract_state)
                 check_data(data_state)
             except Exception as e:
+                # The other reads of a failed restore keep running in tensorstore and post their
+                # results onto orbax's closed event loop, each printing an 'Event loop is closed'
+                # traceback; let them land now, while the command line's filter drops them,
+                # rather than at exit.
+                time.sleep(RESTORE_DRAIN_S)
                 self._raise_if_other_model(step, abstract_state)
                 moved = self._set_aside(step)
                 log(

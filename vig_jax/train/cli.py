@@ -113,6 +113,19 @@ class _DropOrbaxLogs(logging.Filter):
         return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def _drop_closed_loop_errors(hook):
+    """`sys.excepthook` without the 'Event loop is closed' errors that tensorstore prints (through
+    this hook) for each read still in flight when an orbax restore failed: the failure itself is
+    reported once, as a line naming the checkpoint."""
+
+    def excepthook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        hook(kind, value, tb)
+
+    return excepthook
+
+
 def guard(main):
     """`main` with `RunError`s printed as one line and turned into their exit codes."""
 
@@ -120,6 +133,7 @@ def guard(main):
     def run(argv):
         if not verbose():
             logging.getLogger("absl").addFilter(_DropOrbaxLogs())
+            sys.excepthook = _drop_closed_loop_errors(sys.excepthook)
         try:
             return main(argv)
         except RunError as e:
