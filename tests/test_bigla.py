@@ -144,7 +144,7 @@ def test_swapped_gates_are_detected():
     args = _inputs(5, 1, 40, 1, 16, 16, jnp.float32, gate_scale=(0.5, 16.0))
     want, right, swapped = run_fast(run, *args)
     assert rel_err(swapped, want) > 1e-2
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=r"o: max abs err .* > tol"):
         assert_close("o", swapped, want, TOL[jnp.float32])
     assert_close("o", right, want, TOL[jnp.float32])
 
@@ -202,28 +202,41 @@ def _good():
 
 def _bad_args():
     q, k, v, gf, gb = _good()
-    return {
-        "q_rank": ((q[0], k[0], v[0], gf[0], gb[0]), {}),
-        "k_shape": ((q, k[:, :3], v, gf, gb), {}),
-        "gf_shape": ((q, k, v, gf[..., :4], gb), {}),
-        "gb_shape": ((q, k, v, gf, gb[:, :, :1]), {}),
-        "v_tokens": ((q, k, v[:, :3], gf, gb), {}),
-        "v_rank": ((q, k, v[..., 0], gf, gb), {}),
-        "dtype_mismatch": ((q, k.astype(jnp.bfloat16), v, gf, gb), {}),
-        "int_inputs": ((q, k, v.astype(jnp.int32), gf, gb), {}),
-        "int_gates": ((q, k, v, gf.astype(jnp.int32), gb), {}),
-        "unknown_impl": ((q, k, v, gf, gb), {"impl": "triton"}),
-        "chunk_zero": ((q, k, v, gf, gb), {"chunk_size": 0}),
-        "chunk_float": ((q, k, v, gf, gb), {"chunk_size": 16.0}),
-        "interpret_not_pallas": ((q, k, v, gf, gb), {"impl": "chunked", "interpret": True}),
-        "interpret_auto": ((q, k, v, gf, gb), {"interpret": True}),
+    interpret = r"interpret=True applies to impl='pallas' only, got impl="
+    return {  # case: (args, kwargs, the error message it must give)
+        "q_rank": ((q[0], k[0], v[0], gf[0], gb[0]), {}, r"q must be \[B, N, H, K\]"),
+        "k_shape": ((q, k[:, :3], v, gf, gb), {}, r"k\.shape=.* must equal q\.shape"),
+        "gf_shape": ((q, k, v, gf[..., :4], gb), {}, r"gf\.shape=.* must equal q\.shape"),
+        "gb_shape": ((q, k, v, gf, gb[:, :, :1]), {}, r"gb\.shape=.* must equal q\.shape"),
+        "v_tokens": ((q, k, v[:, :3], gf, gb), {}, r"v must be \[B, N, H, V\] with B, N, H of q"),
+        "v_rank": ((q, k, v[..., 0], gf, gb), {}, r"v must be \[B, N, H, V\] with B, N, H of q"),
+        "dtype_mismatch": (
+            (q, k.astype(jnp.bfloat16), v, gf, gb),
+            {},
+            "q, k, v must share a dtype",
+        ),
+        "int_inputs": ((q, k, v.astype(jnp.int32), gf, gb), {}, "v.dtype=int32 is not a float"),
+        "int_gates": ((q, k, v, gf.astype(jnp.int32), gb), {}, "gf.dtype=int32 is not a float"),
+        "unknown_impl": ((q, k, v, gf, gb), {"impl": "triton"}, "impl='triton' is not one of"),
+        "chunk_zero": ((q, k, v, gf, gb), {"chunk_size": 0}, "chunk_size=0 must be a positive"),
+        "chunk_float": (
+            (q, k, v, gf, gb),
+            {"chunk_size": 16.0},
+            r"chunk_size=16\.0 must be a positive integer",
+        ),
+        "interpret_not_pallas": (
+            (q, k, v, gf, gb),
+            {"impl": "chunked", "interpret": True},
+            interpret + "'chunked'",
+        ),
+        "interpret_auto": ((q, k, v, gf, gb), {"interpret": True}, interpret + "'auto'"),
     }
 
 
 @pytest.mark.parametrize("case", list(_bad_args()))
 def test_bigla_rejects_bad_input(case):
-    args, kwargs = _bad_args()[case]
-    with pytest.raises(ValueError):
+    args, kwargs, message = _bad_args()[case]
+    with pytest.raises(ValueError, match=message):
         bigla(*args, **kwargs)
 
 
