@@ -56,7 +56,7 @@ def test_errors_list_unknown_missing_and_misshaped_together():
     sd["blocks.3.attn_norm.weight"] = np.ones(384)  # a rule, but the model has 1 block
     del sd["norm.weight"]
     sd["head.bias"] = np.zeros(11)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match=r"unknown \(2\)") as info:
         convert_state_dict(sd, _vig_s_depth1())
     message = str(info.value)
     # One naming scheme, the official one: names and shapes as in the .pth file.
