@@ -99,7 +99,7 @@ def test_fashion_mnist_missing_files_name_path_and_package(tmp_path, monkeypatch
     empty = tmp_path / "no_idx_here"
     empty.mkdir()
     monkeypatch.setenv(fashion_mnist.SOURCE_DIR_ENV, str(empty))
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST IDX files not found") as error:
         data.dataset_info("fashion_mnist", str(tmp_path / "tfds"))
     message = str(error.value)
     assert str(empty / "train-images-idx3-ubyte.gz") in message
