@@ -72,7 +72,7 @@ def test_flops_cli_registered_models_non_square(capsys):
 
 
 def test_flops_cli_rejects_bad_size_and_name():
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         flops.main(["deit_t", "--size", "1", "2", "3"])
     with pytest.raises(ValueError, match="deit_t"):
         flops.count_model("deit_tt", (224, 224))
