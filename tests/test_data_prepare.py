@@ -192,7 +192,7 @@ class _InterruptAfter:
     def __call__(self, item):
         self.seen += 1
         if self.seen == self.n:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"Ctrl-C at image {self.n}")
         return self.inner(item)
 
 
@@ -210,7 +210,7 @@ def test_interrupted_prepare_leaves_nothing_prepared_and_reruns(tmp_path):
         description="test",
         progress=False,
     )
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="Ctrl-C at image 5"):
         writer.write_dataset(make_example=_InterruptAfter(5), **kwargs)
     assert not writer.is_prepared(data_dir, "pets", "1.0.0")
     assert list((data_dir / "pets").iterdir()) == []  # the temporary directory is gone
