@@ -21,9 +21,9 @@ def get_config():
     c = fmnist_transfer_pretrain.get_config()
     c.reinit_head = True
     c.data.batch_size = 50  # 500 images: 10 steps per epoch
-    # Peak lr = 3e-3 * 50 / 512 ~ 2.9e-4; run_transfer.py picks base_lr from a grid around it.
+    # Peak lr = 1e-2 * 50 / 512 ~ 1e-3; run_transfer.py picks base_lr from {3e-3, 1e-2, 3e-2}.
     c.optimizer = common.adamw_section(
-        base_lr=3e-3, weight_decay=0.05, epochs=40.0, warmup_epochs=2.0
+        base_lr=1e-2, weight_decay=0.05, epochs=40.0, warmup_epochs=2.0
     )
     c.loop.log_every_steps = 10
     return c
