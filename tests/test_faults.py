@@ -231,8 +231,8 @@ def _failing_writer(monkeypatch, error, after_steps=()):
     async def save_fn(self, x, directory):
         if x.get("batches") in after_steps:
             return await real(self, x, directory)
-        if error == "stall":  # writes after orbax's timeout (1 s here) has given up on it
-            await asyncio.sleep(3)
+        if error == "stall":  # writes after orbax's timeout (3 s here) has given up on it
+            await asyncio.sleep(6)
             return await real(self, x, directory)
         raise error
 
@@ -258,7 +258,8 @@ def test_failed_save_stops_within_one_step_and_rerun_matches(
     config = make_config(data_dir)
     workdir = tmp_path / "run"
     _failing_writer(monkeypatch, error, after_steps=(2,))
-    monkeypatch.setattr(checkpoint, "SAVE_TIMEOUT_S", 1)
+    if error == "stall":  # long enough for the good save of step 2 on a busy machine
+        monkeypatch.setattr(checkpoint, "SAVE_TIMEOUT_S", 3)
     with pytest.raises(CheckpointSaveError, match=f"checkpoints/4 failed: .*{match}"):
         loop.train_and_evaluate(config, workdir)
     # The array writes of the failed save may still run in orbax threads (a process would exit).

@@ -250,8 +250,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(_StopRequest())
         if is_main:
-            lock = stack.enter_context(WorkdirLock(workdir, _say))
-            stop.cleanups.append(lock.release)
+            lock = WorkdirLock(workdir, _say)
+            stop.cleanups.append(lock.release)  # before taking it: a signal may come at once
+            stack.enter_context(lock)
         mesh = sharding.make_mesh()
         plan = plan_run(config, mesh)
         trainer, total_steps = plan.trainer, plan.total_steps

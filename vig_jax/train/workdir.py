@@ -66,6 +66,7 @@ class WorkdirLock(contextlib.AbstractContextManager):
                 os.close(fd)
                 raise
             self._log(f"warning: {self.path} cannot be locked on this filesystem ({e.strerror})")
+        self._fd = fd  # from here on, release() empties the file
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         if previous:
             self._log(
@@ -76,7 +77,6 @@ class WorkdirLock(contextlib.AbstractContextManager):
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         os.fsync(fd)
-        self._fd = fd
         return self
 
     def __exit__(self, *exc):
