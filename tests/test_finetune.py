@@ -19,7 +19,13 @@ import optax
 import pytest
 
 from configs import common
-from tests.helpers import assert_close, run_benchmark, shared_tfds_dir, skip_or_fail_in_ci
+from tests.helpers import (
+    assert_close,
+    load_module,
+    run_benchmark,
+    shared_tfds_dir,
+    skip_or_fail_in_ci,
+)
 from vig_jax.convert import save_params
 from vig_jax.data import fashion_mnist
 from vig_jax.models import create_model
@@ -282,6 +288,20 @@ def test_freeze_backbone_updates_only_the_head():
             assert_close(k, frozen[k], plain[k], 1e-6)
         else:  # no gradient step and no weight decay
             assert not np.any(frozen[k]), k
+
+
+def test_finetune_384_config_is_deits_recipe_on_a_24x24_table():
+    c = load_module(ROOT / "configs" / "finetune_384.py", "configs.finetune_384").get_config()
+    assert c.init_from is None and not c.reinit_head  # given on the command line
+    assert (c.data.image_size, c.model.overrides.pos_grid, c.data.crop_pct) == (384, 24, 1.0)
+    assert (c.aug.mixup_alpha, c.aug.cutmix_alpha) == (0.0, 0.0)
+    o = c.optimizer
+    assert (o.base_lr, o.min_lr, o.weight_decay, o.epochs) == (5e-6, 5e-6, 1e-8, 30.0)
+    assert (o.layer_decay, o.freeze_backbone) == (1.0, False)
+    model = create_model(c.model.name, num_classes=1000, **c.model.overrides.to_dict())
+    images = jax.ShapeDtypeStruct((1, 384, 384, 3), jnp.float32)
+    params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+    assert params["params"]["pos_embed"].shape == (1, 24 * 24, 384)
 
 
 # --- init_from in the training loop -----------------------------------------------------------
