@@ -30,7 +30,7 @@ from vig_jax.convert import save_params
 from vig_jax.data import fashion_mnist
 from vig_jax.models import create_model
 from vig_jax.train import init_from, optim, sharding
-from vig_jax.train.checkpoint import Checkpointer
+from vig_jax.train.checkpoint import Checkpointer, read_saved_params
 from vig_jax.train.trainer import make_trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -327,8 +327,8 @@ def test_interrupted_finetune_resumes_from_its_own_checkpoint(source, tmp_path_f
     loop.train_and_evaluate(config(4), out / "once")
     loop.train_and_evaluate(config(2), out / "twice")
     loop.train_and_evaluate(config(4), out / "twice")
-    once = flat(init_from.read_saved_params(out / "once")[0])
-    twice, source_info = init_from.read_saved_params(out / "twice")
+    once = flat(read_saved_params(out / "once")[0])
+    twice, source_info = read_saved_params(out / "twice")
     assert source_info["step"] == 4
     twice = flat(twice)
     for k in once:

@@ -95,10 +95,11 @@ def load_classifier(
     """
     from vig_jax.models import create_model, uses_bigla
     from vig_jax.train import init_from
+    from vig_jax.train.checkpoint import read_saved_params
     from vig_jax.train.errors import UserError
 
     try:
-        saved, source = init_from.read_saved_params(checkpoint)
+        saved, source = read_saved_params(checkpoint)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     if "bias" not in saved.get(init_from.HEAD, {}):

@@ -323,3 +323,59 @@ def load_converted(directory: str | pathlib.Path) -> dict:
     """The params tree of a converted checkpoint as saved (host arrays, no shardings)."""
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(pathlib.Path(directory).resolve() / "params")
+
+
+def _is_array_metadata(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def read_saved_params(directory: str | pathlib.Path) -> tuple[dict, dict]:
+    """The params of a training or converted checkpoint as saved, whatever their shapes.
+
+    Reads the layouts `restore_params` reads; the arrays land unsharded on the first
+    local device. Unlike `restore_params` it needs no target shapes: the caller compares them.
+
+    Returns:
+      (params, source): source is {"kind": "converted", "model": name, "num_classes": n, ...} or
+      {"kind": "training", "step": s}, plus "path" (the folder read).
+    Raises:
+      FileNotFoundError: no checkpoint there.
+    """
+    path = pathlib.Path(directory).absolute()
+    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target_and_args(metadata):
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata, is_leaf=_is_array_metadata
+        )
+        args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=single), target)
+        return target, args
+
+    info = read_model_json(path)
+    if info is not None:
+        with ocp.PyTreeCheckpointer() as reader:
+            target, args = target_and_args(reader.metadata(path / "params").item_metadata.tree)
+            params = reader.restore(
+                path / "params", args=ocp.args.PyTreeRestore(item=target, restore_args=args)
+            )
+        return params, {"kind": "converted", **info, "path": str(path)}
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    missing = FileNotFoundError(
+        f"no checkpoint at {path}: expected a training workdir, its checkpoints/ folder, or a "
+        "converted checkpoint folder with model.json and params/"
+    )
+    if not path.is_dir():
+        raise missing
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(path, options=options, item_handlers=handlers) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise missing
+        metadata = manager.item_metadata(step)["state"].tree
+        # Only the params are read; the optimizer state and the EMA are skipped.
+        target, args = target_and_args({"params": metadata["params"]})
+        restore = ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True)
+        restored = manager.restore(step, args=ocp.args.Composite(state=restore))
+    return restored["state"]["params"], {"kind": "training", "step": step, "path": str(path)}

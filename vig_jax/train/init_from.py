@@ -17,17 +17,15 @@ Anything else (missing, unexpected or mis-shaped params, another model's convert
 one `InitFromError` listing every difference, raised before anything is compiled.
 """
 
-import pathlib
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from vig_jax.models import model_class
 from vig_jax.models.pos_embed import resize_pos_embed
 from vig_jax.models.vig import ViG
-from vig_jax.train import checkpoint
+from vig_jax.train.checkpoint import read_saved_params
 from vig_jax.train.errors import UserError
 
 HEAD = "head"  # the classifier's top-level name in every model (ViG, ViG-H, DeiT)
@@ -43,62 +41,6 @@ def _flatten(tree) -> dict[str, object]:
     """{"blocks_0/attn/q/kernel": leaf} of a nested-dict pytree."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     return {"/".join(str(k.key) for k in path): leaf for path, leaf in leaves}
-
-
-def _is_array_metadata(x) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
-
-
-def read_saved_params(directory: str | pathlib.Path) -> tuple[dict, dict]:
-    """The params of a training or converted checkpoint as saved, whatever their shapes.
-
-    Reads the layouts `checkpoint.restore_params` reads; the arrays land unsharded on the first
-    local device. Unlike `restore_params` it needs no target shapes: the caller compares them.
-
-    Returns:
-      (params, source): source is {"kind": "converted", "model": name, "num_classes": n, ...} or
-      {"kind": "training", "step": s}, plus "path" (the folder read).
-    Raises:
-      FileNotFoundError: no checkpoint there.
-    """
-    path = pathlib.Path(directory).absolute()
-    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def target_and_args(metadata):
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata, is_leaf=_is_array_metadata
-        )
-        args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=single), target)
-        return target, args
-
-    info = checkpoint.read_model_json(path)
-    if info is not None:
-        with ocp.PyTreeCheckpointer() as reader:
-            target, args = target_and_args(reader.metadata(path / "params").item_metadata.tree)
-            params = reader.restore(
-                path / "params", args=ocp.args.PyTreeRestore(item=target, restore_args=args)
-            )
-        return params, {"kind": "converted", **info, "path": str(path)}
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    missing = FileNotFoundError(
-        f"no checkpoint at {path}: expected a training workdir, its checkpoints/ folder, or a "
-        "converted checkpoint folder with model.json and params/"
-    )
-    if not path.is_dir():
-        raise missing
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(path, options=options, item_handlers=handlers) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise missing
-        metadata = manager.item_metadata(step)["state"].tree
-        # Only the params are read; the optimizer state and the EMA are skipped.
-        target, args = target_and_args({"params": metadata["params"]})
-        restore = ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True)
-        restored = manager.restore(step, args=ocp.args.Composite(state=restore))
-    return restored["state"]["params"], {"kind": "training", "step": step, "path": str(path)}
 
 
 def _square_grid(tokens: int) -> int | None:
