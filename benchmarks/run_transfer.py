@@ -223,8 +223,11 @@ def _config(name: str, setting: Setting):
     return config
 
 
-def run(setting: Setting, source_dir: str | None, workdir: pathlib.Path, log) -> dict:
-    """The whole experiment; returns the JSON record (see the module docstring)."""
+def run(setting: Setting, source_dir: str | None, workdir: pathlib.Path, log, partial=None) -> dict:
+    """The whole experiment; returns the JSON record (see the module docstring).
+
+    `partial(runs)`, when given, gets the list of finished fine-tuning runs after each one (so a
+    run cut short by a time limit still leaves its results)."""
     from vig_jax.convert import save_params
 
     t0 = time.perf_counter()
@@ -310,6 +313,8 @@ def run(setting: Setting, source_dir: str | None, workdir: pathlib.Path, log) ->
                     "wall_s": round(time.perf_counter() - t, 2),
                 }
                 runs.append(record)
+                if partial is not None:
+                    partial(runs)
                 log(
                     f"{arm:12s} lr {base_lr:g} seed {seed}: val {record['val_top1']:.4f}, "
                     f"test {record['test_top1']:.4f} ({record['wall_s']} s)"
@@ -404,14 +409,20 @@ def main(argv: list[str]) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = pathlib.Path(args.workdir or tmp)
-        record = run(setting, args.source_dir, workdir, log)
+        name = "transfer_smoke" if args.smoke else "transfer"
+        partial_path = out_dir / f"{name}.partial.json"
+
+        def partial(runs):
+            partial_path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+
+        record = run(setting, args.source_dir, workdir, log, partial)
+        partial_path.unlink(missing_ok=True)
     d = jax.devices()
     record["device"] = f"{len(d)} x {d[0].device_kind} ({d[0].platform}), jax {jax.__version__}"
     record["host"] = {"cpu_count": os.cpu_count(), "python": platform.python_version()}
     record["git"] = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    name = "transfer_smoke" if args.smoke else "transfer"
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     (out_dir / f"{name}.md").write_text(markdown(record))
     print(markdown(record))
