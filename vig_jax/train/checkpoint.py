@@ -20,6 +20,7 @@ import time
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from vig_jax.train.errors import CheckpointSaveError, UserError
 
@@ -222,6 +223,8 @@ class Checkpointer:
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(self.directory / str(step), target)
+        if jax.process_count() > 1:  # every process lists the steps after the move
+            multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
         self._manager.reload()
         return target
 
