@@ -6,6 +6,8 @@ compared with the plain form in float64 (tolerance near rounding) and float32, a
 are matched with every form switched on.
 """
 
+from functools import partial
+
 import jax
 import jax.extend.core
 import jax.numpy as jnp
@@ -182,10 +184,10 @@ def _sub_eqns(jaxpr):
 def test_forms_keep_parameter_tree_and_init():
     """Every form initialises the same tree with the same values: checkpoints and the converter
     are shared."""
-    images = _normal((1, 32, 32, 3), jnp.float32, 0)
+    images, rng = _normal((1, 32, 32, 3), jnp.float32, 0), jax.random.key(0)
     for family in TINY:
         want, got = (
-            flatten_dict(_tiny(family, **kw).init(jax.random.key(0), images, train=False), sep="/")
+            flatten_dict(jax.jit(partial(_tiny(family, **kw).init, train=False))(rng, images))
             for kw in ({}, ALL_FORMS)
         )
         assert got.keys() == want.keys(), family
@@ -234,17 +236,16 @@ def test_scan_blocks_matches_unrolled(family):
     mode without stochastic depth, whose masks come from another rng stream when scanned); the
     program holds one scan instead of the repeated blocks."""
     images = _normal((2, 48, 32, 3), jnp.float32, 0)
-    for train, kw in ((False, {}), (True, dict(drop_path_rate=0.0))):
+    for train, remat, kw in ((False, "none", {}), (True, "block", dict(drop_path_rate=0.0))):
         plain = _tiny(family, **kw)
         params = plain.init(jax.random.key(0), images, train=False)["params"]
         want = _loss_and_grads(plain, params, images, train)
-        for remat in ("none", "block"):
-            model = _tiny(family, scan_blocks=True, remat=remat, **kw)
-            got = _loss_and_grads(model, params, images, train)
-            tag = f"{family} scan remat={remat} train={train}"
-            assert_close(f"{tag} logits", got[1], want[1], 1e-5)
-            for key in want[2]:
-                assert_close(f"{tag} d{key}", got[2][key], want[2][key], 1e-5)
+        model = _tiny(family, scan_blocks=True, remat=remat, **kw)
+        got = _loss_and_grads(model, params, images, train)
+        tag = f"{family} scan remat={remat} train={train}"
+        assert_close(f"{tag} logits", got[1], want[1], 1e-5)
+        for key in want[2]:
+            assert_close(f"{tag} d{key}", got[2][key], want[2][key], 1e-5)
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, images, train=False))(params)
     assert [e.params["length"] for e in jaxpr.eqns if e.primitive.name == "scan"] == [3]
 
