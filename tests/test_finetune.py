@@ -9,6 +9,7 @@ fine-tune resumes from its own checkpoint. The last test runs `benchmarks/run_tr
 
 import dataclasses
 import json
+import os
 import pathlib
 
 import jax
@@ -356,6 +357,10 @@ def test_transfer_experiment_runs_and_every_arm_learns(tmp_path, tmp_path_factor
         fashion_mnist.check_source_files(fashion_mnist.resolve_source_dir())
     except FileNotFoundError as error:
         skip_or_fail_in_ci(str(error))  # fails under CI=true
+    # One CPU device, as measured (conftest fakes four for the sharding tests; the smoke's batch
+    # of 50 does not split over them).
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
     run_benchmark(
         ROOT / "benchmarks" / "run_transfer.py",
         "--smoke",
@@ -363,6 +368,7 @@ def test_transfer_experiment_runs_and_every_arm_learns(tmp_path, tmp_path_factor
         tmp_path,
         cache_dir=tmp_path_factory.getbasetemp() / "transfer_jax_cache",
         timeout=900,
+        env={**os.environ, "XLA_FLAGS": " ".join(flags)},
     )
     summary = json.loads((tmp_path / "transfer_smoke.json").read_text())["summary"]
     for arm in ("finetune", "scratch", "finetune_56"):
