@@ -4,9 +4,10 @@ Both options keep the parameter tree of the plain unrolled stack (`blocks_0`, `b
 the converter, checkpoints and golden files are the same with or without them.
 
 - remat "block": jax.checkpoint per block saving the matmul outputs and BiGLA's output (its
-  custom_vjp keeps only its inputs as residuals, so a saved output means the kernel's forward is
-  not run again); the elementwise work (norms, gates, SiLU, the depthwise conv) is recomputed in
-  the backward pass.
+  custom_vjp keeps only its inputs as residuals, which are cheap to recompute from the saved
+  matmul outputs; with the output saved, the recomputed forward kernel has no user and XLA can drop
+  it: not yet confirmed in a GPU profile); the elementwise work (norms, gates, SiLU, the depthwise
+  conv) is recomputed in the backward pass.
 - remat "full": per block, nothing saved but the block's input.
 - scan: blocks of one stage differ only in their stochastic-depth rate, so their parameters are
   stacked at run time (a copy of the block parameters per step, small next to the activations) and
