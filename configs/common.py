@@ -22,7 +22,7 @@ def model_section(name, *, dtype="bfloat16", **overrides):
     m.dtype = dtype
     m.bigla_impl = "auto"
     # Activation memory: "none", "block" (per block, matmul and BiGLA outputs saved, the rest
-    # recomputed) or "full" (per block, nothing saved); same loss and gradients (issue 14).
+    # recomputed) or "full" (per block, nothing saved); same loss and gradients.
     m.remat = "none"
     m.overrides = ml_collections.ConfigDict(overrides)
     return m

@@ -1,4 +1,4 @@
-"""Transfer experiment, step 2 (issue 17): fine-tune on Fashion-MNIST 5-9 from 100 images a class.
+"""Transfer experiment, step 2: fine-tune on Fashion-MNIST 5-9 from 100 images a class.
 
     python benchmarks/run_transfer.py --out-dir /tmp/transfer    # runs all steps of the experiment
 

@@ -1,4 +1,4 @@
-"""Transfer experiment, step 1 (issue 17): a small plain ViG pretrained on Fashion-MNIST 0-4.
+"""Transfer experiment, step 1: a small plain ViG pretrained on Fashion-MNIST 0-4.
 
     python benchmarks/run_transfer.py --out-dir /tmp/transfer    # runs all steps of the experiment
 
