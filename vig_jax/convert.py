@@ -159,9 +159,22 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], model: str | nn.Module
     """
     if isinstance(model, str):
         model = model_for_checkpoint(state_dict, model)
+    plan, problems = _plan(state_dict, model)
+    if problems:
+        raise ValueError(f"state_dict does not fit {type(model).__name__}: " + "; ".join(problems))
+    params = {
+        path: np.asarray(_TRANSFORMS[transform](np.asarray(state_dict[key])), np.float32)
+        for key, (path, transform) in plan.items()
+    }
+    return unflatten_dict(params, sep="/")
+
+
+def _plan(state_dict: dict, model: nn.Module) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """Where each official key goes ({key: (our path, transform)}) and, by shapes alone (no array
+    is converted), every unknown, missing and mis-shaped key, by official names and torch shapes."""
     family = _family_of(model)
     expected = param_shapes(model)
-    params, unknown, misshaped = {}, [], []
+    plan, unknown, misshaped = {}, [], []
     for key, value in state_dict.items():
         for pattern, ours, rule in _RULES[family]:
             match = pattern.match(key)
@@ -174,24 +187,18 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], model: str | nn.Module
         if path not in expected:
             unknown.append(f"{key} (no such parameter in this model)")
             continue
-        array = np.asarray(_TRANSFORMS[transform](np.asarray(value)), np.float32)
-        if array.shape != expected[path]:
-            want = _torch_shape(expected[path], transform)
+        want = _torch_shape(expected[path], transform)
+        if tuple(np.shape(value)) != want:
             misshaped.append(f"{key}: {tuple(np.shape(value))}, expected {want}")
-        params[path] = array
-    missing = sorted(_official_name(path, family)[0] for path in set(expected) - set(params))
-    if unknown or missing or misshaped:
-        problems = [
-            f"{label} ({len(items)}): {', '.join(items)}"
-            for label, items in (
-                ("unknown", unknown),
-                ("missing", missing),
-                ("mis-shaped", misshaped),
-            )
-            if items
-        ]
-        raise ValueError(f"state_dict does not fit {type(model).__name__}: " + "; ".join(problems))
-    return unflatten_dict(params, sep="/")
+        plan[key] = (path, transform)
+    placed = {path for path, _ in plan.values()}
+    missing = sorted(_official_name(path, family)[0] for path in set(expected) - placed)
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items)}"
+        for label, items in (("unknown", unknown), ("missing", missing), ("mis-shaped", misshaped))
+        if items
+    ]
+    return plan, problems
 
 
 def model_for_checkpoint(state_dict: dict[str, np.ndarray], name: str) -> nn.Module:
@@ -212,11 +219,8 @@ def infer_model_name(state_dict: dict[str, np.ndarray]) -> str:
         if cls not in _FAMILY or _HEAD_KEY[_FAMILY[cls]] not in state_dict:
             continue
         tried.append(name)
-        try:
-            convert_state_dict(state_dict, name)
-        except ValueError:
-            continue
-        return name
+        if not _plan(state_dict, model_for_checkpoint(state_dict, name))[1]:
+            return name
     raise ValueError(
         f"the state_dict matches no registered variant (tried {tried or 'none'}); "
         "pass --model, or build the model with overrides and call convert_state_dict"
