@@ -1,5 +1,7 @@
 """vig_jax/train/checkpoint.py and metrics.py: round trips on small pytrees (no model compile)."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +123,26 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
     # Other processes write nothing.
     MetricsWriter(tmp_path / "other", enabled=False).write(1, {"x": 1.0})
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("marker", [True, False], ids=["resumed_at", "no_marker"])
+def test_tensorboard_drops_the_rerun_steps_of_a_resumed_run(tmp_path, marker):
+    """A run killed after logging steps 1-5 and resumed from its step-3 checkpoint logs 4 and 5
+    again: TensorBoard shows each step once, with the resumed run's values. Negative control:
+    without the restart marker it shows steps 4 and 5 twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsWriter(tmp_path, enabled=True)
+    for step in range(1, 6):
+        first.write(step, {"train/loss": float(step)})
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they are opened in
+    resumed = MetricsWriter(tmp_path, enabled=True, resumed_at=3 if marker else None)
+    for step in (4, 5):
+        resumed.write(step, {"train/loss": 10.0 * step})
+    resumed.close()
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    got = [(e.step, e.value) for e in accumulator.Scalars("train/loss")]
+    once = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    assert (got == once) == marker, got

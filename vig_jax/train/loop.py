@@ -264,7 +264,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
         state, start = restore_or_init(config, trainer, ckpt, train_iter)
         if is_main and truncate_metrics(workdir, start):
             _say(f"metrics.jsonl: dropped the lines after step {start} (they are re-run)")
-        writer = MetricsWriter(workdir, enabled=is_main)
+        writer = MetricsWriter(workdir, enabled=is_main, resumed_at=start)
         stack.callback(writer.close)
         progress = Progress(
             initial=start,

@@ -21,18 +21,27 @@ class MetricsWriter:
     Args:
       workdir: run directory; files go to `workdir/metrics.jsonl` and `workdir/tensorboard/`.
       enabled: False on processes other than 0.
+      resumed_at: the step a resumed run restored; TensorBoard then drops the earlier run's events
+        after it (a SessionLog START at the next step, TensorBoard's restart marker), as
+        `workdir.truncate_metrics` does for `metrics.jsonl`.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool):
+    def __init__(
+        self, workdir: str | pathlib.Path, *, enabled: bool, resumed_at: int | None = None
+    ):
         self._enabled = enabled
         if not enabled:
             return
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        # Appending: a resumed run continues the same files (steps after the restored checkpoint
-        # are logged again, so readers keep the last line per step).
+        # Appending: a resumed run continues the same files.
         self._jsonl = open(workdir / "metrics.jsonl", "a")  # closed in close()
         self._events = EventFileWriter(str(workdir / "tensorboard"))
+        if resumed_at:
+            restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._events.add_event(
+                event_pb2.Event(wall_time=time.time(), step=resumed_at + 1, session_log=restart)
+            )
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self._enabled:
