@@ -5,7 +5,8 @@
     python benchmarks/profile_step.py --smoke                  # CPU check: tiny model, tiny images
 
 For each case (model:size:batch), bf16 compute with float32 params (`create_model(...,
-dtype=bfloat16)`), three jitted programs are compiled ahead of time and timed (median of `--iters`):
+dtype=bfloat16)`), three jitted programs are compiled ahead of time and timed (`harness.time_call`,
+median of `--iters` runs):
   infer      forward, train=False;
   grad       loss and gradients (forward + backward);
   train      the AdamW step (grad + optimizer update), state donated.
@@ -24,17 +25,14 @@ and per HLO op for the top `--top`. Output: a markdown table per case on stdout 
 """
 
 import argparse
-import ast
 import collections
 import gzip
 import json
 import os
 import pathlib
 import re
-import statistics
 import sys
 import tempfile
-import time
 
 # XLA on GPU groups a step's kernels into command buffers (CUDA graphs), whose trace events hide the
 # ops inside; profile them one by one. (Step times are then those without command buffers too.)
@@ -47,24 +45,11 @@ import optax  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import harness  # noqa: E402
 from vig_jax.models import create_model  # noqa: E402
 
 CLASSES = ("bigla", "matmul", "dwconv", "conv", "reduce", "copy", "elementwise", "other")
 DEFAULT_CASES = ("vig_s:224:128", "vig_t:1024:8")
-
-
-def parse_overrides(items):
-    """["k=v", ...] -> {k: literal_eval(v) or the string v}."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--override {item!r}: expected key=value")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def hlo_classes(hlo_text: str) -> dict[str, str]:
@@ -166,16 +151,6 @@ def summarize(events, module: str, classes: dict[str, str], steps: int, top: int
     }
 
 
-def median_ms(fn, args, iters: int) -> float:
-    """Median wall ms of one call, each run ended by block_until_ready on every output."""
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def run_case(spec: str, overrides: dict, args) -> dict:
     name, size, batch = spec.split(":")
     size, batch = int(size), int(batch)
@@ -208,9 +183,7 @@ def run_case(spec: str, overrides: dict, args) -> dict:
         ("grad", grad, (params, images, labels), ()),
         ("train", train_step, (params, opt_state, images, labels), (0, 1)),
     ]:
-        t = time.perf_counter()
-        compiled[label] = jax.jit(fn, donate_argnums=donate).lower(*fargs).compile()
-        compile_s[label] = time.perf_counter() - t
+        compiled[label], compile_s[label] = harness.compile_jax(fn, *fargs, donate_argnums=donate)
         print(f"  {spec} {label}: compiled in {compile_s[label]:.1f} s", flush=True)
 
     state = [params, opt_state]
@@ -219,14 +192,14 @@ def run_case(spec: str, overrides: dict, args) -> dict:
         state[0], state[1], loss = compiled["train"](state[0], state[1], images, labels)
         return loss
 
-    for _ in range(3):  # warm-up
-        jax.block_until_ready(compiled["infer"](state[0], images))
-        jax.block_until_ready(compiled["grad"](state[0], images, labels))
-        jax.block_until_ready(run_train())
+    calls = {
+        "infer": lambda: compiled["infer"](state[0], images),
+        "grad": lambda: compiled["grad"](state[0], images, labels),
+        "train": run_train,
+    }
     ms = {
-        "infer": median_ms(compiled["infer"], (state[0], images), args.iters),
-        "grad": median_ms(compiled["grad"], (state[0], images, labels), args.iters),
-        "train": median_ms(lambda: run_train(), (), args.iters),
+        label: harness.time_call(call, jax.block_until_ready, warmup=3, iters=args.iters)["ms"]
+        for label, call in calls.items()
     }
     profile = {}
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -294,7 +267,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="folder for profile.{md,json}")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run")
     args = p.parse_args(argv)
-    overrides = parse_overrides(args.override)
+    overrides = harness.parse_overrides(",".join(args.override))
     cases = args.case or list(DEFAULT_CASES)
     if args.smoke:
         cases = args.case or ["vig_t:64:2"]
