@@ -10,10 +10,8 @@ Read the result back with `load_params(out_dir)` and `load_model_info(out_dir)`.
 """
 
 import argparse
-import os
 import pathlib
 import re
-import sys
 import traceback
 
 import jax
@@ -26,7 +24,6 @@ from vig_jax.models import VARIANTS, create_model, model_class
 from vig_jax.models.vig import ViG
 from vig_jax.models.vig_h import ViGH
 from vig_jax.train import checkpoint
-from vig_jax.train.errors import EXIT_USER_ERROR
 
 # Layout changes from torch to Flax.
 _TRANSFORMS = {
@@ -345,10 +342,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str, verbose: bool):
-    if verbose or os.environ.get("VIG_VERBOSE", "") not in ("", "0"):
+    from vig_jax.train import cli  # absl flags: only for the command line
+
+    if verbose or cli.verbose([]):
         traceback.print_exc()
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    cli.fail(f"error: {message}")
 
 
 if __name__ == "__main__":
