@@ -15,10 +15,9 @@ from vig_jax.train.trainer import make_trainer, oom_hint
 
 NUM_CLASSES = 10
 STEPS_PER_EPOCH = 10
-# One step in float32 on different device counts differs only by reduction order.
-# float32 after one AdamW step, 1 vs 4 devices (other reduction order): measured 1.2e-5 relative on the
-# head kernel with jax 0.10.2 / flax 0.12.8 (below 1e-5 with earlier releases); a sharding bug moves
-# parameters by O(1).
+# One AdamW step in float32 on 1 vs 4 devices differs only by reduction order: measured 1.2e-5
+# relative on the head kernel with jax 0.10.2 / flax 0.12.8 (below 1e-5 with earlier releases); a
+# sharding bug moves parameters by O(1).
 SHARDED_TOL = 3e-5
 # Adam divides by |g|: where |g| is near eps (1e-8) the update amplifies reduction-order noise
 # by orders of magnitude. A larger eps keeps the update linear in g there, so the comparison
