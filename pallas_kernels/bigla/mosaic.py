@@ -1,0 +1,352 @@
+"""BiGLA forward as a Pallas Mosaic GPU kernel for Hopper (sm_90): warpgroup MMA and TMA.
+
+The chunk-parallel forward of `pallas.py`'s long plan (docs/kernel.md, "Chunked form"), written
+for `jax.experimental.pallas.mosaic_gpu` because Pallas's Triton lowering is deprecated since
+JAX 0.11. One CUDA block (one warpgroup, 128 threads) per (chunk of C = 64 rows, b, h):
+
+  o = ½ [ (A_f + A_b) v  +  (q ⊙ e^{G_f}) S_f,in  +  (q ⊙ e^{G_b}) S_b,in ]
+
+with G the in-chunk inclusive cumsum of each direction's gate (reverse for the backward one) and
+S_in the states entering the chunk. The kernel reads q, k, v (bf16), G_f, G_b (fp32), the G rows
+of every 16-row sub-block's middle row (fp32) and S_f,in, S_b,in (bf16) by TMA and computes all
+exponentials, scores, masks and the three products on the tensor cores (wgmma, fp32 accumulators).
+
+Scores with per-16-row references. wgmma tiles have 64 rows, but a chunk-wide reference row
+overflows fp32 (e^{64 |g|}) for gates below about -1.4 per token. So, as the Triton kernel's fast
+diagonal, every query sub-block i (rows 16i..16i+15) gets its middle row m_i as reference:
+  A_f[t, s] = Σ_d (q_td e^{G_td - G_{m_i}d}) (k_sd e^{G_{m_i}d - G_sd}),   t in sub-block i,
+both factors bounded by e^{8 |g|max} for keys s up to the end of sub-block i (keys of later
+sub-blocks are zeroed through a `where` on the exponent before the exp). The four sub-blocks are
+four wgmmas into one [64, 64] accumulator, the LHS rows of the other sub-blocks zeroed; then
+`where(s <= t)` keeps the causal part (A_b: the mirror image with `s >= t`). Exact products, and
+finite while every gate is above about -11 per token (e^{88} is fp32's and bf16's limit): the
+supported range, the same as `pallas.KernelParams(exact_diagonal=False)`.
+
+Inputs are prepared in XLA: padding to a multiple of C (zeros: neutral in both directions), the
+in-chunk gate cumsums (Mosaic GPU has no cumsum; a 0/1 matmul would be tf32) and the states
+entering every chunk (`pallas._states`, the Triton states kernels, or the XLA scan of
+`chunked.py`). The backward pass (custom_vjp) is the Triton one (`pallas._bigla_bwd`) or autodiff
+of `bigla_chunked` (`backward="xla"`); a Mosaic backward is future work.
+
+Pallas Mosaic GPU names used (present in jax 0.10.2 and 0.11.2; the module is marked unstable
+upstream): plgpu.kernel (grid, grid_names, compiler_params), plgpu.SMEM, plgpu.Barrier,
+plgpu.TilingTransform, plgpu.SwizzleTransform, plgpu.copy_gmem_to_smem, plgpu.barrier_wait,
+plgpu.copy_smem_to_gmem, plgpu.wait_smem_to_gmem, plgpu.commit_smem, plgpu.wgmma, plgpu.ACC,
+plgpu.transpose_ref, plgpu.layout_cast, plgpu.Layout.WGMMA (and .reduce), plgpu.broadcasted_iota,
+plgpu.CompilerParams, pl.run_scoped.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Version-sensitive Pallas imports live here only (jax 0.10.2 on CPU, 0.11.2 on the GPU machine).
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+CHUNK = 64  # rows per chunk = wgmma's M (one warpgroup)
+SUB = 16  # rows per reference sub-block: the exponent bound is 8 gates (rows 0..8 around row 8)
+MID = SUB // 2
+K_DIMS = (16, 32, 64)
+V_DIMS = (32, 64, 128)
+STATES = ("pallas", "xla")
+BACKWARDS = ("pallas", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicParams:
+    """Settings of `bigla_mosaic` (the single static argument of its custom_vjp).
+
+    states: where the states entering every chunk come from: "pallas" (the Triton states kernels
+      of `pallas.py`, sequential or in spans as there) or "xla" (the `lax.scan` of `chunked.py`).
+    backward: "pallas" (the Triton backward kernels) or "xla" (autodiff of `bigla_chunked`).
+    """
+
+    states: str = "pallas"
+    backward: str = "pallas"
+
+
+def supports(K, V):
+    """Whether the kernel takes head dims K, V (see `_check`)."""
+    return K in K_DIMS and V in V_DIMS and V >= K
+
+
+def _check(q, k, v, gf, gb, params):
+    if q.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"mosaic BiGLA needs [B, N, H, d] inputs; got {q.shape=}, {v.shape=}")
+    B, N, H, K = q.shape
+    V = v.shape[-1]
+    for name, x in (("k", k), ("gf", gf), ("gb", gb)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name}.shape={x.shape} must equal {q.shape=}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, N, H, V] with B, N, H of q; got {v.shape=}, {q.shape=}")
+    if not supports(K, V):
+        raise ValueError(f"mosaic BiGLA needs K in {K_DIMS}, V in {V_DIMS}, V >= K; got {K=}, {V=}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype != jnp.bfloat16:
+            raise ValueError(f"mosaic BiGLA needs bfloat16 q, k, v; got {name}.dtype={x.dtype}")
+    if N < 1:
+        raise ValueError(f"need at least one token, got {q.shape=}")
+    if params.states not in STATES:
+        raise ValueError(f"states={params.states!r} is not one of {STATES}")
+    if params.backward not in BACKWARDS:
+        raise ValueError(f"backward={params.backward!r} is not one of {BACKWARDS}")
+
+
+def _smem_transforms(minor, itemsize=2):
+    """Tiling + swizzle of a bf16 SMEM operand whose minor dimension is `minor` elements: the
+    swizzle spans min(minor, 64) elements (32, 64 or 128 bytes), as wgmma wants."""
+    swizzle = min(minor * itemsize, 128)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel.
+
+
+def _bigla_fwd_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    gf_ref,
+    gb_ref,
+    mf_ref,
+    mb_ref,
+    sf_ref,
+    sb_ref,
+    o_ref,
+    q_smem,
+    k_smem,
+    v_smem,
+    gf_smem,
+    gb_smem,
+    mf_smem,
+    mb_smem,
+    sf_smem,
+    sb_smem,
+    kh_smem,
+    o_smem,
+    barrier,
+    *,
+    K,
+    V,
+):
+    """One chunk of one (b, h). Refs in HBM: q, k [B, Np, H, K] bf16, v [B, Np, H, V] bf16,
+    gf, gb [B, Np, H, K] fp32 (in-chunk cumsums), mf, mb [B, Np / 16, H, K] fp32 (the cumsums at
+    each sub-block's middle row), sf, sb [B, H, NTp * K, V] bf16 (entering states), o
+    [B, Np, H, V] bf16. kh_smem: [2, 4, C, K] bf16, the keys decayed to each sub-block's
+    reference, per direction."""
+    c, b, h = lax.axis_index("c"), lax.axis_index("b"), lax.axis_index("h")
+    rows = pl.ds(c * CHUNK, CHUNK)
+    nsub = CHUNK // SUB
+    copies = (
+        (q_ref.at[b, rows, h], q_smem),
+        (k_ref.at[b, rows, h], k_smem),
+        (v_ref.at[b, rows, h], v_smem),
+        (gf_ref.at[b, rows, h], gf_smem),
+        (gb_ref.at[b, rows, h], gb_smem),
+        (mf_ref.at[b, pl.ds(c * nsub, nsub), h], mf_smem),
+        (mb_ref.at[b, pl.ds(c * nsub, nsub), h], mb_smem),
+        (sf_ref.at[b, h, pl.ds(c * K, K)], sf_smem),
+        (sb_ref.at[b, h, pl.ds(c * K, K)], sb_smem),
+    )
+    for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, barrier.at[i])
+    for i in range(len(copies)):
+        plgpu.barrier_wait(barrier.at[i])
+
+    wgmma_layout = plgpu.Layout.WGMMA
+    load = lambda ref: plgpu.layout_cast(ref[...], wgmma_layout).astype(jnp.float32)
+    q, k = load(q_smem), load(k_smem)  # [C, K]
+    row_block = plgpu.broadcasted_iota(jnp.int32, (CHUNK, K), 0, layout=wgmma_layout) // SUB
+
+    def mid(m_smem, i):  # [C, K]: the reference row of sub-block i, broadcast over the rows
+        m = plgpu.layout_cast(m_smem[i], wgmma_layout.reduce(0))
+        return lax.broadcast_in_dim(m, (CHUNK, K), [1])
+
+    def scores(g_smem, m_smem, kh, reverse):
+        """This direction's masked scores A [C, C] fp32 (rows t: queries, columns s: keys)."""
+        g = load(g_smem)
+        mids = [mid(m_smem, i) for i in range(nsub)]
+        ref = mids[-1]
+        for i in reversed(range(nsub - 1)):
+            ref = jnp.where(row_block == i, mids[i], ref)
+        qh = q * jnp.exp(g - ref)  # |exponent| <= 8 |g|max
+        for i in range(nsub):
+            # Keys of sub-block i and those before it (after it, reverse): exponent <= 7 |g|max.
+            keep = row_block >= i if reverse else row_block <= i
+            kh[i] = jnp.where(keep, k * jnp.exp(jnp.where(keep, mids[i] - g, 0.0)), 0.0).astype(
+                jnp.bfloat16
+            )
+        plgpu.commit_smem()
+
+        def body(acc_ref):
+            for i in range(nsub):
+                lhs = jnp.where(row_block == i, qh, 0.0).astype(jnp.bfloat16)
+                plgpu.wgmma(acc_ref, lhs, plgpu.transpose_ref(kh.at[i], (1, 0)))
+            return acc_ref[...]
+
+        a = pl.run_scoped(body, plgpu.ACC((CHUNK, CHUNK), jnp.float32))
+        t = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wgmma_layout)
+        s = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wgmma_layout)
+        return jnp.where(s >= t if reverse else s <= t, a, 0.0), g
+
+    a_f, g_f = scores(gf_smem, mf_smem, kh_smem.at[0], reverse=False)
+    a_b, g_b = scores(gb_smem, mb_smem, kh_smem.at[1], reverse=True)
+    a = (a_f + a_b).astype(jnp.bfloat16)  # the diagonal counts in both directions, as in the spec
+    q_f = (q * jnp.exp(g_f)).astype(jnp.bfloat16)  # exponents <= 0
+    q_b = (q * jnp.exp(g_b)).astype(jnp.bfloat16)
+
+    def out(acc_ref):
+        plgpu.wgmma(acc_ref, a, v_smem)
+        plgpu.wgmma(acc_ref, q_f, sf_smem)
+        plgpu.wgmma(acc_ref, q_b, sb_smem)
+        return acc_ref[...]
+
+    o = pl.run_scoped(out, plgpu.ACC((CHUNK, V), jnp.float32))
+    o_smem[...] = (0.5 * o).astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, rows, h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _chunk_call(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
+    """The Mosaic GPU launch, grid (NT, B, H). Shapes as `_bigla_fwd_kernel`'s refs."""
+    B, Np, H, K = q.shape
+    V = v.shape[-1]
+    nt = Np // CHUNK
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    scratch = [
+        # Swizzled like wgmma operands, also those only read into registers: their untiled loads
+        # in the WGMMA layout have no bank-conflict-free plan.
+        plgpu.SMEM((CHUNK, K), bf16, transforms=_smem_transforms(K)),  # q
+        plgpu.SMEM((CHUNK, K), bf16, transforms=_smem_transforms(K)),  # k
+        plgpu.SMEM((CHUNK, V), bf16, transforms=_smem_transforms(V)),  # v: wgmma RHS
+        plgpu.SMEM((CHUNK, K), f32, transforms=_smem_transforms(K, 4)),  # G_f
+        plgpu.SMEM((CHUNK, K), f32, transforms=_smem_transforms(K, 4)),  # G_b
+        plgpu.SMEM((CHUNK // SUB, K), f32),  # middle rows of G_f
+        plgpu.SMEM((CHUNK // SUB, K), f32),  # middle rows of G_b
+        # States [K, V]: wgmma RHS with K as the contraction, so the swizzle spans <= K elements.
+        plgpu.SMEM((K, V), bf16, transforms=_smem_transforms(K)),
+        plgpu.SMEM((K, V), bf16, transforms=_smem_transforms(K)),
+        plgpu.SMEM((2, CHUNK // SUB, CHUNK, K), bf16, transforms=_smem_transforms(K)),  # keys
+        plgpu.SMEM((CHUNK, V), bf16),  # o
+        plgpu.Barrier(num_barriers=9),
+    ]
+    def bigla_mosaic_fwd_chunks(*refs):  # plgpu.kernel names the launch after the body
+        _bigla_fwd_kernel(*refs, K=K, V=V)
+
+    return plgpu.kernel(
+        bigla_mosaic_fwd_chunks,
+        out_type=jax.ShapeDtypeStruct((B, Np, H, V), bf16),
+        scratch_types=scratch,
+        grid=(nt, B, H),
+        grid_names=("c", "b", "h"),
+        compiler_params=plgpu.CompilerParams(),
+    )(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb)
+
+
+# ----------------------------------------------------------------------------------------------
+# XLA preparation and the public entry.
+
+
+def _pad(x, n_pad):
+    return jnp.pad(x, ((0, 0), (0, n_pad - x.shape[1]), (0, 0), (0, 0)))
+
+
+def _in_chunk_cumsums(g, n_pad):
+    """[B, N, H, K] gate -> (inclusive, reverse-inclusive) in-chunk cumsums, [B, Np, H, K] fp32."""
+    B, _, H, K = g.shape
+    g = _pad(g.astype(jnp.float32), n_pad).reshape(B, n_pad // CHUNK, CHUNK, H, K)
+    fwd = jnp.cumsum(g, axis=2)
+    bwd = lax.cumsum(g, axis=2, reverse=True)
+    return fwd.reshape(B, n_pad, H, K), bwd.reshape(B, n_pad, H, K)
+
+
+def _mids(G):
+    """[B, Np, H, K] -> the rows at each sub-block's middle, [B, Np / SUB, H, K]."""
+    B, n_pad, H, K = G.shape
+    return G.reshape(B, n_pad // SUB, SUB, H, K)[:, :, MID]
+
+
+def _entering_states(k, v, gf, gb, params):
+    """States entering every chunk, (S_f, S_b), [B, H, NTp * K, V] bf16 each (NTp >= NT)."""
+    B, N, H, K = k.shape
+    V = v.shape[-1]
+    if params.states == "pallas":
+        from pallas_kernels.bigla import pallas
+
+        inputs = (k, v, gf.astype(jnp.float32), gb.astype(jnp.float32))
+        sf, sb = pallas._states(inputs, pallas.KernelParams(chunk=CHUNK), False)
+    else:
+        from pallas_kernels.bigla import chunked
+
+        f32 = jnp.float32
+        kc, vc, gfc, gbc = (chunked._to_chunks(x, CHUNK, f32) for x in (k, v, gf, gb))
+        Gf, Gb = jnp.cumsum(gfc, axis=3), lax.cumsum(gbc, axis=3, reverse=True)
+        decay = jnp.exp(jnp.stack([Gf[..., -1, :], Gb[..., 0, :]]))  # [2, B, NT, H, K]
+        k_end = jnp.stack([kc * jnp.exp(Gf[..., -1:, :] - Gf), kc * jnp.exp(Gb[..., :1, :] - Gb)])
+        u = jnp.einsum("d...ck,...cv->d...kv", k_end, vc, precision=lax.Precision.HIGHEST)
+        s_in = chunked._states_in(decay, u)  # [2, B, NT, H, K, V]
+        s_in = s_in.transpose(0, 1, 3, 2, 4, 5).reshape(2, B, H, -1, V)
+        sf, sb = s_in[0], s_in[1]
+    return sf.astype(jnp.bfloat16), sb.astype(jnp.bfloat16)
+
+
+def _bigla_fwd(q, k, v, gf, gb, params):
+    B, N, H, K = q.shape
+    n_pad = math.ceil(N / CHUNK) * CHUNK
+    Gf, _ = _in_chunk_cumsums(gf, n_pad)
+    _, Gb = _in_chunk_cumsums(gb, n_pad)
+    sf, sb = _entering_states(k, v, gf, gb, params)
+    qp, kp, vp = (_pad(x, n_pad) for x in (q, k, v))
+    o = _chunk_call(qp, kp, vp, Gf, Gb, _mids(Gf), _mids(Gb), sf, sb)
+    return o[:, :N]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _bigla(q, k, v, gf, gb, params):
+    return _bigla_fwd(q, k, v, gf, gb, params)
+
+
+def _bigla_vjp_fwd(q, k, v, gf, gb, params):
+    return _bigla_fwd(q, k, v, gf, gb, params), (q, k, v, gf, gb)
+
+
+def _bigla_vjp_bwd(params, residuals, do):
+    if params.backward == "pallas":
+        from pallas_kernels.bigla import pallas
+
+        return tuple(pallas._bigla_bwd(*residuals, do, pallas.KernelParams(chunk=CHUNK), None))
+    from pallas_kernels.bigla.chunked import bigla_chunked
+
+    _, vjp = jax.vjp(functools.partial(bigla_chunked, chunk_size=CHUNK), *residuals)
+    return vjp(do)
+
+
+_bigla.defvjp(_bigla_vjp_fwd, _bigla_vjp_bwd)
+
+
+def bigla_mosaic(q, k, v, gf, gb, *, params=MosaicParams()):
+    """BiGLA o = (o_fwd + o_bwd) / 2 with the forward in a Mosaic GPU kernel (sm_90).
+
+    Args:
+      q, k: [B, N, H, K] bfloat16, K in (16, 32, 64).
+      v: [B, N, H, V] bfloat16, V in (32, 64, 128), V >= K.
+      gf, gb: [B, N, H, K] log-space gates, any float dtype (computed in float32); supported
+        range: every gate in [-11, 0] (see the module docstring).
+      params: `MosaicParams` (where the states and the backward pass come from).
+
+    Returns:
+      o: [B, N, H, V] bfloat16, accumulated in float32. Differentiable (custom_vjp).
+
+    Raises:
+      ValueError: on unsupported shapes, dtypes or params.
+    """
+    _check(q, k, v, gf, gb, params)
+    return _bigla(q, k, v, gf, gb, params)
