@@ -8,8 +8,9 @@ JAX 0.11. One CUDA block (one warpgroup, 128 threads) per (chunk of C = 64 rows,
 
 with G the in-chunk inclusive cumsum of each direction's gate (reverse for the backward one) and
 S_in the states entering the chunk. The kernel reads q, k, v (bf16), G_f, G_b (fp32), the G rows
-of every 16-row sub-block's middle row (fp32) and S_f,in, S_b,in (bf16) by TMA and computes all
-exponentials, scores, masks and the three products on the tensor cores (wgmma, fp32 accumulators).
+of every 16-row sub-block's middle row (fp32) and S_f,in, S_b,in (bf16) by TMA, computes the
+decay exponentials and masks in registers and all products on the tensor cores (wgmma, bf16
+operands, fp32 accumulators).
 
 Scores with per-16-row references. wgmma tiles have 64 rows, but a chunk-wide reference row
 overflows fp32 (e^{64 |g|}) for gates below about -1.4 per token. So, as the Triton kernel's fast
@@ -18,9 +19,10 @@ diagonal, every query sub-block i (rows 16i..16i+15) gets its middle row m_i as 
 both factors bounded by e^{8 |g|max} for keys s up to the end of sub-block i (keys of later
 sub-blocks are zeroed through a `where` on the exponent before the exp). The four sub-blocks are
 four wgmmas into one [64, 64] accumulator, the LHS rows of the other sub-blocks zeroed; then
-`where(s <= t)` keeps the causal part (A_b: the mirror image with `s >= t`). Exact products, and
-finite while every gate is above about -11 per token (e^{88} is fp32's and bf16's limit): the
-supported range, the same as `pallas.KernelParams(exact_diagonal=False)`.
+`where(s <= t)` keeps the causal part (A_b: the mirror image with `s >= t`). Exact products,
+finite while every gate is at least -10 per token: one factor reaches |q| e^{8 |g|}, and fp32
+and bf16 end at e^{88.7} (at -11 the emulation already gives inf). The same range as
+`pallas.KernelParams(exact_diagonal=False)`, ViG's default.
 
 Inputs are prepared in XLA: padding to a multiple of C (zeros: neutral in both directions), the
 in-chunk gate cumsums (Mosaic GPU has no cumsum; a 0/1 matmul would be tf32) and the states
@@ -28,11 +30,12 @@ entering every chunk (`pallas._states`, the Triton states kernels, or the XLA sc
 `chunked.py`). The backward pass (custom_vjp) is the Triton one (`pallas._bigla_bwd`) or autodiff
 of `bigla_chunked` (`backward="xla"`); a Mosaic backward is future work.
 
-Pallas Mosaic GPU names used (present in jax 0.10.2 and 0.11.2; the module is marked unstable
-upstream): plgpu.kernel (grid, grid_names, compiler_params), plgpu.SMEM, plgpu.Barrier,
-plgpu.TilingTransform, plgpu.SwizzleTransform, plgpu.copy_gmem_to_smem, plgpu.barrier_wait,
-plgpu.copy_smem_to_gmem, plgpu.wait_smem_to_gmem, plgpu.commit_smem, plgpu.wgmma, plgpu.ACC,
-plgpu.transpose_ref, plgpu.layout_cast, plgpu.Layout.WGMMA (and .reduce), plgpu.broadcasted_iota,
+Pallas Mosaic GPU names used (all in jax 0.10.2, where the kernel cross-lowers; upstream marks
+the module unstable, so these are what to check on a newer JAX): plgpu.kernel (grid,
+grid_names, scratch_types, compiler_params), plgpu.SMEM, plgpu.Barrier, plgpu.TilingTransform,
+plgpu.SwizzleTransform, plgpu.copy_gmem_to_smem, plgpu.barrier_wait, plgpu.copy_smem_to_gmem,
+plgpu.wait_smem_to_gmem, plgpu.commit_smem, plgpu.wgmma, plgpu.ACC, plgpu.transpose_ref,
+plgpu.layout_cast, plgpu.Layout.WGMMA (and .reduce), plgpu.broadcasted_iota,
 plgpu.CompilerParams, pl.run_scoped.
 """
 
@@ -64,10 +67,13 @@ class MosaicParams:
     states: where the states entering every chunk come from: "pallas" (the Triton states kernels
       of `pallas.py`, sequential or in spans as there) or "xla" (the `lax.scan` of `chunked.py`).
     backward: "pallas" (the Triton backward kernels) or "xla" (autodiff of `bigla_chunked`).
+    emulate: run the kernel body (`_fwd_chunk`) in plain jnp instead of the Mosaic GPU kernel, on
+      any backend: CPU tests of its arithmetic; says nothing about the Mosaic lowering.
     """
 
     states: str = "pallas"
     backward: str = "pallas"
+    emulate: bool = False
 
 
 def supports(K, V):
@@ -106,7 +112,106 @@ def _smem_transforms(minor, itemsize=2):
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel.
+# Kernel body. `_fwd_chunk` is written once against a small set of ops: `_KernelOps` inside the
+# Mosaic GPU kernel (SMEM, wgmma), `_EmulatedOps` in plain jnp (`MosaicParams.emulate`), so CPU
+# tests run the body's arithmetic (reference rows, masks, exponents, bf16 rounding points).
+
+
+def _fwd_chunk(ops, q, k, g_f, g_b, m_f, m_b, v, s_f, s_b):
+    """o of one chunk of one (b, h), [C, V] fp32.
+
+    q, k, g_f, g_b: [C, K] fp32 (g: the in-chunk inclusive cumsums, g_b the reverse one);
+    m_f, m_b: the cumsums at each sub-block's middle row, [C / SUB, K] (read through `ops.mid`);
+    v [C, V], s_f, s_b [K, V]: right-hand operands of the output products (through `ops.out`).
+    """
+    C, K = q.shape
+    nsub = C // SUB
+    row_block = ops.iota((C, K), 0) // SUB
+
+    def scores(g, m, reverse):
+        """This direction's masked scores [C, C] (rows t: queries, columns s: keys)."""
+        mids = [ops.mid(m, i, (C, K)) for i in range(nsub)]
+        ref = mids[-1]
+        for i in reversed(range(nsub - 1)):
+            ref = jnp.where(row_block == i, mids[i], ref)
+        qh = q * jnp.exp(g - ref)  # |exponent| <= 8 |g|max
+        lhs, keys = [], []
+        for i in range(nsub):
+            lhs.append(jnp.where(row_block == i, qh, 0.0).astype(jnp.bfloat16))
+            # Keys of sub-block i and those before it (after it, reverse): exponent <= 7 |g|max;
+            # the others get exponent 0 before the exp and are zeroed after it.
+            keep = row_block >= i if reverse else row_block <= i
+            kh = k * jnp.exp(jnp.where(keep, mids[i] - g, 0.0))
+            keys.append(jnp.where(keep, kh, 0.0).astype(jnp.bfloat16))
+        a = ops.scores(int(reverse), lhs, keys)
+        t, s = ops.iota((C, C), 0), ops.iota((C, C), 1)
+        return jnp.where(s >= t if reverse else s <= t, a, 0.0)
+
+    a = scores(g_f, m_f, False) + scores(g_b, m_b, True)  # the diagonal counts in both directions
+    q_f = (q * jnp.exp(g_f)).astype(jnp.bfloat16)  # exponents <= 0
+    q_b = (q * jnp.exp(g_b)).astype(jnp.bfloat16)
+    return 0.5 * ops.out([(a.astype(jnp.bfloat16), v), (q_f, s_f), (q_b, s_b)])
+
+
+class _KernelOps:
+    """`_fwd_chunk`'s ops inside the Mosaic GPU kernel; kh_smem: [2, C / SUB, C, K] bf16, the
+    decayed keys of each direction and reference sub-block (wgmma's right-hand operands)."""
+
+    layout = plgpu.Layout.WGMMA
+
+    def __init__(self, kh_smem):
+        self.kh_smem = kh_smem
+
+    def iota(self, shape, dim):
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=self.layout)
+
+    def mid(self, m_smem, i, shape):
+        m = plgpu.layout_cast(m_smem[i], self.layout.reduce(0))  # [K]
+        return lax.broadcast_in_dim(m, shape, [1])
+
+    def scores(self, direction, lhs, keys):
+        kh = self.kh_smem.at[direction]
+        for i, x in enumerate(keys):
+            kh[i] = x
+        plgpu.commit_smem()  # the stores above must be visible to the tensor cores
+
+        def body(acc_ref):
+            for i, x in enumerate(lhs):
+                plgpu.wgmma(acc_ref, x, plgpu.transpose_ref(kh.at[i], (1, 0)))
+            return acc_ref[...]
+
+        return pl.run_scoped(body, plgpu.ACC((lhs[0].shape[0],) * 2, jnp.float32))
+
+    def out(self, terms):
+        def body(acc_ref):
+            for a, b_smem in terms:
+                plgpu.wgmma(acc_ref, a, b_smem)
+            return acc_ref[...]
+
+        shape = (terms[0][0].shape[0], terms[0][1].shape[-1])
+        return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+class _EmulatedOps:
+    """`_fwd_chunk`'s ops in plain jnp: bf16 operands, fp32 products, as the wgmmas."""
+
+    @staticmethod
+    def iota(shape, dim):
+        return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+    @staticmethod
+    def mid(m, i, shape):
+        return jnp.broadcast_to(m[i], shape)
+
+    @staticmethod
+    def _dot(a, b):
+        return jnp.dot(a, b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+    def scores(self, direction, lhs, keys):
+        return sum(self._dot(x, kh.T) for x, kh in zip(lhs, keys, strict=True))
+
+    def out(self, terms):
+        return sum(self._dot(a, b) for a, b in terms)
 
 
 def _bigla_fwd_kernel(
@@ -134,13 +239,11 @@ def _bigla_fwd_kernel(
     barrier,
     *,
     K,
-    V,
 ):
     """One chunk of one (b, h). Refs in HBM: q, k [B, Np, H, K] bf16, v [B, Np, H, V] bf16,
-    gf, gb [B, Np, H, K] fp32 (in-chunk cumsums), mf, mb [B, Np / 16, H, K] fp32 (the cumsums at
-    each sub-block's middle row), sf, sb [B, H, NTp * K, V] bf16 (entering states), o
-    [B, Np, H, V] bf16. kh_smem: [2, 4, C, K] bf16, the keys decayed to each sub-block's
-    reference, per direction."""
+    gf, gb [B, Np, H, K] fp32 (in-chunk cumsums), mf, mb [B, Np / SUB, H, K] fp32 (the cumsums
+    at each sub-block's middle row), sf, sb [B, H, NTp * K, V] bf16 (entering states), o
+    [B, Np, H, V] bf16; then their SMEM tiles (kh_smem: see `_KernelOps`) and 9 TMA barriers."""
     c, b, h = lax.axis_index("c"), lax.axis_index("b"), lax.axis_index("h")
     rows = pl.ds(c * CHUNK, CHUNK)
     nsub = CHUNK // SUB
@@ -160,56 +263,11 @@ def _bigla_fwd_kernel(
     for i in range(len(copies)):
         plgpu.barrier_wait(barrier.at[i])
 
-    wgmma_layout = plgpu.Layout.WGMMA
-    load = lambda ref: plgpu.layout_cast(ref[...], wgmma_layout).astype(jnp.float32)
-    q, k = load(q_smem), load(k_smem)  # [C, K]
-    row_block = plgpu.broadcasted_iota(jnp.int32, (CHUNK, K), 0, layout=wgmma_layout) // SUB
-
-    def mid(m_smem, i):  # [C, K]: the reference row of sub-block i, broadcast over the rows
-        m = plgpu.layout_cast(m_smem[i], wgmma_layout.reduce(0))
-        return lax.broadcast_in_dim(m, (CHUNK, K), [1])
-
-    def scores(g_smem, m_smem, kh, reverse):
-        """This direction's masked scores A [C, C] fp32 (rows t: queries, columns s: keys)."""
-        g = load(g_smem)
-        mids = [mid(m_smem, i) for i in range(nsub)]
-        ref = mids[-1]
-        for i in reversed(range(nsub - 1)):
-            ref = jnp.where(row_block == i, mids[i], ref)
-        qh = q * jnp.exp(g - ref)  # |exponent| <= 8 |g|max
-        for i in range(nsub):
-            # Keys of sub-block i and those before it (after it, reverse): exponent <= 7 |g|max.
-            keep = row_block >= i if reverse else row_block <= i
-            kh[i] = jnp.where(keep, k * jnp.exp(jnp.where(keep, mids[i] - g, 0.0)), 0.0).astype(
-                jnp.bfloat16
-            )
-        plgpu.commit_smem()
-
-        def body(acc_ref):
-            for i in range(nsub):
-                lhs = jnp.where(row_block == i, qh, 0.0).astype(jnp.bfloat16)
-                plgpu.wgmma(acc_ref, lhs, plgpu.transpose_ref(kh.at[i], (1, 0)))
-            return acc_ref[...]
-
-        a = pl.run_scoped(body, plgpu.ACC((CHUNK, CHUNK), jnp.float32))
-        t = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wgmma_layout)
-        s = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wgmma_layout)
-        return jnp.where(s >= t if reverse else s <= t, a, 0.0), g
-
-    a_f, g_f = scores(gf_smem, mf_smem, kh_smem.at[0], reverse=False)
-    a_b, g_b = scores(gb_smem, mb_smem, kh_smem.at[1], reverse=True)
-    a = (a_f + a_b).astype(jnp.bfloat16)  # the diagonal counts in both directions, as in the spec
-    q_f = (q * jnp.exp(g_f)).astype(jnp.bfloat16)  # exponents <= 0
-    q_b = (q * jnp.exp(g_b)).astype(jnp.bfloat16)
-
-    def out(acc_ref):
-        plgpu.wgmma(acc_ref, a, v_smem)
-        plgpu.wgmma(acc_ref, q_f, sf_smem)
-        plgpu.wgmma(acc_ref, q_b, sb_smem)
-        return acc_ref[...]
-
-    o = pl.run_scoped(out, plgpu.ACC((CHUNK, V), jnp.float32))
-    o_smem[...] = (0.5 * o).astype(o_smem.dtype)
+    ops = _KernelOps(kh_smem)
+    load = lambda ref: plgpu.layout_cast(ref[...], ops.layout).astype(jnp.float32)
+    q, k, g_f, g_b = (load(r) for r in (q_smem, k_smem, gf_smem, gb_smem))  # [C, K]
+    o = _fwd_chunk(ops, q, k, g_f, g_b, mf_smem, mb_smem, v_smem, sf_smem, sb_smem)
+    o_smem[...] = o.astype(o_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, rows, h])
     plgpu.wait_smem_to_gmem(0)
@@ -238,8 +296,9 @@ def _chunk_call(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
         plgpu.SMEM((CHUNK, V), bf16),  # o
         plgpu.Barrier(num_barriers=9),
     ]
+
     def bigla_mosaic_fwd_chunks(*refs):  # plgpu.kernel names the launch after the body
-        _bigla_fwd_kernel(*refs, K=K, V=V)
+        _bigla_fwd_kernel(*refs, K=K)
 
     return plgpu.kernel(
         bigla_mosaic_fwd_chunks,
@@ -249,6 +308,28 @@ def _chunk_call(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
         grid_names=("c", "b", "h"),
         compiler_params=plgpu.CompilerParams(),
     )(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb)
+
+
+def _emulated_chunks(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
+    """`_chunk_call` on any backend: `_fwd_chunk` on `_EmulatedOps`, vmapped over (b, chunk, h)."""
+    B, Np, H, K = q.shape
+    nt = Np // CHUNK
+
+    def chunks(x, rows):  # [B, nt * rows, H, d] -> [B, nt, H, rows, d]
+        return x.reshape(B, nt, rows, H, x.shape[-1]).swapaxes(2, 3)
+
+    def states(s):  # [B, H, NTp * K, V] -> [B, nt, H, K, V]
+        return s.reshape(B, H, -1, K, s.shape[-1])[:, :, :nt].swapaxes(1, 2)
+
+    f32 = jnp.float32
+    args = [chunks(x.astype(f32), CHUNK) for x in (q, k, Gf, Gb)]
+    args += [chunks(Mf, CHUNK // SUB), chunks(Mb, CHUNK // SUB), chunks(v, CHUNK)]
+    args += [states(Sf), states(Sb)]
+    body = functools.partial(_fwd_chunk, _EmulatedOps())
+    for _ in range(3):
+        body = jax.vmap(body)
+    o = body(*args).astype(v.dtype)  # [B, nt, H, C, V]
+    return o.swapaxes(2, 3).reshape(B, Np, H, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +386,8 @@ def _bigla_fwd(q, k, v, gf, gb, params):
     _, Gb = _in_chunk_cumsums(gb, n_pad)
     sf, sb = _entering_states(k, v, gf, gb, params)
     qp, kp, vp = (_pad(x, n_pad) for x in (q, k, v))
-    o = _chunk_call(qp, kp, vp, Gf, Gb, _mids(Gf), _mids(Gb), sf, sb)
+    chunk_call = _emulated_chunks if params.emulate else _chunk_call
+    o = chunk_call(qp, kp, vp, Gf, Gb, _mids(Gf), _mids(Gb), sf, sb)
     return o[:, :N]
 
 
@@ -339,7 +421,7 @@ def bigla_mosaic(q, k, v, gf, gb, *, params=MosaicParams()):
       q, k: [B, N, H, K] bfloat16, K in (16, 32, 64).
       v: [B, N, H, V] bfloat16, V in (32, 64, 128), V >= K.
       gf, gb: [B, N, H, K] log-space gates, any float dtype (computed in float32); supported
-        range: every gate in [-11, 0] (see the module docstring).
+        range: every gate in [-10, 0] (see the module docstring).
       params: `MosaicParams` (where the states and the backward pass come from).
 
     Returns:
