@@ -1,0 +1,189 @@
+"""Mosaic GPU BiGLA forward (pallas_kernels/bigla/mosaic.py) against the lax.scan reference.
+
+CPU: the kernel cross-lowers for CUDA (Mosaic GPU's Python lowering: layouts, wgmma shapes and
+swizzles, TMA slices) at ViG shapes and every supported head-dim pair; the kernel body's arithmetic
+runs in jnp (`MosaicParams(emulate=True)`) against the float64 reference, with a negative
+control. GPU (`pytest -m gpu`, an sm_90 card): the compiled kernel, forward and the custom_vjp
+gradients. Tolerances are max|Δ| / max|ref| (tests/helpers.assert_close); bf16 q, k, v as
+tests/test_bigla_pallas.py's GPU_TOL.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.bigla.mosaic import MosaicParams, bigla_mosaic
+from tests.helpers import assert_close, run_fast
+from tests.test_bigla_pallas import check_all, fwd_and_grads, make_inputs, reference64
+
+TOL_O, TOL_GRAD = 1e-2, 2e-2  # bf16 q, k, v (fp32 accumulation), as GPU_TOL[bfloat16]
+EMULATED = MosaicParams(states="xla", backward="xla", emulate=True)
+
+
+def shapes(B, N, H, K, V):
+    """q, k, v (bf16), gf, gb (fp32) as ShapeDtypeStructs."""
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    return [jax.ShapeDtypeStruct((B, N, H, d), dt) for d, dt in ((K, bf16),) * 2 + ((V, bf16),)] + [
+        jax.ShapeDtypeStruct((B, N, H, K), f32)
+    ] * 2
+
+
+def lower_for_cuda(f, *args):
+    """StableHLO text of jit(f) lowered for CUDA on this (CPU) machine."""
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.fixture(scope="module")
+def mosaic_lowers():
+    """Skips (naming the error) when this jaxlib cannot cross-lower any Mosaic GPU kernel: then
+    the tests below would say nothing about ours."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def toy(x_ref, o_ref, x_smem, barrier):
+        plgpu.copy_gmem_to_smem(x_ref, x_smem, barrier.at[0])
+        plgpu.barrier_wait(barrier.at[0])
+        o_ref[...] = x_smem[...] + 1.0
+
+    x = jax.ShapeDtypeStruct((128,), jnp.float32)
+    call = plgpu.kernel(
+        toy,
+        out_type=x,
+        scratch_types=[plgpu.SMEM((128,), jnp.float32), plgpu.Barrier(num_barriers=1)],
+    )
+    try:
+        lower_for_cuda(call, x)
+    except Exception as error:  # any failure here is the platform's, not the kernel's
+        pytest.skip(f"this jaxlib cannot lower a Mosaic GPU kernel for cuda: {error!r:.200}")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 196, 6, 32, 64), (8, 4096, 3, 32, 64)],
+    ids=["vig_s_224", "vig_t_1024"],
+)
+@pytest.mark.parametrize("states", ["pallas", "xla"])
+def test_bigla_mosaic_lowers_for_cuda(mosaic_lowers, shape, states):
+    """Forward and backward cross-lower; the forward's chunk work is the Mosaic GPU kernel."""
+
+    def fwd_bwd(q, k, v, gf, gb, do):
+        o, vjp = jax.vjp(
+            lambda *x: bigla_mosaic(*x, params=MosaicParams(states=states)), q, k, v, gf, gb
+        )
+        return o, vjp(do)
+
+    B, N, H, K, V = shape
+    do = jax.ShapeDtypeStruct((B, N, H, V), jnp.bfloat16)
+    text = lower_for_cuda(fwd_bwd, *shapes(*shape), do)
+    assert "mosaic_gpu" in text and "bigla_mosaic_fwd_chunks" in text
+    triton_states = any(f"bigla_fwd_{n}" in text for n in ("states", "span_summaries"))
+    assert triton_states == (states == "pallas")
+    assert "bigla_bwd" in text  # the Triton backward
+
+
+@pytest.mark.parametrize("K,V", [(16, 32), (16, 128), (32, 32), (32, 64), (64, 64), (64, 128)])
+def test_bigla_mosaic_lowers_every_head_dim_pair(mosaic_lowers, K, V):
+    """Swizzles follow K and V (32, 64 or 128 bytes): each supported pair must pass Mosaic GPU's
+    wgmma and transfer checks. N = 17: one padded chunk."""
+    text = lower_for_cuda(
+        lambda *x: bigla_mosaic(*x, params=MosaicParams(states="xla")), *shapes(1, 17, 2, K, V)
+    )
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((1, 8, 1, 48, 64), "K in"),
+        ((1, 8, 1, 32, 16), "V in"),
+        ((1, 8, 1, 64, 32), "V >= K"),
+    ],
+)
+def test_bigla_mosaic_rejects_unsupported_head_dims(shape, match):
+    args, _ = make_inputs(shape, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        bigla_mosaic(*args)
+
+
+def test_bigla_mosaic_rejects_other_dtypes_and_params():
+    args, _ = make_inputs((1, 8, 1, 32, 64), dtype=jnp.float32)
+    with pytest.raises(ValueError, match="bfloat16"):
+        bigla_mosaic(*args)
+    args, _ = make_inputs((1, 8, 1, 32, 64), dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="states="):
+        bigla_mosaic(*args, params=MosaicParams(states="triton"))
+    with pytest.raises(ValueError, match="backward="):
+        bigla_mosaic(*args, params=MosaicParams(backward="mosaic"))
+
+
+# (B, N, H, K, V), gates: N in {1, 17, 64, 196, 1000, 4096} (one token, a padded chunk, exactly
+# one chunk, ViG-S's 196, many chunks, ViG-T 1024's length), both ViG head-dim pairs, and gates
+# at the supported bound (-10 per token on half of the channels).
+PARITY_CASES = [
+    pytest.param((1, 1, 2, 16, 32), "typical", id="N1-K16V32"),
+    pytest.param((2, 17, 2, 32, 64), "typical", id="N17-B2"),
+    pytest.param((1, 64, 2, 16, 32), "typical", id="N64-K16V32"),
+    pytest.param((2, 196, 2, 32, 64), "typical", id="N196-vig_s"),
+    pytest.param((1, 196, 1, 32, 64), "very_negative", id="N196-gates-10"),
+    pytest.param((1, 1000, 1, 16, 32), "typical", id="N1000-K16V32"),
+    pytest.param((1, 4096, 1, 32, 64), "typical", id="N4096"),
+]
+
+
+@pytest.mark.parametrize("shape,gates", PARITY_CASES)
+def test_bigla_mosaic_emulated_matches_reference(shape, gates):
+    """The kernel body in jnp (same bf16 rounding points), forward and, through the custom_vjp,
+    the XLA backward's gradients."""
+    args, do = make_inputs(shape, dtype=jnp.bfloat16, gates=gates)
+    f = lambda *a: bigla_mosaic(*a, params=EMULATED)
+    got = run_fast(lambda a, d: fwd_and_grads(f, a, d), args, do)
+    check_all(got, reference64(args, do), TOL_O, TOL_GRAD)
+
+
+def test_bigla_mosaic_emulated_swapped_gates_fail():
+    """Negative control: gf and gb swapped must fail the forward check the right order passes."""
+    (q, k, v, gf, gb), do = make_inputs((1, 196, 2, 32, 64), dtype=jnp.bfloat16)
+    want = reference64((q, k, v, gf, gb), do)[0]
+    f = jax.jit(lambda *a: bigla_mosaic(*a, params=EMULATED))
+    assert_close("o", f(q, k, v, gf, gb), want, TOL_O)
+    with pytest.raises(AssertionError, match="relative"):
+        assert_close("o", f(q, k, v, gb, gf), want, TOL_O)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled on an sm_90 GPU.
+
+
+def check_gpu(shape, params, gates="typical"):
+    args, do = make_inputs(shape, dtype=jnp.bfloat16, gates=gates)
+    f = lambda *a: bigla_mosaic(*a, params=params)
+    got = jax.jit(lambda a, d: fwd_and_grads(f, a, d))(args, do)
+    check_all(got, reference64(args, do), TOL_O, TOL_GRAD)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,gates", PARITY_CASES)
+@pytest.mark.parametrize("states", ["pallas", "xla"])
+def test_bigla_mosaic_gpu_matches_reference(shape, gates, states):
+    check_gpu(shape, MosaicParams(states=states), gates)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,V", [(16, 128), (32, 32), (64, 64), (64, 128)])
+def test_bigla_mosaic_gpu_other_head_dims(K, V):
+    check_gpu((2, 130, 2, K, V), MosaicParams())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(16, 196, 6, 32, 64), (2, 4096, 3, 32, 64)], ids=str)
+def test_bigla_mosaic_gpu_vig_shapes(shape):
+    check_gpu(shape, MosaicParams())
+
+
+@pytest.mark.gpu
+def test_bigla_mosaic_gpu_swapped_gates_fail():
+    (q, k, v, gf, gb), do = make_inputs((2, 196, 2, 32, 64), dtype=jnp.bfloat16)
+    want = reference64((q, k, v, gf, gb), do)[0]
+    f = jax.jit(bigla_mosaic)
+    assert_close("o", f(q, k, v, gf, gb), want, TOL_O)
+    with pytest.raises(AssertionError, match="relative"):
+        assert_close("o", f(q, k, v, gb, gf), want, TOL_O)
