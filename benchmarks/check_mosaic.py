@@ -1,0 +1,148 @@
+"""First run of the Mosaic GPU BiGLA forward on an sm_90 GPU: parity, then forward time vs Triton.
+
+    python benchmarks/check_mosaic.py                 # parity at 6 shapes, then the timing table
+    python benchmarks/check_mosaic.py --no-timing     # parity only
+
+(a) Parity: `bigla_mosaic` (states from the Triton states kernels, and from XLA) against the
+float32 reference on the GPU, bf16 q, k, v, typical gates (log_sigmoid(3 N(0, 1)) / 16) and gates
+at -10 on half of the channels; prints max |Δ| / max |ref| of o (and of the five gradients
+through the custom_vjp) and PASS / FAIL at 1e-2 (o) / 2e-2 (gradients), tests/test_bigla_pallas.py's
+bf16 bounds. Also the swapped-gates control, which must FAIL.
+(b) Timing: forward ms of `bigla_mosaic` (both states sources) and of the Triton `bigla_pallas`
+at ViG-S 224 (128, 196, 6, 32, 64) and ViG-T 1024 (8, 4096, 3, 32, 64): --inner calls in one
+jitted loop (harness.jax_repeat), compiled ahead of time (harness.compile_jax, compile seconds
+printed), median of --iters runs (harness.time_call).
+Any error (a Mosaic lowering or compile failure, say) prints as one line and the run goes on.
+"""
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness  # noqa: E402
+from pallas_kernels.bigla.mosaic import MosaicParams, bigla_mosaic  # noqa: E402
+from pallas_kernels.bigla.pallas import bigla_pallas  # noqa: E402
+from pallas_kernels.bigla.reference import bigla_reference  # noqa: E402
+
+PARITY_SHAPES = [  # (B, N, H, K, V)
+    (1, 1, 2, 16, 32),
+    (2, 17, 2, 32, 64),
+    (1, 64, 2, 16, 32),
+    (2, 196, 6, 32, 64),
+    (1, 1000, 2, 16, 32),
+    (2, 4096, 3, 32, 64),
+]
+TIMING_SHAPES = {"vig_s_224": (128, 196, 6, 32, 64), "vig_t_1024": (8, 4096, 3, 32, 64)}
+TOL_O, TOL_GRAD = 1e-2, 2e-2
+NAMES = ("o", "dq", "dk", "dv", "dgf", "dgb")
+
+
+def inputs(shape, gates="typical", seed=0):
+    B, N, H, K, V = shape
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = (jax.random.normal(ks[0], (B, N, H, K)) * K**-0.5).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, N, H, K)).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, N, H, V)).astype(jnp.bfloat16)
+    gf, gb = (jax.nn.log_sigmoid(3 * jax.random.normal(kk, (B, N, H, K))) / 16 for kk in ks[3:5])
+    if gates == "very_negative":
+        strong = jnp.arange(K) % 2 == 0
+        gf, gb = jnp.where(strong, -10.0, gf), jnp.where(strong[::-1], -10.0, gb)
+    do = jax.random.normal(ks[5], (B, N, H, V)).astype(jnp.bfloat16)
+    return (q, k, v, gf, gb), do
+
+
+def fwd_and_grads(f, args, do):
+    o, vjp = jax.vjp(f, *args)
+    return (o, *vjp(do))
+
+
+def rel_errs(got, want):
+    errs = []
+    for g, w in zip(got, want, strict=True):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        scale = max(np.abs(w).max(initial=0.0), 1e-30)
+        errs.append(np.abs(g - w).max(initial=0.0) / scale if np.isfinite(g).all() else np.inf)
+    return errs
+
+
+def parity(shape, params, gates="typical", swap=False):
+    args, do = inputs(shape, gates)
+    f = lambda *a: bigla_mosaic(*a, params=params)
+    q, k, v, gf, gb = args
+    run = (q, k, v, gb, gf) if swap else args
+    got = jax.jit(lambda a, d: fwd_and_grads(f, a, d))(run, do)
+    up = [x.astype(jnp.float32) for x in args]
+    want = jax.jit(lambda a, d: fwd_and_grads(bigla_reference, a, d))(up, do.astype(jnp.float32))
+    errs = rel_errs(got, want)
+    ok = errs[0] <= TOL_O and max(errs[1:]) <= TOL_GRAD
+    if swap:  # only the forward: the control is about the kernel's use of the gates
+        ok = errs[0] <= TOL_O
+    return errs, ok
+
+
+def run_parity():
+    harness.log(f"parity (bound o {TOL_O}, gradients {TOL_GRAD}; the swapped control must FAIL)")
+    cases = [(s, st, "typical", False) for s in PARITY_SHAPES for st in ("pallas", "xla")]
+    cases += [((2, 196, 3, 32, 64), "pallas", "very_negative", False)]
+    cases += [((2, 196, 3, 32, 64), "pallas", "typical", True)]
+    for shape, states, gates, swap in cases:
+        label = f"{shape} states={states} gates={gates}" + (" SWAPPED" if swap else "")
+        try:
+            errs, ok = parity(shape, MosaicParams(states=states), gates, swap)
+        except Exception as exc:  # a Mosaic lowering/compile error: report it and go on
+            harness.log(f"{label}: {harness.status(exc)}")
+            continue
+        verdict = ("FAIL (expected)" if not ok else "PASS (WRONG: control)") if swap else None
+        verdict = verdict or ("PASS" if ok else "FAIL")
+        detail = " ".join(f"{n} {e:.2e}" for n, e in zip(NAMES, errs, strict=True))
+        harness.log(f"{label}: {detail} -> {verdict}")
+
+
+def time_forward(name, fn, shape, args):
+    (q, k, v, gf, gb), _ = inputs(shape)
+    try:
+        loop, compile_s = harness.compile_jax(harness.jax_repeat(fn, args.inner), q, k, v, gf, gb)
+        t = harness.time_call(
+            lambda: loop(q, k, v, gf, gb), jax.block_until_ready, iters=args.iters
+        )
+        return f"{t['ms'] / args.inner * 1e3:.1f}", f"{compile_s:.1f}"
+    except Exception as exc:
+        harness.log(f"{name} {shape}: {harness.status(exc)}")
+        return "error", "-"
+
+
+def run_timing(args):
+    impls = {
+        "mosaic (Triton states)": lambda *a: bigla_mosaic(*a, params=MosaicParams()),
+        "mosaic (XLA states)": lambda *a: bigla_mosaic(*a, params=MosaicParams(states="xla")),
+        "pallas (Triton)": bigla_pallas,
+    }
+    lines = ["| shape | impl | fwd µs | compile s |", "|---|---|---|---|"]
+    for case, shape in TIMING_SHAPES.items():
+        for name, fn in impls.items():
+            us, compile_s = time_forward(name, fn, shape, args)
+            lines.append(f"| {case} {shape} | {name} | {us} | {compile_s} |")
+            harness.log(lines[-1])
+    print("\n".join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-timing", action="store_true", help="parity only")
+    parser.add_argument("--inner", type=int, default=10, help="calls per jitted loop")
+    parser.add_argument("--iters", type=int, default=20, help="timed runs (median)")
+    args = parser.parse_args()
+    harness.log(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, git {harness.git_sha()}")
+    run_parity()
+    if not args.no_timing:
+        run_timing(args)
+
+
+if __name__ == "__main__":
+    main()
