@@ -139,6 +139,22 @@ def test_bigla_mosaic_emulated_matches_reference(shape, gates):
     check_all(got, reference64(args, do), TOL_O, TOL_GRAD)
 
 
+@pytest.mark.parametrize(
+    "shape,gates",
+    [
+        pytest.param((1, 130, 2, 16, 32), "typical", id="N130"),
+        pytest.param((2, 70, 1, 32, 64), "very_negative", id="N70-gates-10"),
+    ],
+)
+def test_bigla_mosaic_emulated_with_triton_states_and_backward(shape, gates):
+    """The default path's states and backward (the Triton kernels, interpret mode) feed the
+    emulated body: their [B, H, NTp * K, V] layout as the kernel indexes it."""
+    args, do = make_inputs(shape, dtype=jnp.bfloat16, gates=gates)
+    f = lambda *a: bigla_mosaic(*a, params=MosaicParams(emulate=True))
+    got = run_fast(lambda a, d: fwd_and_grads(f, a, d), args, do)
+    check_all(got, reference64(args, do), TOL_O, TOL_GRAD)
+
+
 def test_bigla_mosaic_emulated_swapped_gates_fail():
     """Negative control: gf and gb swapped must fail the forward check the right order passes."""
     (q, k, v, gf, gb), do = make_inputs((1, 196, 2, 32, 64), dtype=jnp.bfloat16)

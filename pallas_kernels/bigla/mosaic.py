@@ -67,8 +67,9 @@ class MosaicParams:
     states: where the states entering every chunk come from: "pallas" (the Triton states kernels
       of `pallas.py`, sequential or in spans as there) or "xla" (the `lax.scan` of `chunked.py`).
     backward: "pallas" (the Triton backward kernels) or "xla" (autodiff of `bigla_chunked`).
-    emulate: run the kernel body (`_fwd_chunk`) in plain jnp instead of the Mosaic GPU kernel, on
-      any backend: CPU tests of its arithmetic; says nothing about the Mosaic lowering.
+    emulate: run the kernel body (`_fwd_chunk`) in plain jnp instead of the Mosaic GPU kernel, and
+      the Triton kernels in Pallas interpret mode, on any backend: CPU tests of the arithmetic
+      and of the states' layout; says nothing about the Mosaic lowering.
     """
 
     states: str = "pallas"
@@ -355,6 +356,14 @@ def _mids(G):
     return G.reshape(B, n_pad // SUB, SUB, H, K)[:, :, MID]
 
 
+def _triton_params(params):
+    """The Triton kernels' settings: their defaults at our chunk size, in Pallas interpret mode
+    when the body is emulated (so CPU tests also run the states and backward this path uses)."""
+    from pallas_kernels.bigla import pallas
+
+    return pallas.KernelParams(chunk=CHUNK, interpret=params.emulate)
+
+
 def _entering_states(k, v, gf, gb, params):
     """States entering every chunk, (S_f, S_b), [B, H, NTp * K, V] bf16 each (NTp >= NT)."""
     B, N, H, K = k.shape
@@ -363,7 +372,7 @@ def _entering_states(k, v, gf, gb, params):
         from pallas_kernels.bigla import pallas
 
         inputs = (k, v, gf.astype(jnp.float32), gb.astype(jnp.float32))
-        sf, sb = pallas._states(inputs, pallas.KernelParams(chunk=CHUNK), False)
+        sf, sb = pallas._states(inputs, _triton_params(params), False)
     else:
         from pallas_kernels.bigla import chunked
 
@@ -404,7 +413,7 @@ def _bigla_vjp_bwd(params, residuals, do):
     if params.backward == "pallas":
         from pallas_kernels.bigla import pallas
 
-        return tuple(pallas._bigla_bwd(*residuals, do, pallas.KernelParams(chunk=CHUNK), None))
+        return tuple(pallas._bigla_bwd(*residuals, do, _triton_params(params), None))
     from pallas_kernels.bigla.chunked import bigla_chunked
 
     _, vjp = jax.vjp(functools.partial(bigla_chunked, chunk_size=CHUNK), *residuals)
