@@ -98,6 +98,17 @@ INTERPRET_CASES = [
         "very_negative",
         id="N72-gates-10-span1",
     ),
+    # One program per 16-row sub-block, states carried through the chunk (sub_blocks): chunk 32
+    # (2 sub-blocks, the last chunk ragged) and chunk 64 with K 32 / V 64 and the exact diagonal.
+    pytest.param(
+        (2, 130, 1, 16, 32), KernelParams(chunk=32, sub_blocks=True), "typical", id="N130-sub"
+    ),
+    pytest.param(
+        (1, 100, 2, 32, 64),
+        KernelParams(chunk=64, sub_blocks=True, exact_diagonal=True),
+        "very_negative",
+        id="N100-gates-10-exact-sub",
+    ),
     # The one-program plan over several chunks (the benchmark's --sweep can select it).
     pytest.param(
         (1, 40, 1, 16, 32),
@@ -197,6 +208,9 @@ def logits_reference64(args, do):
             (1, 40, 1, 16, 32), KernelParams(chunk=16, states_span=2), True, id="span2-gates-10"
         ),
         pytest.param((1, 40, 1, 32, 64), KernelParams(chunk=16), False, id="split-backward"),
+        pytest.param(
+            (1, 70, 1, 16, 32), KernelParams(chunk=32, sub_blocks=True), False, id="sub-blocks"
+        ),
     ],
 )
 def test_bigla_pallas_logits_interpret_matches_reference(shape, params, very_negative):
@@ -346,6 +360,16 @@ def test_bigla_pallas_gpu_unsplit_backward(shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("chunk", [32, 64])
+@pytest.mark.parametrize(
+    "shape", [(2, 130, 2, 64, 128), (16, 196, 6, 32, 64), (2, 4096, 3, 32, 64)]
+)
+def test_bigla_pallas_gpu_sub_blocks(shape, chunk, dtype):
+    check_gpu(shape, dtype, KernelParams(chunk=chunk, sub_blocks=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("span", [None, 0, 8], ids=["auto-span1", "sequential", "span8"])
 def test_bigla_pallas_gpu_long_n_states_plans(span, dtype):
     """Long N, small batch (B * H = 2, NT = 128): the states plans side by side."""
@@ -385,26 +409,28 @@ def test_bigla_pallas_lowers_to_triton_for_cuda(exact):
     Also the gates-from-logits entry (bf16 logits) on the short and the split states plans.
     """
     B, H, K, V = 2, 3, 32, 64
-    plans = {  # N, chunk, states_span, logits -> kernels launched besides the chunk kernels
-        (49, 128, None, False): (),  # short plan
-        (130, 128, 0, False): ("fwd_states", "bwd_states"),  # sequential states
-        (130, 32, 2, False): (
+    plans = {  # N, chunk, states_span, logits, sub_blocks -> kernels besides the chunk kernels
+        (49, 128, None, False, False): (),  # short plan
+        (130, 128, 0, False, False): ("fwd_states", "bwd_states"),  # sequential states
+        (130, 32, 2, False, False): (
             "fwd_span_summaries",
             "fwd_states",
             "bwd_span_summaries",
             "bwd_states",
         ),
-        (130, 32, 1, False): ("fwd_span_summaries", "bwd_span_summaries"),  # scan gives them all
-        (49, 128, None, True): (),
-        (130, 32, 2, True): (
+        (130, 32, 1, False, False): ("fwd_span_summaries", "bwd_span_summaries"),  # scan: all
+        (49, 128, None, True, False): (),
+        (130, 32, 2, True, False): (
             "fwd_span_summaries",
             "fwd_states",
             "bwd_span_summaries",
             "bwd_states",
         ),
+        (130, 64, 0, False, True): ("fwd_states", "bwd_states"),  # one program per sub-block
+        (130, 32, 2, True, True): ("fwd_span_summaries", "bwd_span_summaries"),
     }
-    for (n, chunk, span, logits), states_kernels in plans.items():
-        params = KernelParams(chunk=chunk, exact_diagonal=exact, states_span=span)
+    for (n, chunk, span, logits, sub), states_kernels in plans.items():
+        params = KernelParams(chunk=chunk, exact_diagonal=exact, states_span=span, sub_blocks=sub)
         entry = bigla_pallas_logits if logits else bigla_pallas
 
         def fwd_bwd(q, k, v, gf, gb, do, params=params, entry=entry):
@@ -424,6 +450,9 @@ def test_bigla_pallas_lowers_to_triton_for_cuda(exact):
             assert f"bigla_{name}" in text, (n, chunk, span, name)
         if not states_kernels:
             assert "bigla_fwd_short" in text and "bigla_bwd_short" in text
+        elif sub:
+            assert "bigla_fwd_sub_blocks" in text and "bigla_bwd_sub_blocks" in text
+            assert "bigla_fwd_chunks" not in text and "bigla_bwd_chunks" not in text
         else:
             assert "bigla_fwd_chunks" in text and "bigla_bwd_chunks" in text
         if span == 1:

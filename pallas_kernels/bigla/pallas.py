@@ -62,6 +62,11 @@ class KernelParams:
       B * H >= STATE_PROGRAMS, else spans giving about STATE_PROGRAMS programs (`_states_span`).
     span_scan: how XLA scans the spans' states (`_scan_spans`): "matmul", "associative" or
       "auto" (matmul up to SCAN_MATMUL_MAX_SPANS spans).
+    sub_blocks: long plan: the chunk kernels run one program per 16-row sub-block (grid
+      ceil(N / 16) x B x H), each carrying its chunk's states through the chunk's other sub-blocks
+      to its own, instead of one program per chunk holding every sub-block's partial results
+      (which spills registers). The backward then does both directions in one launch (no split,
+      no fp32 partials).
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -73,6 +78,7 @@ class KernelParams:
     split_backward: bool | None = None
     states_span: int | None = None
     span_scan: str = "auto"
+    sub_blocks: bool = False
     interpret: bool = False
 
 
@@ -556,6 +562,74 @@ def _bigla_bwd_dir_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, n, bt, mm, 
     _store_blocks(out_refs, blocks, c, bt, n)
 
 
+def _through(s, first, count, forward, step):
+    """s carried through `count` sub-blocks from sub-block `first` (then first + 1, ... when
+    `forward`, else first - 1, ...) by step(s, j); count may be traced (0: s unchanged)."""
+
+    def body(it, s):
+        return step(s, first + it if forward else first - it)
+
+    return lax.fori_loop(0, count, body, s)
+
+
+def _sub_block_ids(bt):
+    """(program's sub-block p, its chunk c, its index i in the chunk) of a sub-block program."""
+    p = pl.program_id(0)
+    nb = bt // SUB_CHUNK
+    return p, p // nb, p % nb, nb
+
+
+def _bigla_fwd_sub_kernel(
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm, exact
+):
+    """o of one 16-row sub-block (`sub_blocks`): its entering states from its chunk's, carried
+    through the chunk's sub-blocks before it (Sf) and after it (Sb)."""
+    p, c, i, nb = _sub_block_ids(bt)
+    rows = _Rows((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
+
+    def state(gi, reverse):
+        return lambda s, j: _state_step(s, rows(1, j), rows(2, j), rows(gi, j), reverse, mm)
+
+    sf = _through(sf_ref[...], 0, i, True, state(3, False))
+    sb = _through(sb_ref[...], nb - 1, nb - 1 - i, False, state(4, True))
+    (o,) = _fwd_chunk(_Rows(rows.refs, p, SUB_CHUNK, n), sf, sb, mm, exact)
+    _store_rows(o_ref, p * SUB_CHUNK, o, n)
+
+
+def _bigla_bwd_sub_kernel(
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, sf_ref, sb_ref, dsf_ref, dsb_ref, *out_refs,
+    n, bt, mm, exact,
+):  # fmt: skip
+    """Gradients of one 16-row sub-block, both directions (`sub_blocks`). Per direction, its state
+    entering the sub-block and the adjoint of its state leaving it come from the chunk's (the
+    state kernels' Sf, Sb entering and dSf, dSb leaving the chunk) carried through the chunk's
+    other sub-blocks; one direction at a time keeps two [K, V] states live, not four."""
+    p, c, i, nb = _sub_block_ids(bt)
+    refs = (q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref)
+    rows = _bwd_rows(refs, c, bt, n)
+
+    def state(gi, reverse):
+        return lambda s, j: _state_step(s, rows(1, j), rows(2, j), rows(gi, j), reverse, mm)
+
+    def adjoint(gi, reverse):
+        return lambda u, j: _adjoint_step(u, rows(0, j), rows(5, j), rows(gi, j), reverse, mm)
+
+    sub = _bwd_rows(refs, p, SUB_CHUNK, n)
+    # Forward direction: Sf runs left to right, its adjoint right to left.
+    sf = _through(sf_ref[...], 0, i, True, state(3, False))
+    uf = _through(dsf_ref[...], nb - 1, nb - 1 - i, False, adjoint(3, False))
+    ((dq, dk, dv, dgf),) = _bwd_chunk_dir(sub.select((0, 1, 2, 3, 5)), sf, uf, False, mm, exact)
+    # Backward direction: Sb runs right to left, its adjoint left to right.
+    sb = _through(sb_ref[...], nb - 1, nb - 1 - i, False, state(4, True))
+    ub = _through(dsb_ref[...], 0, i, True, adjoint(4, True))
+    ((dq_b, dk_b, dv_b, dgb),) = _bwd_chunk_dir(
+        sub.select((0, 1, 2, 4, 5)), sb, ub, True, mm, exact
+    )
+    vals = (dq + dq_b, dk + dk_b, dv + dv_b, dgf, dgb)
+    for ref, val in zip(out_refs, vals, strict=True):
+        _store_rows(ref, p * SUB_CHUNK, val, n)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers.
 
@@ -737,19 +811,23 @@ def _states(inputs, params, adjoints, logits=None):
     return call(span, ns, init=init)
 
 
-def _state_spec(K, V):
-    return pl.BlockSpec((None, None, K, V), lambda c, b, h: (b, h, c, 0))
+def _state_spec(K, V, per_chunk=1):
+    """[B, H, NTp * K, V] -> the state of the program's chunk; grid (NT * per_chunk, B, H)."""
+    return pl.BlockSpec((None, None, K, V), lambda c, b, h: (b, h, c // per_chunk, 0))
 
 
-def _launch(kernel, name, params, tokens, outs, states=(), logits=None, **statics):
+def _launch(kernel, name, params, tokens, outs, states=(), logits=None, sub=False, **statics):
     """One launch of a token-layout kernel: grid (B, H) without states (short plan), (NT, B, H)
-    with the chunks' states (long plan). tokens: [B, N, H, d] arrays, then states
-    [B, H, NTp * K, V]; outs: [B, N, H, d] ShapeDtypeStructs. Returns the list of outputs."""
+    with the chunks' states (long plan), or with `sub` (ceil(N / 16), B, H), one program per
+    sub-block. tokens: [B, N, H, d] arrays, then states [B, H, NTp * K, V]; outs: [B, N, H, d]
+    ShapeDtypeStructs. Returns the list of outputs."""
     B, N, H, K = tokens[0].shape
     rank = 3 if states else 2
-    grid = (math.ceil(N / params.chunk), B, H) if states else (B, H)
+    rows = SUB_CHUNK if sub else params.chunk
+    grid = (math.ceil(N / rows), B, H) if states else (B, H)
     in_specs = [_token_spec(x, rank) for x in tokens]
-    in_specs += [_state_spec(K, x.shape[-1]) for x in states]
+    per_chunk = params.chunk // rows
+    in_specs += [_state_spec(K, x.shape[-1], per_chunk) for x in states]
     kernel = functools.partial(
         kernel,
         n=N,
@@ -780,7 +858,11 @@ def _bigla_fwd(q, k, v, gf, gb, params, scale):
         (o,) = _launch(_bigla_fwd_short_kernel, "bigla_fwd_short", params, tokens, out, (), logits)
         return o
     states = _states((k, v, gf, gb), params, False, _logits(scale, (2, 3)))
-    (o,) = _launch(_bigla_fwd_chunk_kernel, "bigla_fwd_chunks", params, tokens, out, states, logits)
+    if params.sub_blocks:
+        kernel, name = _bigla_fwd_sub_kernel, "bigla_fwd_sub_blocks"
+    else:
+        kernel, name = _bigla_fwd_chunk_kernel, "bigla_fwd_chunks"
+    (o,) = _launch(kernel, name, params, tokens, out, states, logits, sub=params.sub_blocks)
     return o
 
 
@@ -793,6 +875,11 @@ def _bigla_bwd(q, k, v, gf, gb, do, params, scale):
     if _use_short_path(q.shape[1], params):
         return _launch(_bigla_bwd_short_kernel, "bigla_bwd_short", params, tokens, outs, (), logits)
     states = _states(tokens, params, True, _logits(scale, (3, 4)))
+    if params.sub_blocks:
+        return _launch(
+            _bigla_bwd_sub_kernel, "bigla_bwd_sub_blocks", params, tokens, outs, states, logits,
+            sub=True,
+        )  # fmt: skip
     if not _split_backward(q.shape[-1], params):
         return _launch(
             _bigla_bwd_chunk_kernel, "bigla_bwd_chunks", params, tokens, outs, states, logits
