@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from vig_jax.data import png, randaugment, transforms
+from vig_jax.data import imagenet_like, png, randaugment, transforms
 
 DEIT = dict(
     kind="deit",
@@ -61,15 +61,31 @@ def test_random_resized_crop_box_fallback_is_centre_crop_in_ratio():
     assert (top, ch) == (0, 10) and cw == round(10 * 4 / 3) and left == (100 - cw) // 2
 
 
+def _full_resize_then_crop(image, size, crop_pct):
+    """The definition: the shorter side to floor(size / crop_pct) (bicubic), then the centre crop."""
+    height, width = image.shape[:2]
+    new_h, new_w = transforms._short_side_size(height, width, int(size / crop_pct))
+    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+    full = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return np.asarray(full)[top : top + size, left : left + size].astype(int)
+
+
 def test_resize_and_centre_crop_geometry():
     image = _image(64, 48)
     out = transforms.resize_and_centre_crop(image, 32, crop_pct=0.875)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     # Shorter side to floor(32 / 0.875) = 36: the full 36x48 resize, centre-cropped, is the answer.
-    want = np.asarray(Image.fromarray(image).resize((36, 48), Image.Resampling.BICUBIC))[8:40, 2:34]
-    # Only the kept columns are resized: Pillow's weights then round differently by <= 1 level.
+    # Only the crop is resized, from a box in float32 source coordinates (Pillow's): the weights
+    # round differently, by <= 2 levels on this hard-edged block, <= 1 on a photo-like image.
+    diff = np.abs(out.astype(int) - _full_resize_then_crop(image, 32, 0.875))
+    assert diff.max() <= 2 and diff.mean() < 0.2, (diff.max(), diff.mean())
+    photo = imagenet_like.render(np.random.default_rng(0), 300, 400)
+    out = transforms.resize_and_centre_crop(photo, 224, crop_pct=0.875)
+    want = _full_resize_then_crop(photo, 224, 0.875)
     diff = np.abs(out.astype(int) - want)
-    assert diff.max() <= 1 and diff.mean() < 0.1, (diff.max(), diff.mean())
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    # Negative control: the crop one column off is far outside that tolerance.
+    assert np.abs(out[:, 1:].astype(int) - want[:, :-1]).mean() > 1.0
     # crop_pct 1 at the native size is the identity.
     square = _image(32, 32)
     np.testing.assert_array_equal(transforms.resize_and_centre_crop(square, 32, 1.0), square)
@@ -212,3 +228,37 @@ def test_encode_png_round_trips_through_pillow(shape):
         png.encode_png(image.astype(np.float32))
     with pytest.raises(ValueError, match="shape"):
         png.encode_png(np.zeros((4, 4, 2), np.uint8))
+
+
+@pytest.mark.parametrize("vertical", [False, True], ids=["x", "y"])
+def test_shear_and_translate_match_pillows_transform(vertical):
+    # The numpy form of shear/translate (randaugment.shift_lines) against Pillow's bicubic affine
+    # transform, the form timm applies: equal to within one grey level (float32 weights vs
+    # Pillow's truncated float64 sum), fill colour and edges included. Non-square, so that an
+    # x/y mix-up shows.
+    rng = np.random.default_rng(0)
+    diffs = []
+    for index in range(16):
+        img = Image.fromarray(imagenet_like.render(rng, 48 + index, 80))
+        if index % 2:
+            slope, offset = rng.uniform(-0.3, 0.3), 0.0  # shear
+        else:
+            slope, offset = 0.0, rng.uniform(-0.45, 0.45) * img.size[int(vertical)]  # translate
+        got = np.asarray(randaugment._shift(img, slope, offset, vertical)).astype(int)
+        want = np.asarray(randaugment.pillow_shift(img, slope, offset, vertical)).astype(int)
+        assert got.shape == want.shape
+        diffs.append(np.abs(got - want))
+        # Negative control: the opposite direction is far off.
+        wrong = np.asarray(randaugment.pillow_shift(img, -slope, -offset, vertical)).astype(int)
+        assert np.abs(got - wrong).mean() > 5.0
+    assert max(d.max() for d in diffs) <= 1
+    assert np.mean([(d > 0).mean() for d in diffs]) < 1e-3
+    # Beyond the image: all fill colour; no shift: the identity.
+    img = Image.fromarray(_image(20, 30))
+    np.testing.assert_array_equal(
+        np.asarray(randaugment._shift(img, 0.0, 31.0, vertical)),
+        np.broadcast_to(randaugment._FILL, (20, 30, 3)),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(randaugment._shift(img, 0.0, 0.0, vertical)), np.asarray(img)
+    )

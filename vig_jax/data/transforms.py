@@ -12,9 +12,9 @@ Normalisation, random erasing and mixup/cutmix run on the device (`mix.py`).
 Images arrive either decoded (uint8 arrays) or as their encoded bytes (what the pipeline reads,
 issue 19). From bytes, a JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8: Pillow's `draft`)
 whenever the region to resize still has at least the output's size at that scale, so nothing
-below the output resolution is lost; the crop or eval window is resized straight from the decoded
-image (`resize(box=...)`), which is the full resize followed by the crop without computing the
-pixels the crop drops. Random draws are the same, in the same order, for arrays and bytes.
+below the output resolution is lost; the training crop and the eval window are resized straight
+from the decoded image, which is the full resize followed by the crop without computing the pixels
+the crop drops. Random draws are the same, in the same order, for arrays and bytes.
 """
 
 import dataclasses
@@ -93,28 +93,55 @@ def _short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
     return int(short * height / width), short
 
 
-def _eval_resize(
+def _eval_window(
     height: int, width: int, size: int, crop_pct: float
-) -> tuple[tuple[int, int], tuple[float, float, float, float] | None, int]:
-    """How the eval resize + centre crop is computed without the pixels it drops.
+) -> tuple[tuple[int, int], tuple[int, int], tuple[float, float, float, float]]:
+    """Where the eval resize + centre crop takes its pixels from.
 
     Returns:
-      ((out_w, out_h), box, top): resizing the full-resolution `box` to (out_w, out_h) and keeping
-      rows top:top + size gives the resize of the shorter side to floor(size / crop_pct) followed
-      by the centre crop; box None means no resize (the image already has that size). When the
-      resize shrinks, the box holds only the kept columns: Pillow then samples the same source
-      positions as the full resize, and the result equals it to within one grey level (float
-      rounding of the weights; a box on rows too would differ by up to ~20 levels).
+      ((new_w, new_h), (left, top), box): the shorter side resized to floor(size / crop_pct) gives
+      new_w x new_h; the crop starts at (left, top) in it; `box` is that crop in source pixels.
     """
     new_h, new_w = _short_side_size(height, width, math.floor(size / crop_pct))
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
-    if (new_h, new_w) == (height, width):
-        return (size, new_h), None, top
-    if new_h >= height or new_w >= width:  # upscaling: resize everything, crop after
-        return (new_w, new_h), (0, 0, width, height), top
-    sx = width / new_w
-    return (size, new_h), (left * sx, 0.0, (left + size) * sx, float(height)), top
+    sx, sy = width / new_w, height / new_h
+    return (new_w, new_h), (left, top), (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
+
+def _resize_window(
+    image: Image.Image, box: tuple[float, float, float, float], size: int
+) -> Image.Image:
+    """The bicubic resize of the whole image, cropped to `box` (source pixels, at least `size`
+    wide and high), computed for the box only: size x size.
+
+    Pillow resizes in two passes, rows then columns, rounding to uint8 in between. Doing the same
+    passes as two calls, the first on just the rows the second reads, gives the full resize's
+    pixels to within one grey level (float weights). One call with the box skips the same work but
+    differed from the full resize by up to 13 levels near strong edges (Pillow 13).
+    """
+    left, top, right, bottom = box
+    support = 2.0 * max((bottom - top) / size, 1.0)  # bicubic: 2 output pixels, in source rows
+    first = max(int(top - support) - 1, 0)
+    last = min(math.ceil(bottom + support) + 1, image.height)
+    rows = image.crop((0, first, image.width, last))
+    rows = rows.resize((size, last - first), _RESAMPLE, box=(left, 0, right, last - first))
+    return rows.resize((size, size), _RESAMPLE, box=(0, top - first, size, bottom - first))
+
+
+def _resize_and_centre_crop(image: Image.Image, size: int, crop_pct: float) -> np.ndarray:
+    """`resize_and_centre_crop` of a PIL image, opened from bytes (decoded here, at a reduced JPEG
+    scale when the crop allows) or in memory (RGB)."""
+    width, height = image.size
+    new_size, (left, top), box = _eval_window(height, width, size, crop_pct)
+    if new_size[0] < width and new_size[1] < height:  # shrinks: resize only the crop
+        image, box = decode_region(image, box, (size, size))
+        return np.asarray(_resize_window(image, box, size))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if new_size != (width, height):  # enlarges: the whole image, then the crop
+        image = image.resize(new_size, _RESAMPLE)
+    return np.asarray(image)[top : top + size, left : left + size]
 
 
 def random_resized_crop_box(
@@ -155,18 +182,13 @@ def random_resized_crop_box(
 def resize_and_centre_crop(image: np.ndarray, size: int, crop_pct: float) -> np.ndarray:
     """Resizes the shorter side to floor(size / crop_pct) (bicubic), then centre-crops size x size.
 
-    When the resize shrinks, the dropped columns are not computed (`_eval_resize`).
+    When the resize shrinks, only the crop is computed (`_resize_window`).
     Args:
       image: [h, w, 3] uint8.
     Returns:
       [size, size, 3] uint8.
     """
-    height, width = image.shape[:2]
-    out_size, box, top = _eval_resize(height, width, size, crop_pct)
-    if box is not None:
-        image = np.asarray(Image.fromarray(image).resize(out_size, _RESAMPLE, box=box))
-    left = int(round((image.shape[1] - size) / 2.0))
-    return image[top : top + size, left : left + size]
+    return _resize_and_centre_crop(Image.fromarray(image), size, crop_pct)
 
 
 def pad_and_random_crop(rng: np.random.Generator, image: np.ndarray, padding: int) -> np.ndarray:
@@ -280,17 +302,10 @@ class EvalTransform:
     def __call__(self, example: Mapping[str, Any]) -> dict[str, Any]:
         """{"image": uint8 [h, w, C] or encoded bytes, "label": int} ->
         {"image": uint8 [S, S, 3], "label": int32}."""
-        image, size = example["image"], self.image_size
+        image = example["image"]
         if isinstance(image, bytes):
             pil = open_image(image)
-            out_size, box, top = _eval_resize(pil.height, pil.width, size, self.crop_pct)
-            if box is None:
-                image = decode_rgb(image)
-            else:
-                pil, box = decode_region(pil, box, out_size)
-                image = np.asarray(pil.resize(out_size, _RESAMPLE, box=box))
-            left = int(round((image.shape[1] - size) / 2.0))
-            image = image[top : top + size, left : left + size]
         else:
-            image = resize_and_centre_crop(to_rgb(np.asarray(image)), size, self.crop_pct)
+            pil = Image.fromarray(to_rgb(np.asarray(image)))
+        image = _resize_and_centre_crop(pil, self.image_size, self.crop_pct)
         return {"image": np.ascontiguousarray(image), "label": np.int32(example["label"])}
