@@ -29,6 +29,7 @@ ALL_FORMS = dict(
     fused_proj=True,
     dwconv="shift",
     fp32_mix=True,
+    gates_in_kernel=True,
     stem_impl="patches",
     scan_blocks=True,
     remat="block",
@@ -115,9 +116,8 @@ def _gla(dtype, **forms):
         use_act_in_conv=True,
         use_out_act=True,
         xavier_init=False,  # trunc_normal(0.02) would make the BiGLA branch tiny: unit scale below
-        bigla_impl="reference",
         dtype=jnp.dtype(dtype),
-        **forms,
+        **{"bigla_impl": "reference", **forms},
     )
 
 
@@ -126,17 +126,16 @@ GLA_FORMS = {
     "dwconv_shift": dict(dwconv="shift"),
     "fp32_mix": dict(fp32_mix=True),
     "all": dict(fused_proj=True, dwconv="shift", fp32_mix=True),
+    # Off the pallas path the gates come from the same XLA ops; the kernel's own gates below.
+    "gates_in_kernel": dict(gates_in_kernel=True),
 }
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("form", sorted(GLA_FORMS))
-def test_gla_form_matches_plain(form, dtype, request):
-    """The GLA layer's output and its gradients (input and every parameter) in each form."""
-    if dtype == "float64":
-        request.getfixturevalue("x64")
-    x = _normal((2, 4, 6, 16), dtype, 0)
-    plain = _gla(dtype)
+def _gla_outputs_and_grads(forms, dtype, width=16, **plain_kw):
+    """{form: {"y", "dx", every parameter's gradient}} of the plain layer (with plain_kw) and each
+    form in `forms`, at unit-scale parameters and a random cotangent."""
+    x = _normal((2, 4, 6, width), dtype, 0)
+    plain = _gla(dtype, **plain_kw)
     shapes = jax.eval_shape(plain.init, jax.random.key(0), x)["params"]
     # Unit-scale parameters, so that every branch (BiGLA, local path, gates) matters.
     leaves, tree = jax.tree.flatten(shapes)
@@ -145,15 +144,42 @@ def test_gla_form_matches_plain(form, dtype, request):
     )
     do = _normal(x.shape, dtype, 99)
     results = {}
-    for name, model in (("plain", plain), (form, _gla(dtype, **GLA_FORMS[form]))):
+    for name, model in (("plain", plain), *((f, _gla(dtype, **kw)) for f, kw in forms.items())):
         y, vjp = jax.vjp(jax.jit(lambda p, x, m=model: m.apply({"params": p}, x)), params, x)
         dparams, dx = vjp(do)
         results[name] = {"y": y, "dx": dx, **flatten_dict(dparams, sep="/")}
+    return results
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("form", sorted(GLA_FORMS))
+def test_gla_form_matches_plain(form, dtype, request):
+    """The GLA layer's output and its gradients (input and every parameter) in each form."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    results = _gla_outputs_and_grads({form: GLA_FORMS[form]}, dtype)
     for key, want in results["plain"].items():
         assert_close(f"{form} {key} {dtype}", results[form][key], want, TOL[dtype])
 
 
-@pytest.mark.parametrize("form", sorted(GLA_FORMS))
+def test_gla_gates_in_kernel_pallas_matches_plain():
+    """gates_in_kernel on the pallas kernels (interpret mode; K 16, V 32): gates computed where
+    the kernels read them, their gradient through the kernels' chain rule; against the plain
+    layer on the reference BiGLA (float32; kernel vs reference differ by ~1e-6). Negative
+    control: the kernel's gates with the wrong normalizer (1/8 instead of 1/16) must not pass."""
+    pallas = dict(bigla_impl="pallas", bigla_interpret=True)
+    forms = {"kernel": dict(gates_in_kernel=True, **pallas), "xla": pallas}
+    results = _gla_outputs_and_grads(forms, "float32", width=64)
+    for form in forms:
+        for key, want in results["plain"].items():
+            assert_close(f"{form} {key}", results[form][key], want, 1e-4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gla, "GATE_LOGIT_NORMALIZER", 8.0)
+        wrong = _gla_outputs_and_grads({"kernel": forms["kernel"]}, "float32", width=64)
+    assert rel_err(wrong["kernel"]["y"], results["plain"]["y"]) > 1e-3
+
+
+@pytest.mark.parametrize("form", sorted(set(GLA_FORMS) - {"gates_in_kernel"}))
 def test_gla_form_keeps_float32_gates_and_norm_statistics(form, monkeypatch):
     """bf16 compute: BiGLA gets float32 gates, and every rsqrt (norm statistics) is float32."""
     seen, real_bigla = [], gla.bigla

@@ -10,7 +10,7 @@ import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels.bigla import bigla
+from pallas_kernels.bigla import bigla, bigla_logits
 from vig_jax.models.layers import (
     DenseParams,
     DepthwiseConv3x3,
@@ -48,6 +48,9 @@ class GatedLinearAttention(nn.Module):
       fp32_mix: the RMSNorms of o and xs, the sigmoid mix and the output SiLU as one float32 chain,
         rounded to `dtype` once before the output projection (the plain form rounds the two
         norms and the mix gate to `dtype` first; the same numbers in float32).
+      gates_in_kernel: hand BiGLA the gate logits (`bigla_logits`): the pallas kernels compute
+        log_sigmoid(x) / 16 where they read a gate, so no float32 gate tensors are written and
+        read back; other impls compute the gates in XLA exactly as the plain form does.
       dtype: compute dtype; gates are computed in float32 (float64 when computing in float64).
     """
 
@@ -60,6 +63,7 @@ class GatedLinearAttention(nn.Module):
     fused_proj: bool = False
     dwconv: str = "conv"
     fp32_mix: bool = False
+    gates_in_kernel: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -104,11 +108,15 @@ class GatedLinearAttention(nn.Module):
         v = v.reshape(B, N, H, V)
 
         gates = dense(2 * key_dim, "gate_up", use_bias=True)(down)
-        # log_sigmoid of low-precision logits loses the small gates that matter most: float32.
-        gates = jax.nn.log_sigmoid(gates.astype(acc)) / GATE_LOGIT_NORMALIZER
-        gf, gb = (g.reshape(B, N, H, K) for g in jnp.split(gates, 2, axis=-1))
-
-        o = bigla(q, k, v, gf, gb, impl=self.bigla_impl, interpret=self.bigla_interpret)
+        run = dict(impl=self.bigla_impl, interpret=self.bigla_interpret)
+        if self.gates_in_kernel:
+            xf, xb = (x.reshape(B, N, H, K) for x in jnp.split(gates, 2, axis=-1))
+            o = bigla_logits(q, k, v, xf, xb, normalizer=GATE_LOGIT_NORMALIZER, **run)
+        else:
+            # log_sigmoid of low-precision logits loses the small gates that matter most: float32.
+            gates = jax.nn.log_sigmoid(gates.astype(acc)) / GATE_LOGIT_NORMALIZER
+            gf, gb = (g.reshape(B, N, H, K) for g in jnp.split(gates, 2, axis=-1))
+            o = bigla(q, k, v, gf, gb, **run)
         o = checkpoint_name(o, BIGLA_OUTPUT)  # [B, N, H, V]; saved by remat "block"
         if mix_logits is None:
             mix_logits = dense(D, "mix_gate", use_bias=True)(xs)

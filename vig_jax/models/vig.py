@@ -43,6 +43,7 @@ class ViGBlock(nn.Module):
     fused_proj: bool = False
     dwconv: str = "conv"
     fp32_mix: bool = False
+    gates_in_kernel: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -59,6 +60,7 @@ class ViGBlock(nn.Module):
             fused_proj=self.fused_proj,
             dwconv=self.dwconv,
             fp32_mix=self.fp32_mix,
+            gates_in_kernel=self.gates_in_kernel,
             dtype=self.dtype,
             name="attn",
         )(y)
@@ -83,8 +85,8 @@ class ViG(nn.Module):
       pos_grid: side of the learned position table (14: the official 224^2 grid); other token
         grids use its bicubic resize. A fine-tune at another resolution may learn a table of its
         own grid, resized once from the pretrained one (`vig_jax.train.init_from`).
-      fused_proj, dwconv, fp32_mix: forms of the GLA layer (see `GatedLinearAttention`); the
-        parameters are the same for all of them.
+      fused_proj, dwconv, fp32_mix, gates_in_kernel: forms of the GLA layer (see
+        `GatedLinearAttention`); the parameters are the same for all of them.
       stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
         3-channel convolution; same parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
@@ -106,6 +108,7 @@ class ViG(nn.Module):
     fused_proj: bool = False
     dwconv: str = "conv"
     fp32_mix: bool = False
+    gates_in_kernel: bool = False
     stem_impl: str = "conv"
     remat: str = "none"
     scan_blocks: bool = False
@@ -134,6 +137,7 @@ class ViG(nn.Module):
                 self.fused_proj,
                 self.dwconv,
                 self.fp32_mix,
+                self.gates_in_kernel,
             )
             for rate in rates
         ]

@@ -47,6 +47,7 @@ class ViGHBlock(nn.Module):
     fused_proj: bool = False
     dwconv: str = "conv"
     fp32_mix: bool = False
+    gates_in_kernel: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -63,6 +64,7 @@ class ViGHBlock(nn.Module):
             fused_proj=self.fused_proj,
             dwconv=self.dwconv,
             fp32_mix=self.fp32_mix,
+            gates_in_kernel=self.gates_in_kernel,
             dtype=self.dtype,
             name="attn",
         )(y)
@@ -83,8 +85,8 @@ class ViGH(nn.Module):
       drop_path_rate: stochastic depth of the last block (linear from 0 over all blocks).
       bigla_impl: "auto", "reference", "chunked" or "pallas" (see `pallas_kernels.bigla.bigla`).
       bigla_interpret: run the pallas kernel in interpret mode (CPU tests).
-      fused_proj, dwconv, fp32_mix: forms of the GLA layer (see `GatedLinearAttention`); the
-        parameters are the same for all of them.
+      fused_proj, dwconv, fp32_mix, gates_in_kernel: forms of the GLA layer (see
+        `GatedLinearAttention`); the parameters are the same for all of them.
       stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
         3-channel convolution; same parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
@@ -103,6 +105,7 @@ class ViGH(nn.Module):
     fused_proj: bool = False
     dwconv: str = "conv"
     fp32_mix: bool = False
+    gates_in_kernel: bool = False
     stem_impl: str = "conv"
     remat: str = "none"
     scan_blocks: bool = False
@@ -127,6 +130,7 @@ class ViGH(nn.Module):
                     self.fused_proj,
                     self.dwconv,
                     self.fp32_mix,
+                    self.gates_in_kernel,
                 )
                 for _ in range(depth)
             ]
