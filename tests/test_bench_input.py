@@ -16,7 +16,15 @@ def test_smoke_writes_every_run_and_the_dataset_facts(tmp_path):
     result = json.loads((out / "input.json").read_text())
     assert [(r["mode"], r["workers"]) for r in result["runs"]] == [("train", 0), ("eval", 0)]
     assert all(r["img_per_s"] > 0 and r["images"] > 0 for r in result["runs"])
-    assert set(result["stage_ms"]) == {"read", "train", "train_without_randaugment", "eval"}
+    assert set(result["stage_ms"]) == {
+        "read",
+        "decode",
+        "train",
+        "train_without_randaugment",
+        "randaugment",
+        "eval",
+    }
+    assert all(ms > 0 for ms in result["stage_ms"].values())
     dataset = result["dataset"]
     assert dataset["prepare_images"] == 40  # 20 train + 2 val per class, 10 classes
     assert 300 < dataset["mean_width_height"][0] < 500 and dataset["mean_jpeg_kb"] > 20
