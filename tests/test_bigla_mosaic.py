@@ -17,7 +17,15 @@ from tests.helpers import assert_close, run_fast
 from tests.test_bigla_pallas import check_all, fwd_and_grads, make_inputs, reference64
 
 TOL_O, TOL_GRAD = 1e-2, 2e-2  # bf16 q, k, v (fp32 accumulation), as GPU_TOL[bfloat16]
-EMULATED = MosaicParams(states="xla", backward="xla", emulate=True)
+
+
+def states_for(V):
+    """The Mosaic states kernel where it applies (V >= 64), else the XLA scan (no Triton)."""
+    return "mosaic" if V >= 64 else "xla"
+
+
+def emulated(V, states=None):
+    return MosaicParams(states=states or states_for(V), backward="xla", emulate=True)
 
 
 def shapes(B, N, H, K, V):
@@ -61,9 +69,10 @@ def mosaic_lowers():
     [(2, 196, 6, 32, 64), (8, 4096, 3, 32, 64)],
     ids=["vig_s_224", "vig_t_1024"],
 )
-@pytest.mark.parametrize("states", ["pallas", "xla"])
+@pytest.mark.parametrize("states", ["mosaic", "pallas", "xla"])
 def test_bigla_mosaic_lowers_for_cuda(mosaic_lowers, shape, states):
-    """Forward and backward cross-lower; the forward's chunk work is the Mosaic GPU kernel."""
+    """Forward and backward cross-lower; the forward's chunk work is the Mosaic GPU kernel, and
+    so is the states work with states="mosaic"."""
 
     def fwd_bwd(q, k, v, gf, gb, do):
         o, vjp = jax.vjp(
@@ -77,17 +86,21 @@ def test_bigla_mosaic_lowers_for_cuda(mosaic_lowers, shape, states):
     assert "mosaic_gpu" in text and "bigla_mosaic_fwd_chunks" in text
     triton_states = any(f"bigla_fwd_{n}" in text for n in ("states", "span_summaries"))
     assert triton_states == (states == "pallas")
+    assert ("bigla_mosaic_fwd_states" in text) == (states == "mosaic")
     assert "bigla_bwd" in text  # the Triton backward
 
 
-@pytest.mark.parametrize("K,V", [(16, 32), (16, 128), (32, 32), (32, 64), (64, 64), (64, 128)])
+@pytest.mark.parametrize(
+    "K,V", [(16, 32), (16, 64), (16, 128), (32, 32), (32, 64), (32, 128), (64, 64), (64, 128)]
+)
 def test_bigla_mosaic_lowers_every_head_dim_pair(mosaic_lowers, K, V):
     """Swizzles follow K and V (32, 64 or 128 bytes): each supported pair must pass Mosaic GPU's
-    wgmma and transfer checks. N = 17: one padded chunk."""
-    text = lower_for_cuda(
-        lambda *x: bigla_mosaic(*x, params=MosaicParams(states="xla")), *shapes(1, 17, 2, K, V)
-    )
-    assert "mosaic_gpu" in text
+    wgmma and transfer checks, with the Mosaic states kernel where it applies (V >= 64).
+    N = 130: three chunks, the last one padded."""
+    params = MosaicParams(states=states_for(V))
+    text = lower_for_cuda(lambda *x: bigla_mosaic(*x, params=params), *shapes(1, 130, 2, K, V))
+    assert "bigla_mosaic_fwd_chunks" in text
+    assert ("bigla_mosaic_fwd_states" in text) == (V >= 64)
 
 
 @pytest.mark.parametrize(
@@ -113,6 +126,9 @@ def test_bigla_mosaic_rejects_other_dtypes_and_params():
         bigla_mosaic(*args, params=MosaicParams(states="triton"))
     with pytest.raises(ValueError, match="backward="):
         bigla_mosaic(*args, params=MosaicParams(backward="mosaic"))
+    args, _ = make_inputs((1, 8, 1, 16, 32), dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="V >= 64"):
+        bigla_mosaic(*args, params=MosaicParams(states="mosaic"))
 
 
 # (B, N, H, K, V), gates: N in {1, 17, 64, 196, 1000, 4096} (one token, a padded chunk, exactly
@@ -131,10 +147,10 @@ PARITY_CASES = [
 
 @pytest.mark.parametrize("shape,gates", PARITY_CASES)
 def test_bigla_mosaic_emulated_matches_reference(shape, gates):
-    """The kernel body in jnp (same bf16 rounding points), forward and, through the custom_vjp,
-    the XLA backward's gradients."""
+    """The kernel bodies in jnp (same bf16 rounding points; the states kernel's where V >= 64),
+    forward and, through the custom_vjp, the XLA backward's gradients."""
     args, do = make_inputs(shape, dtype=jnp.bfloat16, gates=gates)
-    f = lambda *a: bigla_mosaic(*a, params=EMULATED)
+    f = lambda *a: bigla_mosaic(*a, params=emulated(shape[-1]))
     got = run_fast(lambda a, d: fwd_and_grads(f, a, d), args, do)
     check_all(got, reference64(args, do), TOL_O, TOL_GRAD)
 
@@ -155,14 +171,34 @@ def test_bigla_mosaic_emulated_with_triton_states_and_backward(shape, gates):
     check_all(got, reference64(args, do), TOL_O, TOL_GRAD)
 
 
-def test_bigla_mosaic_emulated_swapped_gates_fail():
+@pytest.mark.parametrize("states", ["mosaic", "xla"])
+def test_bigla_mosaic_emulated_swapped_gates_fail(states):
     """Negative control: gf and gb swapped must fail the forward check the right order passes."""
     (q, k, v, gf, gb), do = make_inputs((1, 196, 2, 32, 64), dtype=jnp.bfloat16)
     want = reference64((q, k, v, gf, gb), do)[0]
-    f = jax.jit(lambda *a: bigla_mosaic(*a, params=EMULATED))
+    f = jax.jit(lambda *a: bigla_mosaic(*a, params=emulated(64, states)))
     assert_close("o", f(q, k, v, gf, gb), want, TOL_O)
     with pytest.raises(AssertionError, match="relative"):
         assert_close("o", f(q, k, v, gb, gf), want, TOL_O)
+
+
+@pytest.mark.parametrize("gates", ["typical", "very_negative"])
+def test_mosaic_states_match_xla_states(gates):
+    """The states kernel's arithmetic alone: its transposed entering states (emulated) against
+    those of chunked.py's scan, both rounded to bf16 at the end (B 2, N 200: four chunks, the
+    last one padded)."""
+    from pallas_kernels.bigla import mosaic
+
+    (_, k, v, gf, gb), _ = make_inputs((2, 200, 2, 32, 64), dtype=jnp.bfloat16, gates=gates)
+    n_pad = 256
+    Gf, _ = mosaic._in_chunk_cumsums(gf, n_pad)
+    _, Gb = mosaic._in_chunk_cumsums(gb, n_pad)
+    padded = (mosaic._pad(k, n_pad), mosaic._pad(v, n_pad), Gf, Gb)
+    want = mosaic._entering_states((k, v, gf, gb), padded, emulated(64, "xla"))
+    got = mosaic._entering_states((k, v, gf, gb), padded, emulated(64, "mosaic"))
+    for name, g, w in zip(("S_f^T", "S_b^T"), got, want, strict=True):
+        assert g.shape == w.shape == (2, 2, 4 * 64, 32)
+        assert_close(name, g, w, 1e-2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,28 +214,34 @@ def check_gpu(shape, params, gates="typical"):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,gates", PARITY_CASES)
-@pytest.mark.parametrize("states", ["pallas", "xla"])
+@pytest.mark.parametrize("states", ["mosaic", "pallas", "xla"])
 def test_bigla_mosaic_gpu_matches_reference(shape, gates, states):
+    if states == "mosaic" and shape[-1] < 64:
+        states = "xla"  # V < 64: the states kernel does not apply (the case still runs)
     check_gpu(shape, MosaicParams(states=states), gates)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("K,V", [(16, 128), (32, 32), (64, 64), (64, 128)])
+@pytest.mark.parametrize(
+    "K,V", [(16, 64), (16, 128), (32, 32), (32, 128), (64, 64), (64, 128)], ids=str
+)
 def test_bigla_mosaic_gpu_other_head_dims(K, V):
-    check_gpu((2, 130, 2, K, V), MosaicParams())
+    check_gpu((2, 130, 2, K, V), MosaicParams(states=states_for(V)))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("states", ["mosaic", "pallas"])
 @pytest.mark.parametrize("shape", [(16, 196, 6, 32, 64), (2, 4096, 3, 32, 64)], ids=str)
-def test_bigla_mosaic_gpu_vig_shapes(shape):
-    check_gpu(shape, MosaicParams())
+def test_bigla_mosaic_gpu_vig_shapes(shape, states):
+    check_gpu(shape, MosaicParams(states=states))
 
 
 @pytest.mark.gpu
-def test_bigla_mosaic_gpu_swapped_gates_fail():
+@pytest.mark.parametrize("states", ["mosaic", "pallas"])
+def test_bigla_mosaic_gpu_swapped_gates_fail(states):
     (q, k, v, gf, gb), do = make_inputs((2, 196, 2, 32, 64), dtype=jnp.bfloat16)
     want = reference64((q, k, v, gf, gb), do)[0]
-    f = jax.jit(bigla_mosaic)
+    f = jax.jit(lambda *a: bigla_mosaic(*a, params=MosaicParams(states=states)))
     assert_close("o", f(q, k, v, gf, gb), want, TOL_O)
     with pytest.raises(AssertionError, match="relative"):
         assert_close("o", f(q, k, v, gb, gf), want, TOL_O)

@@ -8,9 +8,9 @@ JAX 0.11. One CUDA block (one warpgroup, 128 threads) per (chunk of C = 64 rows,
 
 with G the in-chunk inclusive cumsum of each direction's gate (reverse for the backward one) and
 S_in the states entering the chunk. The kernel reads q, k, v (bf16), G_f, G_b (fp32), the G rows
-of every 16-row sub-block's middle row (fp32) and S_f,in, S_b,in (bf16) by TMA, computes the
-decay exponentials and masks in registers and all products on the tensor cores (wgmma, bf16
-operands, fp32 accumulators).
+of every 16-row sub-block's middle row (fp32) and S_f,in, S_b,in (bf16, transposed: [V, K]) by
+TMA, computes the decay exponentials and masks in registers and all products on the tensor cores
+(wgmma, bf16 operands, fp32 accumulators).
 
 Scores with per-16-row references. wgmma tiles have 64 rows, but a chunk-wide reference row
 overflows fp32 (e^{64 |g|}) for gates below about -1.4 per token. So, as the Triton kernel's fast
@@ -25,18 +25,21 @@ and bf16 end at e^{88.7} (at -11 the emulation already gives inf). The same rang
 `pallas.KernelParams(exact_diagonal=False)`, ViG's default.
 
 Inputs are prepared in XLA: padding to a multiple of C (zeros: neutral in both directions), the
-in-chunk gate cumsums (Mosaic GPU has no cumsum; a 0/1 matmul would be tf32) and the states
-entering every chunk (`pallas._states`, the Triton states kernels, or the XLA scan of
-`chunked.py`). The backward pass (custom_vjp) is the Triton one (`pallas._bigla_bwd`) or autodiff
-of `bigla_chunked` (`backward="xla"`); a Mosaic backward is future work.
+in-chunk gate cumsums (Mosaic GPU has no cumsum; a 0/1 matmul would be tf32) and their middle
+rows. The states entering every chunk come from a second Mosaic GPU kernel (`states="mosaic"`:
+one block per (b, h) walks the chunks, the state kept transposed so its update is a wgmma with
+M = V; V >= 64), from the Triton states kernels (`pallas._states`, the default until the Mosaic
+one is timed) or from the XLA scan of `chunked.py`. The backward pass (custom_vjp) is the Triton
+one (`pallas._bigla_bwd`) or autodiff of `bigla_chunked` (`backward="xla"`); a Mosaic backward
+is future work.
 
 Pallas Mosaic GPU names used (all in jax 0.10.2, where the kernel cross-lowers; upstream marks
 the module unstable, so these are what to check on a newer JAX): plgpu.kernel (grid,
 grid_names, scratch_types, compiler_params), plgpu.SMEM, plgpu.Barrier, plgpu.TilingTransform,
 plgpu.SwizzleTransform, plgpu.copy_gmem_to_smem, plgpu.barrier_wait, plgpu.copy_smem_to_gmem,
 plgpu.wait_smem_to_gmem, plgpu.commit_smem, plgpu.wgmma, plgpu.ACC, plgpu.transpose_ref,
-plgpu.layout_cast, plgpu.Layout.WGMMA (and .reduce), plgpu.broadcasted_iota,
-plgpu.CompilerParams, pl.run_scoped.
+plgpu.ACC.init, plgpu.layout_cast, plgpu.Layout.WGMMA (and .reduce), plgpu.broadcasted_iota,
+plgpu.CompilerParams, pl.run_scoped, pl.run_state.
 """
 
 import dataclasses
@@ -56,7 +59,8 @@ SUB = 16  # rows per reference sub-block: the exponent bound is 8 gates (rows 0.
 MID = SUB // 2
 K_DIMS = (16, 32, 64)
 V_DIMS = (32, 64, 128)
-STATES = ("pallas", "xla")
+STATES = ("mosaic", "pallas", "xla")
+MOSAIC_STATES_MIN_V = 64  # the states kernel's wgmma has M = V
 BACKWARDS = ("pallas", "xla")
 
 
@@ -64,8 +68,10 @@ BACKWARDS = ("pallas", "xla")
 class MosaicParams:
     """Settings of `bigla_mosaic` (the single static argument of its custom_vjp).
 
-    states: where the states entering every chunk come from: "pallas" (the Triton states kernels
-      of `pallas.py`, sequential or in spans as there) or "xla" (the `lax.scan` of `chunked.py`).
+    states: where the states entering every chunk come from: "mosaic" (`_bigla_states_kernel`,
+      one Mosaic GPU block per (b, h) walking all chunks; V >= 64), "pallas" (the Triton states
+      kernels of `pallas.py`, sequential or in spans as there) or "xla" (the `lax.scan` of
+      `chunked.py`).
     backward: "pallas" (the Triton backward kernels) or "xla" (autodiff of `bigla_chunked`).
     emulate: run the kernel body (`_fwd_chunk`) in plain jnp instead of the Mosaic GPU kernel, and
       the Triton kernels in Pallas interpret mode, on any backend: CPU tests of the arithmetic
@@ -101,14 +107,17 @@ def _check(q, k, v, gf, gb, params):
         raise ValueError(f"need at least one token, got {q.shape=}")
     if params.states not in STATES:
         raise ValueError(f"states={params.states!r} is not one of {STATES}")
+    if params.states == "mosaic" and V < MOSAIC_STATES_MIN_V:
+        raise ValueError(f"states='mosaic' needs V >= {MOSAIC_STATES_MIN_V}; got {V=}")
     if params.backward not in BACKWARDS:
         raise ValueError(f"backward={params.backward!r} is not one of {BACKWARDS}")
 
 
-def _smem_transforms(minor, itemsize=2):
-    """Tiling + swizzle of a bf16 SMEM operand whose minor dimension is `minor` elements: the
-    swizzle spans min(minor, 64) elements (32, 64 or 128 bytes), as wgmma wants."""
-    swizzle = min(minor * itemsize, 128)
+def _smem_transforms(minor, itemsize=2, swizzle_max=128):
+    """Tiling + swizzle of an SMEM tile whose minor dimension is `minor` elements of `itemsize`
+    bytes: the swizzle spans min(minor * itemsize, swizzle_max) bytes (32, 64 or 128), as wgmma
+    and the bank-conflict-free register loads want."""
+    swizzle = min(minor * itemsize, swizzle_max)
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
@@ -123,7 +132,8 @@ def _fwd_chunk(ops, q, k, g_f, g_b, m_f, m_b, v, s_f, s_b):
 
     q, k, g_f, g_b: [C, K] fp32 (g: the in-chunk inclusive cumsums, g_b the reverse one);
     m_f, m_b: the cumsums at each sub-block's middle row, [C / SUB, K] (read through `ops.mid`);
-    v [C, V], s_f, s_b [K, V]: right-hand operands of the output products (through `ops.out`).
+    v [C, V] and the transposed states s_f, s_b [V, K]: right-hand operands of the output
+    products (through `ops.out`).
     """
     C, K = q.shape
     nsub = C // SUB
@@ -151,7 +161,7 @@ def _fwd_chunk(ops, q, k, g_f, g_b, m_f, m_b, v, s_f, s_b):
     a = scores(g_f, m_f, False) + scores(g_b, m_b, True)  # the diagonal counts in both directions
     q_f = (q * jnp.exp(g_f)).astype(jnp.bfloat16)  # exponents <= 0
     q_b = (q * jnp.exp(g_b)).astype(jnp.bfloat16)
-    return 0.5 * ops.out([(a.astype(jnp.bfloat16), v), (q_f, s_f), (q_b, s_b)])
+    return 0.5 * ops.out([(a.astype(jnp.bfloat16), v, False), (q_f, s_f, True), (q_b, s_b, True)])
 
 
 class _KernelOps:
@@ -184,9 +194,13 @@ class _KernelOps:
         return pl.run_scoped(body, plgpu.ACC((lhs[0].shape[0],) * 2, jnp.float32))
 
     def out(self, terms):
+        """sum of a @ b (b transposed where flagged), terms (a [M, X] bf16, b SMEM, flag)."""
+
         def body(acc_ref):
-            for a, b_smem in terms:
-                plgpu.wgmma(acc_ref, a, b_smem)
+            for a, b_smem, transposed in terms:
+                plgpu.wgmma(
+                    acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)) if transposed else b_smem
+                )
             return acc_ref[...]
 
         shape = (terms[0][0].shape[0], terms[0][1].shape[-1])
@@ -212,7 +226,14 @@ class _EmulatedOps:
         return sum(self._dot(x, kh.T) for x, kh in zip(lhs, keys, strict=True))
 
     def out(self, terms):
-        return sum(self._dot(a, b) for a, b in terms)
+        return sum(self._dot(a, b.T if transposed else b) for a, b, transposed in terms)
+
+    @staticmethod
+    def row(g, r):
+        return g[r]
+
+    def add_vt_k(self, direction, s, v, kh):
+        return s + self._dot(v.T.astype(jnp.bfloat16), kh)
 
 
 def _bigla_fwd_kernel(
@@ -239,11 +260,11 @@ def _bigla_fwd_kernel(
     o_smem,
     barrier,
     *,
-    K,
+    V,
 ):
     """One chunk of one (b, h). Refs in HBM: q, k [B, Np, H, K] bf16, v [B, Np, H, V] bf16,
     gf, gb [B, Np, H, K] fp32 (in-chunk cumsums), mf, mb [B, Np / SUB, H, K] fp32 (the cumsums
-    at each sub-block's middle row), sf, sb [B, H, NTp * K, V] bf16 (entering states), o
+    at each sub-block's middle row), sf, sb [B, H, NTp * V, K] bf16 (entering states, transposed), o
     [B, Np, H, V] bf16; then their SMEM tiles (kh_smem: see `_KernelOps`) and 9 TMA barriers."""
     c, b, h = lax.axis_index("c"), lax.axis_index("b"), lax.axis_index("h")
     rows = pl.ds(c * CHUNK, CHUNK)
@@ -256,8 +277,8 @@ def _bigla_fwd_kernel(
         (gb_ref.at[b, rows, h], gb_smem),
         (mf_ref.at[b, pl.ds(c * nsub, nsub), h], mf_smem),
         (mb_ref.at[b, pl.ds(c * nsub, nsub), h], mb_smem),
-        (sf_ref.at[b, h, pl.ds(c * K, K)], sf_smem),
-        (sb_ref.at[b, h, pl.ds(c * K, K)], sb_smem),
+        (sf_ref.at[b, h, pl.ds(c * V, V)], sf_smem),
+        (sb_ref.at[b, h, pl.ds(c * V, V)], sb_smem),
     )
     for i, (src, dst) in enumerate(copies):
         plgpu.copy_gmem_to_smem(src, dst, barrier.at[i])
@@ -290,16 +311,16 @@ def _chunk_call(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
         plgpu.SMEM((CHUNK, K), f32, transforms=_smem_transforms(K, 4)),  # G_b
         plgpu.SMEM((CHUNK // SUB, K), f32),  # middle rows of G_f
         plgpu.SMEM((CHUNK // SUB, K), f32),  # middle rows of G_b
-        # States [K, V]: wgmma RHS with K as the contraction, so the swizzle spans <= K elements.
-        plgpu.SMEM((K, V), bf16, transforms=_smem_transforms(K)),
-        plgpu.SMEM((K, V), bf16, transforms=_smem_transforms(K)),
+        # Transposed states [V, K]: wgmma RHS read transposed, as the keys.
+        plgpu.SMEM((V, K), bf16, transforms=_smem_transforms(K)),
+        plgpu.SMEM((V, K), bf16, transforms=_smem_transforms(K)),
         plgpu.SMEM((2, CHUNK // SUB, CHUNK, K), bf16, transforms=_smem_transforms(K)),  # keys
         plgpu.SMEM((CHUNK, V), bf16),  # o
         plgpu.Barrier(num_barriers=9),
     ]
 
     def bigla_mosaic_fwd_chunks(*refs):  # plgpu.kernel names the launch after the body
-        _bigla_fwd_kernel(*refs, K=K)
+        _bigla_fwd_kernel(*refs, V=V)
 
     return plgpu.kernel(
         bigla_mosaic_fwd_chunks,
@@ -319,8 +340,8 @@ def _emulated_chunks(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
     def chunks(x, rows):  # [B, nt * rows, H, d] -> [B, nt, H, rows, d]
         return x.reshape(B, nt, rows, H, x.shape[-1]).swapaxes(2, 3)
 
-    def states(s):  # [B, H, NTp * K, V] -> [B, nt, H, K, V]
-        return s.reshape(B, H, -1, K, s.shape[-1])[:, :, :nt].swapaxes(1, 2)
+    def states(s):  # [B, H, NTp * V, K] -> [B, nt, H, V, K]
+        return s.reshape(B, H, -1, v.shape[-1], K)[:, :, :nt].swapaxes(1, 2)
 
     f32 = jnp.float32
     args = [chunks(x.astype(f32), CHUNK) for x in (q, k, Gf, Gb)]
@@ -331,6 +352,139 @@ def _emulated_chunks(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
         body = jax.vmap(body)
     o = body(*args).astype(v.dtype)  # [B, nt, H, C, V]
     return o.swapaxes(2, 3).reshape(B, Np, H, -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# States kernel (states="mosaic"): one block per (b, h) walks the chunks, both directions in the
+# same loop, the state [K, V] kept transposed (S^T [V, K]) so that its update v^T k^ is a wgmma
+# with M = V (64 rows at least; hence V >= 64).
+
+
+def _state_step(ops, s, k, g, v, direction):
+    """The transposed state after one chunk: s [V, K] fp32 entering it; k, g [C, K] fp32 (g this
+    direction's in-chunk cumsum); v [C, V] (through `ops.add_vt_k`); direction 0 forward, 1
+    backward. The chunk's decay is e^T with T = g at the chunk's exit (last row forward, first
+    backward), the keys decay to the exit by e^{T - g}: every exponent <= 0."""
+    C, K = k.shape
+    total = ops.row(g, C - 1 if direction == 0 else 0)  # [K]
+    kh = k * jnp.exp(lax.broadcast_in_dim(total, (C, K), [1]) - g)
+    decayed = s * jnp.exp(lax.broadcast_in_dim(total, s.shape, [1]))
+    return ops.add_vt_k(direction, decayed, v, kh.astype(jnp.bfloat16))
+
+
+class _StatesKernelOps:
+    """`_state_step`'s ops inside the Mosaic GPU states kernel; kh_smem [2, C, K] bf16."""
+
+    layout = plgpu.Layout.WGMMA
+
+    def __init__(self, kh_smem):
+        self.kh_smem = kh_smem
+
+    def row(self, g, r):  # g[r] as a [K] vector (a masked sum over the rows: no row gather)
+        rows = plgpu.broadcasted_iota(jnp.int32, g.shape, 0, layout=self.layout)
+        return jnp.sum(jnp.where(rows == r, g, 0.0), axis=0)
+
+    def add_vt_k(self, direction, s, v_smem, kh):
+        kh_smem = self.kh_smem.at[direction]
+        kh_smem[...] = kh
+        plgpu.commit_smem()  # also a warpgroup barrier: every read of this step's tiles is done
+
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, plgpu.transpose_ref(v_smem, (1, 0)), kh_smem)
+
+        return pl.run_state(body)(plgpu.ACC.init(s))
+
+
+def _bigla_states_kernel(
+    k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, k_smem, v_smem, g_smem, kh_smem, st_smem, barrier
+):
+    """One (b, h): k [B, Np, H, K], v [B, Np, H, V] bf16, gf, gb [B, Np, H, K] fp32 (in-chunk
+    cumsums) -> sf, sb [B, H, NT * V, K] bf16, the transposed states entering every chunk. Step
+    `it` handles chunk it forward and chunk NT - 1 - it backward; SMEM tiles are [2, ...] (one
+    per direction), 6 TMA barriers."""
+    b, h = lax.axis_index("b"), lax.axis_index("h")
+    nt = k_ref.shape[1] // CHUNK
+    V, K = st_smem.shape[1:]
+    ops = _StatesKernelOps(kh_smem)
+    load = lambda ref: plgpu.layout_cast(ref[...], ops.layout).astype(jnp.float32)
+
+    def step(it, states):
+        chunks = (it, nt - 1 - it)
+        for d, g_ref in enumerate((gf_ref, gb_ref)):
+            rows = pl.ds(chunks[d] * CHUNK, CHUNK)
+            for j, (src, dst) in enumerate(((k_ref, k_smem), (v_ref, v_smem), (g_ref, g_smem))):
+                plgpu.copy_gmem_to_smem(src.at[b, rows, h], dst.at[d], barrier.at[3 * d + j])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last step's state stores read st_smem
+        for d in range(2):
+            st_smem.at[d][...] = states[d].astype(st_smem.dtype)
+        plgpu.commit_smem()
+        for d, s_ref in enumerate((sf_ref, sb_ref)):
+            plgpu.copy_smem_to_gmem(st_smem.at[d], s_ref.at[b, h, pl.ds(chunks[d] * V, V)])
+        new = []
+        for d in range(2):
+            for j in range(3):
+                plgpu.barrier_wait(barrier.at[3 * d + j])
+            k, g = load(k_smem.at[d]), load(g_smem.at[d])
+            new.append(_state_step(ops, states[d], k, g, v_smem.at[d], d))
+        return tuple(new)
+
+    zero = plgpu.layout_cast(jnp.zeros((V, K), jnp.float32), ops.layout)
+    lax.fori_loop(0, nt, step, (zero, zero))
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _states_call(k, v, Gf, Gb):
+    """The Mosaic GPU states launch, grid (B, H): (S_f^T, S_b^T), [B, H, NT * V, K] bf16."""
+    B, Np, H, K = k.shape
+    V = v.shape[-1]
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    out = jax.ShapeDtypeStruct((B, H, Np // CHUNK * V, K), bf16)
+    scratch = [
+        plgpu.SMEM((2, CHUNK, K), bf16, transforms=_smem_transforms(K)),  # k
+        # v is the wgmma LHS read transposed: its swizzle must equal the RHS's (2K bytes).
+        plgpu.SMEM((2, CHUNK, V), bf16, transforms=_smem_transforms(V, swizzle_max=2 * K)),
+        plgpu.SMEM((2, CHUNK, K), f32, transforms=_smem_transforms(K, 4)),  # in-chunk cumsums
+        plgpu.SMEM((2, CHUNK, K), bf16, transforms=_smem_transforms(K)),  # decayed keys
+        plgpu.SMEM((2, V, K), bf16, transforms=_smem_transforms(K)),  # entering states
+        plgpu.Barrier(num_barriers=6),
+    ]
+
+    def bigla_mosaic_fwd_states(*refs):  # plgpu.kernel names the launch after the body
+        _bigla_states_kernel(*refs)
+
+    return plgpu.kernel(
+        bigla_mosaic_fwd_states,
+        out_type=(out, out),
+        scratch_types=scratch,
+        grid=(B, H),
+        grid_names=("b", "h"),
+        compiler_params=plgpu.CompilerParams(),
+    )(k, v, Gf, Gb)
+
+
+def _emulated_states(k, v, Gf, Gb):
+    """`_states_call` on any backend: `_state_step` on `_EmulatedOps` in a `lax.scan`."""
+    B, Np, H, K = k.shape
+    V = v.shape[-1]
+    nt = Np // CHUNK
+
+    def chunks(x):  # [B, Np, H, d] -> [B, H, nt, C, d]
+        return x.reshape(B, nt, CHUNK, H, x.shape[-1]).transpose(0, 3, 1, 2, 4)
+
+    f32 = jnp.float32
+    ops = _EmulatedOps()
+
+    def walk(k, v, g, direction):  # one (b, h): [nt, C, d] -> entering states [nt, V, K]
+        def step(s, xs):
+            return _state_step(ops, s, *xs, direction), s
+
+        zero = jnp.zeros((V, K), f32)
+        return lax.scan(step, zero, (k, g, v), reverse=direction == 1)[1]
+
+    walk = jax.vmap(jax.vmap(walk, (0, 0, 0, None)), (0, 0, 0, None))
+    kc, vc = chunks(k.astype(f32)), chunks(v)
+    sf, sb = (walk(kc, vc, chunks(G), d) for d, G in enumerate((Gf, Gb)))
+    return tuple(x.reshape(B, H, nt * V, K).astype(jnp.bfloat16) for x in (sf, sb))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,15 +518,21 @@ def _triton_params(params):
     return pallas.KernelParams(chunk=CHUNK, interpret=params.emulate)
 
 
-def _entering_states(k, v, gf, gb, params):
-    """States entering every chunk, (S_f, S_b), [B, H, NTp * K, V] bf16 each (NTp >= NT)."""
-    B, N, H, K = k.shape
+def _entering_states(inputs, padded, params):
+    """Transposed states entering every chunk, (S_f^T, S_b^T), [B, H, NTp * V, K] bf16 each
+    (NTp >= NT). inputs: (k, v, gf, gb) as given; padded: k, v padded to Np rows and the in-chunk
+    cumsums Gf, Gb (what the Mosaic states kernel reads)."""
+    k, v, gf, gb = inputs
+    B, _, H, K = k.shape
     V = v.shape[-1]
+    if params.states == "mosaic":
+        states_call = _emulated_states if params.emulate else _states_call
+        return states_call(*padded)
     if params.states == "pallas":
         from pallas_kernels.bigla import pallas
 
         inputs = (k, v, gf.astype(jnp.float32), gb.astype(jnp.float32))
-        sf, sb = pallas._states(inputs, _triton_params(params), False)
+        sf, sb = pallas._states(inputs, _triton_params(params), False)  # [B, H, NTp * K, V]
     else:
         from pallas_kernels.bigla import chunked
 
@@ -385,7 +545,8 @@ def _entering_states(k, v, gf, gb, params):
         s_in = chunked._states_in(decay, u)  # [2, B, NT, H, K, V]
         s_in = s_in.transpose(0, 1, 3, 2, 4, 5).reshape(2, B, H, -1, V)
         sf, sb = s_in[0], s_in[1]
-    return sf.astype(jnp.bfloat16), sb.astype(jnp.bfloat16)
+    transpose = lambda x: x.reshape(B, H, -1, K, V).swapaxes(-1, -2).reshape(B, H, -1, K)
+    return transpose(sf).astype(jnp.bfloat16), transpose(sb).astype(jnp.bfloat16)
 
 
 def _bigla_fwd(q, k, v, gf, gb, params):
@@ -393,8 +554,8 @@ def _bigla_fwd(q, k, v, gf, gb, params):
     n_pad = math.ceil(N / CHUNK) * CHUNK
     Gf, _ = _in_chunk_cumsums(gf, n_pad)
     _, Gb = _in_chunk_cumsums(gb, n_pad)
-    sf, sb = _entering_states(k, v, gf, gb, params)
     qp, kp, vp = (_pad(x, n_pad) for x in (q, k, v))
+    sf, sb = _entering_states((k, v, gf, gb), (kp, vp, Gf, Gb), params)
     chunk_call = _emulated_chunks if params.emulate else _chunk_call
     o = chunk_call(qp, kp, vp, Gf, Gb, _mids(Gf), _mids(Gb), sf, sb)
     return o[:, :N]
