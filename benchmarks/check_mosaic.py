@@ -3,19 +3,22 @@
     python benchmarks/check_mosaic.py                 # parity at 6 shapes, then the timing table
     python benchmarks/check_mosaic.py --no-timing     # parity only
 
-(a) Parity: `bigla_mosaic` (states from the Triton states kernels, and from XLA) against the
-float32 reference on the GPU, bf16 q, k, v, typical gates (log_sigmoid(3 N(0, 1)) / 16) and gates
-at -10 on half of the channels; prints max |Δ| / max |ref| of o (and of the five gradients
-through the custom_vjp) and PASS / FAIL at 1e-2 (o) / 2e-2 (gradients), tests/test_bigla_pallas.py's
-bf16 bounds. Also the swapped-gates control, which must FAIL.
-(b) Timing: forward ms of `bigla_mosaic` (both states sources) and of the Triton `bigla_pallas`
-at ViG-S 224 (128, 196, 6, 32, 64) and ViG-T 1024 (8, 4096, 3, 32, 64): --inner calls in one
-jitted loop (harness.jax_repeat), compiled ahead of time (harness.compile_jax, compile seconds
-printed), median of --iters runs (harness.time_call).
+(a) Parity: `bigla_mosaic` (states from the Mosaic states kernel, the Triton states kernels
+and the XLA scan) against the float32 reference on the GPU: bf16 q, k, v, typical gates
+(log_sigmoid(3 N(0, 1)) / 16) and gates at -10 on half of the channels. Prints max |Δ| / max |ref|
+of o and of the five gradients (through the custom_vjp) and PASS / FAIL at 1e-2 (o) / 2e-2
+(gradients), the bf16 bounds of tests/test_bigla_pallas.py; then the swapped-gates control,
+which must FAIL.
+(b) Timing: forward µs of `bigla_mosaic` (each states source), of the Triton `bigla_pallas`, and
+of the states work alone as `bigla_mosaic` does it (cumsums and padding included; the Mosaic
+states kernel vs the Triton states kernels) at ViG-S 224 (128, 196, 6, 32, 64) and ViG-T 1024
+(8, 4096, 3, 32, 64): --inner calls in one jitted loop (harness.jax_repeat), compiled ahead of
+time (harness.compile_jax, compile seconds printed), median of --iters runs (harness.time_call).
 Any error (a Mosaic lowering or compile failure, say) prints as one line and the run goes on.
 """
 
 import argparse
+import functools
 import pathlib
 import sys
 
@@ -26,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import harness  # noqa: E402
+from pallas_kernels.bigla import mosaic  # noqa: E402
 from pallas_kernels.bigla.mosaic import MosaicParams, bigla_mosaic  # noqa: E402
 from pallas_kernels.bigla.pallas import bigla_pallas  # noqa: E402
 from pallas_kernels.bigla.reference import bigla_reference  # noqa: E402
@@ -88,9 +92,14 @@ def parity(shape, params, gates="typical", swap=False):
 
 def run_parity():
     harness.log(f"parity (bound o {TOL_O}, gradients {TOL_GRAD}; the swapped control must FAIL)")
-    cases = [(s, st, "typical", False) for s in PARITY_SHAPES for st in ("pallas", "xla")]
-    cases += [((2, 196, 3, 32, 64), "pallas", "very_negative", False)]
-    cases += [((2, 196, 3, 32, 64), "pallas", "typical", True)]
+    cases = [
+        (s, st, "typical", False)
+        for s in PARITY_SHAPES
+        for st in ("mosaic", "pallas", "xla")
+        if st != "mosaic" or s[-1] >= 64  # the states kernel needs V >= 64
+    ]
+    cases += [((2, 196, 3, 32, 64), st, "very_negative", False) for st in ("mosaic", "pallas")]
+    cases += [((2, 196, 3, 32, 64), st, "typical", True) for st in ("mosaic", "pallas")]
     for shape, states, gates, swap in cases:
         label = f"{shape} states={states} gates={gates}" + (" SWAPPED" if swap else "")
         try:
@@ -117,11 +126,24 @@ def time_forward(name, fn, shape, args):
         return "error", "-"
 
 
+def states_only(source, q, k, v, gf, gb):
+    """The entering states alone, as `bigla_mosaic` computes them (padding and cumsums
+    included), from the Mosaic states kernel or the Triton states kernels."""
+    n_pad = -(-q.shape[1] // mosaic.CHUNK) * mosaic.CHUNK
+    Gf, _ = mosaic._in_chunk_cumsums(gf, n_pad)
+    _, Gb = mosaic._in_chunk_cumsums(gb, n_pad)
+    padded = (mosaic._pad(k, n_pad), mosaic._pad(v, n_pad), Gf, Gb)
+    return mosaic._entering_states((k, v, gf, gb), padded, MosaicParams(states=source))
+
+
 def run_timing(args):
     impls = {
-        "mosaic (Triton states)": lambda *a: bigla_mosaic(*a, params=MosaicParams()),
-        "mosaic (XLA states)": lambda *a: bigla_mosaic(*a, params=MosaicParams(states="xla")),
+        "mosaic (Mosaic states)": functools.partial(bigla_mosaic, params=MosaicParams("mosaic")),
+        "mosaic (Triton states)": functools.partial(bigla_mosaic, params=MosaicParams("pallas")),
+        "mosaic (XLA states)": functools.partial(bigla_mosaic, params=MosaicParams("xla")),
         "pallas (Triton)": bigla_pallas,
+        "states only: Mosaic": functools.partial(states_only, "mosaic"),
+        "states only: Triton": functools.partial(states_only, "pallas"),
     }
     lines = ["| shape | impl | fwd µs | compile s |", "|---|---|---|---|"]
     for case, shape in TIMING_SHAPES.items():
