@@ -20,6 +20,7 @@ and equal to it to within one grey level (float32 weights; Pillow truncates a fl
 
 import dataclasses
 import functools
+import math
 import re
 
 import numpy as np
@@ -74,27 +75,25 @@ def shift_lines(image: np.ndarray, slope: float, offset: float) -> np.ndarray:
     # Only the 2 pixels next to the image are read by an output inside it (edge copies); the rest
     # is read only by outputs that get the fill colour.
     pad = int(np.abs(first).max()) + 3
-    padded = np.zeros((height, width + 2 * pad, channels), np.float32)
+    padded = np.zeros((height, width + 2 * pad, channels), np.uint8)
     padded[:, pad : pad + width] = image
     padded[:, pad - 2 : pad] = image[:, :1]
     padded[:, pad + width : pad + width + 2] = image[:, -1:]
     s_line, s_pixel, s_channel = padded.strides
     windows = as_strided(
         padded,
-        (height, 2 * pad + 1, width, channels),
+        (height, 2 * pad + 1, width + 3, channels),
         (s_line, s_pixel, s_pixel, s_channel),
         writeable=False,
     )
-    lines, first = np.arange(height), first + pad - 1
+    # One gather of each line's width + 3 source pixels; the 4 taps are slices of it.
+    taps = windows[np.arange(height), first + pad - 1].astype(np.float32)
     d2 = d * d
     # Pillow's p1 + d (p2 + d (p3 + d p4)) written as weights of the 4 taps.
     weights = (d2 * (2.0 - d) - d, 1.0 + d2 * (d - 2.0), d + d2 * (1.0 - d), d2 * (d - 1.0))
-    out = windows[lines, first]
-    out *= weights[0]
+    out = taps[:, 0:width] * weights[0]
     for k in (1, 2, 3):
-        tap = windows[lines, first + k]
-        tap *= weights[k]
-        out += tap
+        out += taps[:, k : k + width] * weights[k]
     np.clip(out, 0.0, 255.0, out=out)
     source = ((np.arange(width) + 0.5)[None, :] + line_shift[:, None]) + offset
     outside = (source < 0.0) | (source >= width)
@@ -107,6 +106,43 @@ def shift_lines(image: np.ndarray, slope: float, offset: float) -> np.ndarray:
     return out.astype(np.uint8)  # truncates, as Pillow does
 
 
+def translate(image: np.ndarray, offset: float, axis: int) -> np.ndarray:
+    """`shift_lines` with slope 0 along `axis` (1: x, 0: y): one weight set for the whole image, so
+    slices instead of gathers, computed only where the source stays inside the image."""
+    size = image.shape[axis]
+    source = (np.arange(size) + 0.5) + offset  # Pillow's source position of each output pixel
+    inside = np.flatnonzero((source >= 0.0) & (source < size))
+    out = np.empty_like(image)
+    lines = [slice(None)] * 2
+    if inside.size == 0:
+        out[...] = _FILL
+        return out
+    low, high = int(inside[0]), int(inside[-1]) + 1
+    start = (0.5 + offset) - 0.5
+    first = math.floor(start)
+    d = np.float32(start - first)
+    # Edge pixels repeated twice on both sides: the taps of an inside output stay within.
+    pad = [(0, 0)] * 3
+    pad[axis] = (2, 2)
+    padded = np.pad(image, pad, mode="edge")
+    d2 = d * d
+    weights = (d2 * (2.0 - d) - d, 1.0 + d2 * (d - 2.0), d + d2 * (1.0 - d), d2 * (d - 1.0))
+    total = None
+    for k, weight in enumerate(weights):
+        # Output x reads source x + first - 1 + k, at x + first + 1 + k in the padded image.
+        lines[axis] = slice(low + first + 1 + k, high + first + 1 + k)
+        tap = padded[tuple(lines)] * np.float32(weight)
+        total = tap if total is None else np.add(total, tap, out=total)
+    np.clip(total, 0.0, 255.0, out=total)
+    lines[axis] = slice(low, high)
+    out[tuple(lines)] = total  # truncates, as Pillow does
+    lines[axis] = slice(0, low)
+    out[tuple(lines)] = _FILL
+    lines[axis] = slice(high, size)
+    out[tuple(lines)] = _FILL
+    return out
+
+
 def pillow_shift(img: Image.Image, slope: float, offset: float, vertical: bool) -> Image.Image:
     """The reference for `shift_lines`: Pillow's transform (1, slope, offset, 0, 1, 0), or along y."""
     coefficients = (1, 0, 0, slope, 1, offset) if vertical else (1, slope, offset, 0, 1, 0)
@@ -114,7 +150,9 @@ def pillow_shift(img: Image.Image, slope: float, offset: float, vertical: bool) 
 
 
 def _shift(img: Image.Image, slope: float, offset: float, vertical: bool) -> Image.Image:
-    """Shear/translate along x, or along y (the same on the transposed image)."""
+    """Shear/translate along x, or along y (shear: the same on the transposed image)."""
+    if slope == 0.0:
+        return Image.fromarray(translate(np.asarray(img), offset, axis=0 if vertical else 1))
     if vertical:
         img = img.transpose(Image.Transpose.TRANSPOSE)
     out = Image.fromarray(shift_lines(np.asarray(img), slope, offset))
