@@ -14,7 +14,9 @@ of the states work alone as `bigla_mosaic` does it (cumsums and padding included
 states kernel vs the Triton states kernels) at ViG-S 224 (128, 196, 6, 32, 64) and ViG-T 1024
 (8, 4096, 3, 32, 64): --inner calls in one jitted loop (harness.jax_repeat), compiled ahead of
 time (harness.compile_jax, compile seconds printed), median of --iters runs (harness.time_call).
-Any error (a Mosaic lowering or compile failure, say) prints as one line and the run goes on.
+Any error (a Mosaic lowering or compile failure, say) prints as one line and the run goes on;
+each states source's parity cases and each timing shape run in their own Python process
+(harness.run_isolated, --timeout seconds), so a kernel fault or hang stops only that group.
 """
 
 import argparse
@@ -90,37 +92,56 @@ def parity(shape, params, gates="typical", swap=False):
     return errs, ok
 
 
-def run_parity():
-    harness.log(f"parity (bound o {TOL_O}, gradients {TOL_GRAD}; the swapped control must FAIL)")
-    cases = [
-        (s, st, "typical", False)
-        for s in PARITY_SHAPES
-        for st in ("mosaic", "pallas", "xla")
-        if st != "mosaic" or s[-1] >= 64  # the states kernel needs V >= 64
-    ]
-    cases += [((2, 196, 3, 32, 64), st, "very_negative", False) for st in ("mosaic", "pallas")]
-    cases += [((2, 196, 3, 32, 64), st, "typical", True) for st in ("mosaic", "pallas")]
-    for shape, states, gates, swap in cases:
-        label = f"{shape} states={states} gates={gates}" + (" SWAPPED" if swap else "")
+def parity_cases(states):
+    """(shape, gates, swapped) of one states source (the Mosaic states kernel needs V >= 64)."""
+    cases = [(s, "typical", False) for s in PARITY_SHAPES if states != "mosaic" or s[-1] >= 64]
+    if states != "xla":
+        cases += [
+            ((2, 196, 3, 32, 64), "very_negative", False),
+            ((2, 196, 3, 32, 64), "typical", True),
+        ]
+    return cases
+
+
+def parity_child(case, report):
+    """One states source's parity cases in this (fresh) process, each line reported as it ends."""
+    lines = []
+    for shape, gates, swap in case["cases"]:
+        label = f"{tuple(shape)} states={case['states']} gates={gates}" + (
+            " SWAPPED" if swap else ""
+        )
         try:
-            errs, ok = parity(shape, MosaicParams(states=states), gates, swap)
+            errs, ok = parity(tuple(shape), MosaicParams(states=case["states"]), gates, swap)
+            verdict = ("FAIL (expected)" if not ok else "PASS (WRONG: control)") if swap else None
+            verdict = verdict or ("PASS" if ok else "FAIL")
+            detail = " ".join(f"{n} {e:.2e}" for n, e in zip(NAMES, errs, strict=True))
+            lines.append(f"{label}: {detail} -> {verdict}")
         except Exception as exc:  # a Mosaic lowering/compile error: report it and go on
-            harness.log(f"{label}: {harness.status(exc)}")
-            continue
-        verdict = ("FAIL (expected)" if not ok else "PASS (WRONG: control)") if swap else None
-        verdict = verdict or ("PASS" if ok else "FAIL")
-        detail = " ".join(f"{n} {e:.2e}" for n, e in zip(NAMES, errs, strict=True))
-        harness.log(f"{label}: {detail} -> {verdict}")
+            lines.append(f"{label}: {harness.status(exc)}")
+        harness.log(lines[-1])
+        report({"lines": lines})
+    return {"lines": lines}
+
+
+def run_parity(args):
+    harness.log(f"parity (bound o {TOL_O}, gradients {TOL_GRAD}; the swapped control must FAIL)")
+    for states in ("mosaic", "pallas", "xla"):
+        case = {"states": states, "cases": parity_cases(states)}
+        result = harness.run_isolated(parity_child, case, timeout_s=args.timeout)
+        if "status" in result:  # the child died (a kernel fault, a hang): the rest still runs
+            harness.log(f"states={states} stopped: {result['status']}")
 
 
 def time_forward(name, fn, shape, args):
     (q, k, v, gf, gb), _ = inputs(shape)
     try:
-        loop, compile_s = harness.compile_jax(harness.jax_repeat(fn, args.inner), q, k, v, gf, gb)
-        t = harness.time_call(
-            lambda: loop(q, k, v, gf, gb), jax.block_until_ready, iters=args.iters
+        loop, compile_s = harness.compile_jax(
+            harness.jax_repeat(fn, args["inner"]), q, k, v, gf, gb
         )
-        return f"{t['ms'] / args.inner * 1e3:.1f}", f"{compile_s:.1f}"
+        t = harness.time_call(
+            lambda: loop(q, k, v, gf, gb), jax.block_until_ready, iters=args["iters"]
+        )
+        return f"{t['ms'] / args['inner'] * 1e3:.1f}", f"{compile_s:.1f}"
     except Exception as exc:
         harness.log(f"{name} {shape}: {harness.status(exc)}")
         return "error", "-"
@@ -136,7 +157,8 @@ def states_only(source, q, k, v, gf, gb):
     return mosaic._entering_states((k, v, gf, gb), padded, MosaicParams(states=source))
 
 
-def run_timing(args):
+def timing_child(case, report):
+    """The forward µs of every implementation at one shape, each row reported as it ends."""
     impls = {
         "mosaic (Mosaic states)": functools.partial(bigla_mosaic, params=MosaicParams("mosaic")),
         "mosaic (Triton states)": functools.partial(bigla_mosaic, params=MosaicParams("pallas")),
@@ -145,12 +167,23 @@ def run_timing(args):
         "states only: Mosaic": functools.partial(states_only, "mosaic"),
         "states only: Triton": functools.partial(states_only, "pallas"),
     }
+    shape, rows = tuple(case["shape"]), []
+    for name, fn in impls.items():
+        us, compile_s = time_forward(name, fn, shape, case)
+        rows.append(f"| {case['name']} {shape} | {name} | {us} | {compile_s} |")
+        harness.log(rows[-1])
+        report({"rows": rows})
+    return {"rows": rows}
+
+
+def run_timing(args):
     lines = ["| shape | impl | fwd µs | compile s |", "|---|---|---|---|"]
-    for case, shape in TIMING_SHAPES.items():
-        for name, fn in impls.items():
-            us, compile_s = time_forward(name, fn, shape, args)
-            lines.append(f"| {case} {shape} | {name} | {us} | {compile_s} |")
-            harness.log(lines[-1])
+    for name, shape in TIMING_SHAPES.items():
+        case = {"name": name, "shape": shape, "inner": args.inner, "iters": args.iters}
+        result = harness.run_isolated(timing_child, case, timeout_s=args.timeout)
+        lines += result.get("rows", [])
+        if "status" in result:
+            lines.append(f"| {name} {shape} | (stopped: {result['status'][:120]}) | | |")
     print("\n".join(lines))
 
 
@@ -159,9 +192,15 @@ def main():
     parser.add_argument("--no-timing", action="store_true", help="parity only")
     parser.add_argument("--inner", type=int, default=10, help="calls per jitted loop")
     parser.add_argument("--iters", type=int, default=20, help="timed runs (median)")
+    parser.add_argument(
+        "--timeout", type=float, default=240, help="seconds per child process (a hang ends there)"
+    )
     args = parser.parse_args()
-    harness.log(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, git {harness.git_sha()}")
-    run_parity()
+    # This process stays off the GPU: each group of cases runs in a fresh Python
+    # (harness.run_isolated), so a kernel fault or hang ends only its group.
+    device = harness.probe_devices()
+    harness.log(f"jax {jax.__version__}, {device.get('kind')}, git {harness.git_sha()}")
+    run_parity(args)
     if not args.no_timing:
         run_timing(args)
 
