@@ -1,9 +1,12 @@
-"""Input benchmark (benchmarks/bench_input.py): a smoke run on a few generated JPEGs, in-process."""
+"""Input benchmarks (benchmarks/bench_input.py, bench_input_stages.py): smoke runs on a few
+generated JPEGs."""
 
 import json
 import pathlib
 
-from tests.helpers import run_benchmark
+import pytest
+
+from tests.helpers import load_module, run_benchmark
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_input.py"
@@ -30,3 +33,22 @@ def test_smoke_writes_every_run_and_the_dataset_facts(tmp_path):
     assert 300 < dataset["mean_width_height"][0] < 500 and dataset["mean_jpeg_kb"] > 20
     table = (out / "input.md").read_text()
     assert "| train | 0 |" in table and "| eval | 0 |" in table
+
+
+def test_stage_table_compares_a_revision_with_the_working_tree(tmp_path, capsys):
+    stages = load_module(REPO / "benchmarks" / "bench_input_stages.py", "bench_input_stages")
+    old_t, old_ra = stages.load_revision("HEAD", tmp_path)
+    # The revision's own modules, the transforms wired to the revision's RandAugment.
+    assert pathlib.Path(old_t.__file__).parent == tmp_path
+    assert old_t.RandAugment is old_ra.RandAugment
+    args = ["--before", "HEAD", "--images", 3, "--rounds", 1, "--out-dir", tmp_path / "out"]
+    assert stages.main([str(a) for a in args]) == 0
+    result = json.loads((tmp_path / "out" / "stages.json").read_text())
+    compared = {s: set(v) for s, v in result["stages"].items()}
+    assert compared["training transform (the above)"] == {"before", "after"}
+    assert compared["evaluation transform (decode, resize, crop)"] == {"before", "after"}
+    assert compared["decode (full size, RGB)"] == {"same"}
+    assert all(ms > 0 for v in result["stages"].values() for ms in v.values())
+    assert "| training transform (the above) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--before no-such-revision"):
+        stages.load_revision("no-such-revision", tmp_path)

@@ -62,7 +62,7 @@ def test_random_resized_crop_box_fallback_is_centre_crop_in_ratio():
 
 
 def _full_resize_then_crop(image, size, crop_pct):
-    """The definition: the shorter side to floor(size / crop_pct) (bicubic), then the centre crop."""
+    """The definition: shorter side to floor(size / crop_pct) (bicubic), then the centre crop."""
     height, width = image.shape[:2]
     new_h, new_w = transforms._short_side_size(height, width, int(size / crop_pct))
     top, left = round((new_h - size) / 2), round((new_w - size) / 2)
