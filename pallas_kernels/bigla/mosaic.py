@@ -73,9 +73,9 @@ class MosaicParams:
       kernels of `pallas.py`, sequential or in spans as there) or "xla" (the `lax.scan` of
       `chunked.py`).
     backward: "pallas" (the Triton backward kernels) or "xla" (autodiff of `bigla_chunked`).
-    emulate: run the kernel body (`_fwd_chunk`) in plain jnp instead of the Mosaic GPU kernel, and
-      the Triton kernels in Pallas interpret mode, on any backend: CPU tests of the arithmetic
-      and of the states' layout; says nothing about the Mosaic lowering.
+    emulate: run the kernel bodies (`_fwd_chunk`, `_state_step`) in plain jnp instead of the
+      Mosaic GPU kernels, and the Triton kernels in Pallas interpret mode, on any backend: CPU
+      tests of the arithmetic and of the states' layout; says nothing about the Mosaic lowering.
     """
 
     states: str = "pallas"
@@ -122,9 +122,10 @@ def _smem_transforms(minor, itemsize=2, swizzle_max=128):
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel body. `_fwd_chunk` is written once against a small set of ops: `_KernelOps` inside the
-# Mosaic GPU kernel (SMEM, wgmma), `_EmulatedOps` in plain jnp (`MosaicParams.emulate`), so CPU
-# tests run the body's arithmetic (reference rows, masks, exponents, bf16 rounding points).
+# Chunk kernel. Its body `_fwd_chunk` (like the states kernel's `_state_step` below) is written
+# once against a small set of ops: `_KernelOps` inside the Mosaic GPU kernel (SMEM, wgmma),
+# `_EmulatedOps` in plain jnp (`MosaicParams.emulate`), so CPU tests run the body's arithmetic
+# (reference rows, masks, exponents, bf16 rounding points).
 
 
 def _fwd_chunk(ops, q, k, g_f, g_b, m_f, m_b, v, s_f, s_b):
