@@ -115,8 +115,8 @@ def _resize_window(
     """The bicubic resize of the whole image, cropped to `box` (source pixels, at least `size`
     wide and high), computed for the box only: size x size.
 
-    Pillow resizes in two passes, rows then columns, rounding to uint8 in between. Doing the same
-    passes as two calls, the first on just the rows the second reads, gives the full resize's
+    Pillow resizes in two passes, horizontal then vertical, rounding to uint8 in between. Doing the
+    same passes as two calls, the first on just the rows the second reads, gives the full resize's
     pixels to within one grey level (float weights). One call with the box skips the same work but
     differed from the full resize by up to 13 levels near strong edges (Pillow 13).
     """
@@ -276,8 +276,8 @@ class TrainTransform:
                 pil = self.randaugment(pil, rng)
             image = np.asarray(pil)
         else:
-            image = decode_rgb(image) if encoded else to_rgb(np.asarray(image))
-            image = resize_and_centre_crop(image, size, crop_pct=1.0)
+            pil = open_image(image) if encoded else Image.fromarray(to_rgb(np.asarray(image)))
+            image = _resize_and_centre_crop(pil, size, crop_pct=1.0)
             if self.kind == "pad_crop":
                 image = pad_and_random_crop(rng, image, self.padding)
                 if self.hflip and rng.random() < 0.5:
