@@ -129,6 +129,8 @@ def test_bigla_mosaic_rejects_other_dtypes_and_params():
     args, _ = make_inputs((1, 8, 1, 16, 32), dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="V >= 64"):
         bigla_mosaic(*args, params=MosaicParams(states="mosaic"))
+    with pytest.raises(ValueError, match="states_span"):
+        bigla_mosaic(*args, params=MosaicParams(states="xla", states_span=-1))
 
 
 # (B, N, H, K, V), gates: N in {1, 17, 64, 196, 1000, 4096} (one token, a padded chunk, exactly
@@ -201,6 +203,48 @@ def test_mosaic_states_match_xla_states(gates):
         assert_close(name, g, w, 1e-2)
 
 
+def mosaic_states(args, states_span):
+    """The emulated Mosaic states kernel's (S_f^T, S_b^T) for the first NT chunks, as
+    `bigla_mosaic` computes them with this states_span."""
+    from pallas_kernels.bigla import mosaic
+
+    _, k, v, gf, gb = args
+    B, N, H, _ = k.shape
+    params = MosaicParams(states="mosaic", states_span=states_span, emulate=True)
+    nt, span = -(-N // 64), mosaic._mosaic_span(B, H, N, params)
+    n_pad = -(-nt // span) * span * 64
+    Gf, _ = mosaic._in_chunk_cumsums(gf, n_pad)
+    _, Gb = mosaic._in_chunk_cumsums(gb, n_pad)
+    padded = (mosaic._pad(k, n_pad), mosaic._pad(v, n_pad), Gf, Gb)
+    states = mosaic._entering_states((k, v, gf, gb), padded, params)
+    return [x[:, :, : nt * v.shape[-1]] for x in states]
+
+
+@pytest.mark.parametrize("states_span", [1, 2, 3, None], ids=lambda s: f"span{s}")
+def test_mosaic_states_span_plans_match_sequential(states_span):
+    """Spans of chunks (a summary launch, the XLA scan over spans, a walk from the scanned
+    states; NT = 5, so spans of 2 and 3 end in padding chunks) give the states of one block
+    walking all chunks. None: the auto plan (B * H = 2 blocks -> spans of 1)."""
+    args, _ = make_inputs((1, 300, 2, 32, 64), dtype=jnp.bfloat16, gates="very_negative")
+    for name, got, want in zip(
+        ("S_f^T", "S_b^T"), mosaic_states(args, states_span), mosaic_states(args, 0), strict=True
+    ):
+        assert_close(name, got, want, 1e-2)
+
+
+def test_mosaic_states_span_scan_is_load_bearing(monkeypatch):
+    """Negative control: a scan over spans that drops the decay between spans must fail."""
+    from pallas_kernels.bigla import pallas
+
+    args, _ = make_inputs((1, 300, 2, 32, 64), dtype=jnp.bfloat16)
+    want = mosaic_states(args, 0)
+    scan = pallas._scan_spans
+    monkeypatch.setattr(pallas, "_scan_spans", lambda t, *rest: scan([0 * x for x in t], *rest))
+    got = mosaic_states(args, 2)
+    with pytest.raises(AssertionError, match="relative"):
+        assert_close("S_f^T", got[0], want[0], 1e-2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Compiled on an sm_90 GPU.
 
@@ -234,6 +278,13 @@ def test_bigla_mosaic_gpu_other_head_dims(K, V):
 @pytest.mark.parametrize("shape", [(16, 196, 6, 32, 64), (2, 4096, 3, 32, 64)], ids=str)
 def test_bigla_mosaic_gpu_vig_shapes(shape, states):
     check_gpu(shape, MosaicParams(states=states))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("span", [None, 0, 8], ids=["auto-span1", "sequential", "span8"])
+def test_bigla_mosaic_gpu_long_n_states_plans(span):
+    """Long N, small batch (B * H = 2, NT = 128): the Mosaic states plans side by side."""
+    check_gpu((1, 8192, 2, 32, 64), MosaicParams(states="mosaic", states_span=span))
 
 
 @pytest.mark.gpu

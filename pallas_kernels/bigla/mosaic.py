@@ -73,6 +73,8 @@ class MosaicParams:
       kernels of `pallas.py`, sequential or in spans as there) or "xla" (the `lax.scan` of
       `chunked.py`).
     backward: "pallas" (the Triton backward kernels) or "xla" (autodiff of `bigla_chunked`).
+    states_span: chunks per states program, as `pallas.KernelParams.states_span` (None: spans only
+      when B * H is below `pallas.STATE_PROGRAMS`), for the "mosaic" and "pallas" states.
     emulate: run the kernel bodies (`_fwd_chunk`, `_state_step`) in plain jnp instead of the
       Mosaic GPU kernels, and the Triton kernels in Pallas interpret mode, on any backend: CPU
       tests of the arithmetic and of the states' layout; says nothing about the Mosaic lowering.
@@ -80,6 +82,7 @@ class MosaicParams:
 
     states: str = "pallas"
     backward: str = "pallas"
+    states_span: int | None = None
     emulate: bool = False
 
 
@@ -109,6 +112,9 @@ def _check(q, k, v, gf, gb, params):
         raise ValueError(f"states={params.states!r} is not one of {STATES}")
     if params.states == "mosaic" and V < MOSAIC_STATES_MIN_V:
         raise ValueError(f"states='mosaic' needs V >= {MOSAIC_STATES_MIN_V}; got {V=}")
+    span = params.states_span
+    if span is not None and not (isinstance(span, int) and span >= 0):
+        raise ValueError(f"states_span={span!r} must be None or an integer >= 0")
     if params.backward not in BACKWARDS:
         raise ValueError(f"backward={params.backward!r} is not one of {BACKWARDS}")
 
@@ -296,11 +302,11 @@ def _bigla_fwd_kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
-def _chunk_call(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
-    """The Mosaic GPU launch, grid (NT, B, H). Shapes as `_bigla_fwd_kernel`'s refs."""
+def _chunk_call(nt, q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
+    """The Mosaic GPU launch, grid (NT, B, H), NT = nt. Shapes as `_bigla_fwd_kernel`'s refs
+    (Np >= NT * C rows; o has Np rows, those past NT * C unwritten)."""
     B, Np, H, K = q.shape
     V = v.shape[-1]
-    nt = Np // CHUNK
     bf16, f32 = jnp.bfloat16, jnp.float32
     scratch = [
         # Swizzled like wgmma operands, also those only read into registers: their untiled loads
@@ -333,13 +339,13 @@ def _chunk_call(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
     )(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb)
 
 
-def _emulated_chunks(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
-    """`_chunk_call` on any backend: `_fwd_chunk` on `_EmulatedOps`, vmapped over (b, chunk, h)."""
+def _emulated_chunks(nt, q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
+    """`_chunk_call` on any backend: `_fwd_chunk` on `_EmulatedOps`, vmapped over (b, chunk, h)
+    (o has nt * C rows)."""
     B, Np, H, K = q.shape
-    nt = Np // CHUNK
 
-    def chunks(x, rows):  # [B, nt * rows, H, d] -> [B, nt, H, rows, d]
-        return x.reshape(B, nt, rows, H, x.shape[-1]).swapaxes(2, 3)
+    def chunks(x, rows):  # [B, >= nt * rows, H, d] -> [B, nt, H, rows, d]
+        return x[:, : nt * rows].reshape(B, nt, rows, H, x.shape[-1]).swapaxes(2, 3)
 
     def states(s):  # [B, H, NTp * V, K] -> [B, nt, H, V, K]
         return s.reshape(B, H, -1, v.shape[-1], K)[:, :, :nt].swapaxes(1, 2)
@@ -352,7 +358,7 @@ def _emulated_chunks(q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
     for _ in range(3):
         body = jax.vmap(body)
     o = body(*args).astype(v.dtype)  # [B, nt, H, C, V]
-    return o.swapaxes(2, 3).reshape(B, Np, H, -1)
+    return o.swapaxes(2, 3).reshape(B, nt * CHUNK, H, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,31 +402,39 @@ class _StatesKernelOps:
         return pl.run_state(body)(plgpu.ACC.init(s))
 
 
-def _bigla_states_kernel(
-    k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, k_smem, v_smem, g_smem, kh_smem, st_smem, barrier
-):
-    """One (b, h): k [B, Np, H, K], v [B, Np, H, V] bf16, gf, gb [B, Np, H, K] fp32 (in-chunk
-    cumsums) -> sf, sb [B, H, NT * V, K] bf16, the transposed states entering every chunk. Step
-    `it` handles chunk it forward and chunk NT - 1 - it backward; SMEM tiles are [2, ...] (one
-    per direction), 6 TMA barriers."""
-    b, h = lax.axis_index("b"), lax.axis_index("h")
-    nt = k_ref.shape[1] // CHUNK
+def _bigla_states_kernel(*refs, span, summary, has_init):
+    """One span of `span` chunks of one (b, h); grid (NS, B, H).
+
+    Refs: k [B, NTp * C, H, K], v [B, NTp * C, H, V] bf16, gf, gb [B, NTp * C, H, K] fp32
+    (in-chunk cumsums); with `has_init` the transposed states entering every span, [B, H,
+    NS * V, K] fp32 each; then the two outputs: the transposed states entering every chunk,
+    [B, H, NTp * V, K] bf16 each, or with `summary` the states leaving every span (started from
+    zero: its own contribution), [B, H, NS * V, K] fp32 each; then the SMEM tiles ([2, ...], one
+    per direction) and the TMA barriers. Step `it` handles the span's chunk `it` forward and
+    chunk `span - 1 - it` backward.
+    """
+    nin = 6 if has_init else 4
+    (k_ref, v_ref, gf_ref, gb_ref), init_refs = refs[:4], refs[4:nin]
+    out_refs, scratch = refs[nin : nin + 2], refs[nin + 2 :]
+    k_smem, v_smem, g_smem, kh_smem, st_smem, *init_smem, barrier = scratch
+    sp, b, h = lax.axis_index("s"), lax.axis_index("b"), lax.axis_index("h")
     V, K = st_smem.shape[1:]
     ops = _StatesKernelOps(kh_smem)
     load = lambda ref: plgpu.layout_cast(ref[...], ops.layout).astype(jnp.float32)
 
     def step(it, states):
-        chunks = (it, nt - 1 - it)
+        chunks = (sp * span + it, sp * span + span - 1 - it)
         for d, g_ref in enumerate((gf_ref, gb_ref)):
             rows = pl.ds(chunks[d] * CHUNK, CHUNK)
             for j, (src, dst) in enumerate(((k_ref, k_smem), (v_ref, v_smem), (g_ref, g_smem))):
                 plgpu.copy_gmem_to_smem(src.at[b, rows, h], dst.at[d], barrier.at[3 * d + j])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last step's state stores read st_smem
-        for d in range(2):
-            st_smem.at[d][...] = states[d].astype(st_smem.dtype)
-        plgpu.commit_smem()
-        for d, s_ref in enumerate((sf_ref, sb_ref)):
-            plgpu.copy_smem_to_gmem(st_smem.at[d], s_ref.at[b, h, pl.ds(chunks[d] * V, V)])
+        if not summary:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last step's stores read st_smem
+            for d in range(2):
+                st_smem.at[d][...] = states[d].astype(st_smem.dtype)
+            plgpu.commit_smem()
+            for d, s_ref in enumerate(out_refs):
+                plgpu.copy_smem_to_gmem(st_smem.at[d], s_ref.at[b, h, pl.ds(chunks[d] * V, V)])
         new = []
         for d in range(2):
             for j in range(3):
@@ -429,63 +443,119 @@ def _bigla_states_kernel(
             new.append(_state_step(ops, states[d], k, g, v_smem.at[d], d))
         return tuple(new)
 
-    zero = plgpu.layout_cast(jnp.zeros((V, K), jnp.float32), ops.layout)
-    lax.fori_loop(0, nt, step, (zero, zero))
+    span_rows = pl.ds(sp * V, V)
+    if has_init:
+        (init_smem,) = init_smem
+        for d, ref in enumerate(init_refs):
+            plgpu.copy_gmem_to_smem(ref.at[b, h, span_rows], init_smem.at[d], barrier.at[6 + d])
+        for d in range(2):
+            plgpu.barrier_wait(barrier.at[6 + d])
+        states = tuple(load(init_smem.at[d]) for d in range(2))
+    else:
+        states = (plgpu.layout_cast(jnp.zeros((V, K), jnp.float32), ops.layout),) * 2
+    final = lax.fori_loop(0, span, step, states)
+    if summary:
+        for d in range(2):
+            st_smem.at[d][...] = final[d]
+        plgpu.commit_smem()
+        for d, s_ref in enumerate(out_refs):
+            plgpu.copy_smem_to_gmem(st_smem.at[d], s_ref.at[b, h, span_rows])
     plgpu.wait_smem_to_gmem(0)
 
 
-def _states_call(k, v, Gf, Gb):
-    """The Mosaic GPU states launch, grid (B, H): (S_f^T, S_b^T), [B, H, NT * V, K] bf16."""
-    B, Np, H, K = k.shape
+def _states_launch(k, v, Gf, Gb, span, summary=False, init=None):
+    """One Mosaic GPU states launch, grid (NS, B, H) with NS = NTp / span (see
+    `_bigla_states_kernel`). Returns (S_f^T, S_b^T) entering every chunk, [B, H, NTp * V, K]
+    bf16, or with `summary` leaving every span, [B, H, NS * V, K] fp32."""
+    B, n_pad, H, K = k.shape
     V = v.shape[-1]
+    ns = n_pad // CHUNK // span
     bf16, f32 = jnp.bfloat16, jnp.float32
-    out = jax.ShapeDtypeStruct((B, H, Np // CHUNK * V, K), bf16)
+    out_dtype = f32 if summary else bf16
+    out = jax.ShapeDtypeStruct((B, H, (ns if summary else ns * span) * V, K), out_dtype)
     scratch = [
         plgpu.SMEM((2, CHUNK, K), bf16, transforms=_smem_transforms(K)),  # k
         # v is the wgmma LHS read transposed: its swizzle must equal the RHS's (2K bytes).
         plgpu.SMEM((2, CHUNK, V), bf16, transforms=_smem_transforms(V, swizzle_max=2 * K)),
         plgpu.SMEM((2, CHUNK, K), f32, transforms=_smem_transforms(K, 4)),  # in-chunk cumsums
         plgpu.SMEM((2, CHUNK, K), bf16, transforms=_smem_transforms(K)),  # decayed keys
-        plgpu.SMEM((2, V, K), bf16, transforms=_smem_transforms(K)),  # entering states
-        plgpu.Barrier(num_barriers=6),
+        # States written out: entering every chunk (bf16) or leaving the span (fp32).
+        plgpu.SMEM((2, V, K), out_dtype, transforms=_smem_transforms(K, out.dtype.itemsize)),
     ]
+    if init is not None:  # states entering the span
+        scratch.append(plgpu.SMEM((2, V, K), f32, transforms=_smem_transforms(K, 4)))
+    scratch.append(plgpu.Barrier(num_barriers=8 if init is not None else 6))
+    kernel = functools.partial(
+        _bigla_states_kernel, span=span, summary=summary, has_init=init is not None
+    )
 
     def bigla_mosaic_fwd_states(*refs):  # plgpu.kernel names the launch after the body
-        _bigla_states_kernel(*refs)
+        kernel(*refs)
 
     return plgpu.kernel(
         bigla_mosaic_fwd_states,
         out_type=(out, out),
         scratch_types=scratch,
-        grid=(B, H),
-        grid_names=("b", "h"),
+        grid=(ns, B, H),
+        grid_names=("s", "b", "h"),
         compiler_params=plgpu.CompilerParams(),
-    )(k, v, Gf, Gb)
+    )(k, v, Gf, Gb, *(init or ()))
 
 
-def _emulated_states(k, v, Gf, Gb):
-    """`_states_call` on any backend: `_state_step` on `_EmulatedOps` in a `lax.scan`."""
-    B, Np, H, K = k.shape
+def _emulated_states_launch(k, v, Gf, Gb, span, summary=False, init=None):
+    """`_states_launch` on any backend: `_state_step` on `_EmulatedOps` in a `lax.scan`."""
+    B, n_pad, H, K = k.shape
     V = v.shape[-1]
-    nt = Np // CHUNK
-
-    def chunks(x):  # [B, Np, H, d] -> [B, H, nt, C, d]
-        return x.reshape(B, nt, CHUNK, H, x.shape[-1]).transpose(0, 3, 1, 2, 4)
-
+    ns = n_pad // CHUNK // span
     f32 = jnp.float32
+
+    def spans(x):  # [B, NTp * C, H, d] -> [B, H, NS, span, C, d]
+        return x.reshape(B, ns, span, CHUNK, H, x.shape[-1]).transpose(0, 4, 1, 2, 3, 5)
+
     ops = _EmulatedOps()
 
-    def walk(k, v, g, direction):  # one (b, h): [nt, C, d] -> entering states [nt, V, K]
+    def walk(k, v, g, s, direction):  # one span of one (b, h): [span, C, d], s [V, K]
         def step(s, xs):
             return _state_step(ops, s, *xs, direction), s
 
-        zero = jnp.zeros((V, K), f32)
-        return lax.scan(step, zero, (k, g, v), reverse=direction == 1)[1]
+        return lax.scan(step, s, (k, g, v), reverse=direction == 1)  # (leaving, entering)
 
-    walk = jax.vmap(jax.vmap(walk, (0, 0, 0, None)), (0, 0, 0, None))
-    kc, vc = chunks(k.astype(f32)), chunks(v)
-    sf, sb = (walk(kc, vc, chunks(G), d) for d, G in enumerate((Gf, Gb)))
-    return tuple(x.reshape(B, H, nt * V, K).astype(jnp.bfloat16) for x in (sf, sb))
+    for _ in range(3):
+        walk = jax.vmap(walk, (0, 0, 0, 0, None))
+    if init is None:
+        init = (jnp.zeros((B, H, ns * V, K), f32),) * 2
+    kc, vc = spans(k.astype(f32)), spans(v)
+    out = []
+    for d, G in enumerate((Gf, Gb)):
+        leaving, entering = walk(kc, vc, spans(G), init[d].reshape(B, H, ns, V, K), d)
+        out.append(leaving if summary else entering.astype(jnp.bfloat16))
+    return tuple(x.reshape(B, H, -1, K) for x in out)
+
+
+def _mosaic_states(k, v, Gf, Gb, span, launch):
+    """Transposed states entering every chunk from the Mosaic states kernel, [B, H, NTp * V, K]
+    bf16 each; k, v, Gf, Gb padded to NTp = NS * span chunks. NS = 1: one launch walks all
+    chunks. Else the span plan of `pallas._states`: a summary launch gives every span's own
+    leaving states, `pallas._scan_spans` (XLA) the states entering every span, and a second
+    launch walks each span from them (span 1: the scan already gives every chunk's states).
+    launch: `_states_launch`, or `_emulated_states_launch`."""
+    from pallas_kernels.bigla import pallas
+
+    B, n_pad, H, K = k.shape
+    V = v.shape[-1]
+    ns = n_pad // CHUNK // span
+    if ns == 1:
+        return launch(k, v, Gf, Gb, span)
+    owns = launch(k, v, Gf, Gb, span, summary=True)  # [B, H, NS * V, K] fp32 each
+    owns = [x.reshape(B, H, ns, V, K).swapaxes(-1, -2) for x in owns]  # [B, H, NS, K, V]
+    # Log decay of a whole span: the sum of its chunks' exit rows (last forward, first backward).
+    exits = [G.reshape(B, ns, span, CHUNK, H, K)[:, :, :, r] for G, r in ((Gf, -1), (Gb, 0))]
+    totals = [x.sum(axis=2).transpose(0, 2, 1, 3) for x in exits]  # [B, H, NS, K]
+    entering = pallas._scan_spans(totals, owns, (False, True), "auto")
+    init = [x.swapaxes(-1, -2).reshape(B, H, ns * V, K) for x in entering]
+    if span == 1:
+        return tuple(x.astype(jnp.bfloat16) for x in init)
+    return launch(k, v, Gf, Gb, span, init=init)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,11 +582,23 @@ def _mids(G):
 
 
 def _triton_params(params):
-    """The Triton kernels' settings: their defaults at our chunk size, in Pallas interpret mode
-    when the body is emulated (so CPU tests also run the states and backward this path uses)."""
+    """The Triton kernels' settings: their defaults at our chunk size and states_span, in Pallas
+    interpret mode when the body is emulated (so CPU tests also run the states and backward this
+    path uses)."""
     from pallas_kernels.bigla import pallas
 
-    return pallas.KernelParams(chunk=CHUNK, interpret=params.emulate)
+    return pallas.KernelParams(
+        chunk=CHUNK, states_span=params.states_span, interpret=params.emulate
+    )
+
+
+def _mosaic_span(B, H, N, params):
+    """Chunks per Mosaic states block: all NT (one block per (b, h)) unless B * H alone is too few
+    blocks; then spans as the Triton states plan (`pallas._states_span`, same states_span)."""
+    from pallas_kernels.bigla import pallas
+
+    nt = math.ceil(N / CHUNK)
+    return pallas._states_span(B, H, nt, _triton_params(params)) or nt
 
 
 def _entering_states(inputs, padded, params):
@@ -527,8 +609,8 @@ def _entering_states(inputs, padded, params):
     B, _, H, K = k.shape
     V = v.shape[-1]
     if params.states == "mosaic":
-        states_call = _emulated_states if params.emulate else _states_call
-        return states_call(*padded)
+        launch = _emulated_states_launch if params.emulate else _states_launch
+        return _mosaic_states(*padded, _mosaic_span(B, H, k.shape[1], params), launch)
     if params.states == "pallas":
         from pallas_kernels.bigla import pallas
 
@@ -552,13 +634,16 @@ def _entering_states(inputs, padded, params):
 
 def _bigla_fwd(q, k, v, gf, gb, params):
     B, N, H, K = q.shape
-    n_pad = math.ceil(N / CHUNK) * CHUNK
+    nt = math.ceil(N / CHUNK)
+    # Whole chunks; with Mosaic states in spans, whole spans (their kernel reads every chunk).
+    span = _mosaic_span(B, H, N, params) if params.states == "mosaic" else 1
+    n_pad = math.ceil(nt / span) * span * CHUNK
     Gf, _ = _in_chunk_cumsums(gf, n_pad)
     _, Gb = _in_chunk_cumsums(gb, n_pad)
     qp, kp, vp = (_pad(x, n_pad) for x in (q, k, v))
     sf, sb = _entering_states((k, v, gf, gb), (kp, vp, Gf, Gb), params)
     chunk_call = _emulated_chunks if params.emulate else _chunk_call
-    o = chunk_call(qp, kp, vp, Gf, Gb, _mids(Gf), _mids(Gb), sf, sb)
+    o = chunk_call(nt, qp, kp, vp, Gf, Gb, _mids(Gf), _mids(Gb), sf, sb)
     return o[:, :N]
 
 
