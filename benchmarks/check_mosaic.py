@@ -11,9 +11,10 @@ of o and of the five gradients (through the custom_vjp) and PASS / FAIL at 1e-2 
 which must FAIL.
 (b) Timing: forward µs of `bigla_mosaic` (each states source), of the Triton `bigla_pallas`, and
 of the states work alone as `bigla_mosaic` does it (cumsums and padding included; the Mosaic
-states kernel vs the Triton states kernels) at ViG-S 224 (128, 196, 6, 32, 64) and ViG-T 1024
-(8, 4096, 3, 32, 64): --inner calls in one jitted loop (harness.jax_repeat), compiled ahead of
-time (harness.compile_jax, compile seconds printed), median of --iters runs (harness.time_call).
+states kernel, auto plan and sequential, vs the Triton states kernels) at ViG-S 224
+(128, 196, 6, 32, 64) and ViG-T 1024 (8, 4096, 3, 32, 64): --inner calls in one jitted loop
+(harness.jax_repeat), compiled ahead of time (harness.compile_jax, compile seconds printed),
+median of --iters runs (harness.time_call).
 Any error (a Mosaic lowering or compile failure, say) prints as one line and the run goes on;
 each states source's parity cases and each timing shape run in their own Python process
 (harness.run_isolated, --timeout seconds), so a kernel fault or hang stops only that group.
@@ -147,14 +148,17 @@ def time_forward(name, fn, shape, args):
         return "error", "-"
 
 
-def states_only(source, q, k, v, gf, gb):
+def states_only(params, q, k, v, gf, gb):
     """The entering states alone, as `bigla_mosaic` computes them (padding and cumsums
     included), from the Mosaic states kernel or the Triton states kernels."""
-    n_pad = -(-q.shape[1] // mosaic.CHUNK) * mosaic.CHUNK
+    B, N, H, _ = q.shape
+    nt = -(-N // mosaic.CHUNK)
+    span = mosaic._mosaic_span(B, H, N, params) if params.states == "mosaic" else 1
+    n_pad = -(-nt // span) * span * mosaic.CHUNK
     Gf, _ = mosaic._in_chunk_cumsums(gf, n_pad)
     _, Gb = mosaic._in_chunk_cumsums(gb, n_pad)
     padded = (mosaic._pad(k, n_pad), mosaic._pad(v, n_pad), Gf, Gb)
-    return mosaic._entering_states((k, v, gf, gb), padded, MosaicParams(states=source))
+    return mosaic._entering_states((k, v, gf, gb), padded, params)
 
 
 def timing_child(case, report):
@@ -164,8 +168,11 @@ def timing_child(case, report):
         "mosaic (Triton states)": functools.partial(bigla_mosaic, params=MosaicParams("pallas")),
         "mosaic (XLA states)": functools.partial(bigla_mosaic, params=MosaicParams("xla")),
         "pallas (Triton)": bigla_pallas,
-        "states only: Mosaic": functools.partial(states_only, "mosaic"),
-        "states only: Triton": functools.partial(states_only, "pallas"),
+        "states only: Mosaic": functools.partial(states_only, MosaicParams("mosaic")),
+        "states only: Mosaic, sequential": functools.partial(
+            states_only, MosaicParams("mosaic", states_span=0)
+        ),
+        "states only: Triton": functools.partial(states_only, MosaicParams("pallas")),
     }
     shape, rows = tuple(case["shape"]), []
     for name, fn in impls.items():
