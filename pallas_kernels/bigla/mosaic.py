@@ -172,8 +172,10 @@ def _fwd_chunk(ops, q, k, g_f, g_b, m_f, m_b, v, s_f, s_b):
 
 
 class _KernelOps:
-    """`_fwd_chunk`'s ops inside the Mosaic GPU kernel; kh_smem: [2, C / SUB, C, K] bf16, the
-    decayed keys of each direction and reference sub-block (wgmma's right-hand operands)."""
+    """`_fwd_chunk`'s ops inside the Mosaic GPU kernel; kh_smem: [C / SUB, C, K] bf16, the
+    decayed keys of each reference sub-block (wgmma's right-hand operands), one direction after
+    the other: reading the first direction's accumulator waits for its wgmmas, so the second
+    may overwrite the keys (16 KB less SMEM at K 32: 3 blocks per SM instead of 2)."""
 
     layout = plgpu.Layout.WGMMA
 
@@ -188,7 +190,8 @@ class _KernelOps:
         return lax.broadcast_in_dim(m, shape, [1])
 
     def scores(self, direction, lhs, keys):
-        kh = self.kh_smem.at[direction]
+        del direction  # one buffer, see the class docstring
+        kh = self.kh_smem
         for i, x in enumerate(keys):
             kh[i] = x
         plgpu.commit_smem()  # the stores above must be visible to the tensor cores
@@ -321,7 +324,7 @@ def _chunk_call(nt, q, k, v, Gf, Gb, Mf, Mb, Sf, Sb):
         # Transposed states [V, K]: wgmma RHS read transposed, as the keys.
         plgpu.SMEM((V, K), bf16, transforms=_smem_transforms(K)),
         plgpu.SMEM((V, K), bf16, transforms=_smem_transforms(K)),
-        plgpu.SMEM((2, CHUNK // SUB, CHUNK, K), bf16, transforms=_smem_transforms(K)),  # keys
+        plgpu.SMEM((CHUNK // SUB, CHUNK, K), bf16, transforms=_smem_transforms(K)),  # keys
         plgpu.SMEM((CHUNK, V), bf16),  # o
         plgpu.Barrier(num_barriers=9),
     ]
