@@ -73,19 +73,26 @@ INTERPRET_CASES = [
     pytest.param((2, 130, 1, 16, 32), KernelParams(chunk=32), "typical", id="N130-B2-long"),
     pytest.param(
         (1, 40, 1, 16, 32),
-        KernelParams(chunk=32, exact_diagonal=True),
+        KernelParams(chunk=32, exact_diagonal=True, sub_blocks=False),
         "very_negative",
-        id="N40-gates-10-exact-long",
+        id="N40-gates-10-exact-chunk-programs",
     ),
     pytest.param(
         (1, 40, 1, 16, 32), KernelParams(chunk=16), "very_negative", id="N40-gates-10-fast-long"
     ),
-    # The backward chunk work split per direction (the default from K = 32), forced at K = 16.
+    # One program per chunk (sub_blocks=False), the backward split per direction (its default
+    # from K = 32), forced at K = 16; and unsplit at K 32.
     pytest.param(
         (2, 130, 1, 16, 32),
-        KernelParams(chunk=32, split_backward=True),
+        KernelParams(chunk=32, split_backward=True, sub_blocks=False),
         "typical",
-        id="N130-B2-long-split",
+        id="N130-B2-chunk-programs-split",
+    ),
+    pytest.param(
+        (1, 100, 1, 32, 64),
+        KernelParams(chunk=32, split_backward=False, sub_blocks=False),
+        "typical",
+        id="N100-K32V64-chunk-programs-fused",
     ),
     # The split states plan (spans of chunks, a scan over spans), forced at small N: spans of 2
     # chunks over NT = 9 (the last span half padding), and spans of 1 (the scan gives every state).
@@ -98,8 +105,8 @@ INTERPRET_CASES = [
         "very_negative",
         id="N72-gates-10-span1",
     ),
-    # One program per 16-row sub-block, states carried through the chunk (sub_blocks): chunk 32
-    # (2 sub-blocks, the last chunk ragged) and chunk 64 with K 32 / V 64 and the exact diagonal.
+    # One program per 16-row sub-block (sub_blocks, the default), states carried through the
+    # chunk: chunk 32 (the last chunk ragged) and 64 with K 32 / V 64 and the exact diagonal.
     pytest.param(
         (2, 130, 1, 16, 32), KernelParams(chunk=32, sub_blocks=True), "typical", id="N130-sub"
     ),
@@ -207,7 +214,12 @@ def logits_reference64(args, do):
         pytest.param(
             (1, 40, 1, 16, 32), KernelParams(chunk=16, states_span=2), True, id="span2-gates-10"
         ),
-        pytest.param((1, 40, 1, 32, 64), KernelParams(chunk=16), False, id="split-backward"),
+        pytest.param(
+            (1, 40, 1, 32, 64),
+            KernelParams(chunk=16, sub_blocks=False),
+            False,
+            id="chunk-programs-split-backward",
+        ),
         pytest.param(
             (1, 70, 1, 16, 32), KernelParams(chunk=32, sub_blocks=True), False, id="sub-blocks"
         ),
@@ -353,14 +365,16 @@ def test_bigla_pallas_gpu_exact_diagonal(shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("shape", [(2, 130, 2, 64, 128), (16, 196, 6, 32, 64)], ids=str)
-def test_bigla_pallas_gpu_unsplit_backward(shape):
-    check_gpu(shape, jnp.bfloat16, KernelParams(split_backward=False))
+def test_bigla_pallas_gpu_chunk_programs(shape, split):
+    """One program per chunk (sub_blocks=False), backward fused or split per direction."""
+    check_gpu(shape, jnp.bfloat16, KernelParams(chunk=64, sub_blocks=False, split_backward=split))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("chunk", [32, 64])
+@pytest.mark.parametrize("chunk", [64, 128])
 @pytest.mark.parametrize(
     "shape", [(2, 130, 2, 64, 128), (16, 196, 6, 32, 64), (2, 4096, 3, 32, 64)]
 )

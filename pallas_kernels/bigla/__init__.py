@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec
 from pallas_kernels.bigla.reference import bigla_reference
 
 IMPLS = ("auto", "reference", "chunked", "pallas")
+CHUNKED_CHUNK = 64  # the chunked path's default chunk size
 _FLOATS = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
 
@@ -40,8 +41,8 @@ def _check(q, k, v, gf, gb, impl, chunk_size, interpret):
             raise ValueError(f"{name}.dtype={x.dtype} is not a float dtype of {_FLOATS}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    if not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None")
     if interpret and impl != "pallas":
         raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
 
@@ -76,12 +77,13 @@ def _auto_impl(K, V, chunk_size):
     """pallas on a GPU when the kernel takes the head dims and chunk size, else chunked."""
     if jax.default_backend() != "gpu":
         return "chunked"
-    from pallas_kernels.bigla.pallas import supports
+    from pallas_kernels.bigla.pallas import KernelParams, supports
 
-    return "pallas" if supports(K, V, chunk_size) else "chunked"
+    chunk = KernelParams().chunk if chunk_size is None else chunk_size
+    return "pallas" if supports(K, V, chunk) else "chunked"
 
 
-def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
+def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False):
     """o = (o_fwd + o_bwd) / 2 of the two gated linear recurrences (see `bigla_reference`).
 
     Args:
@@ -91,7 +93,8 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
         dtype; pass float32 for low-precision q/k/v.
       impl: "auto" (pallas on a GPU for the head dims and chunk sizes it takes, see
         `pallas.supports`; chunked otherwise), "reference", "chunked" or "pallas".
-      chunk_size: tokens per chunk of the chunked and pallas paths (any N works).
+      chunk_size: tokens per chunk of the chunked and pallas paths (any N works); None: each
+        implementation's default (chunked 64, pallas `KernelParams().chunk`).
       interpret: run the pallas kernels in Pallas interpret mode (CPU tests); impl="pallas" only.
 
     Returns:
@@ -108,7 +111,7 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
     if impl == "chunked":
         from pallas_kernels.bigla.chunked import bigla_chunked
 
-        return bigla_chunked(q, k, v, gf, gb, chunk_size=chunk_size)
+        return bigla_chunked(q, k, v, gf, gb, chunk_size=chunk_size or CHUNKED_CHUNK)
     _check_pallas_backend(interpret)
     from pallas_kernels.bigla.pallas import bigla_pallas
 
@@ -118,7 +121,9 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=64, interpret=False):
     return _per_batch_shard(kernel, q, k, v, gf, gb)
 
 
-def bigla_logits(q, k, v, xf, xb, *, normalizer=16.0, impl="auto", chunk_size=64, interpret=False):
+def bigla_logits(
+    q, k, v, xf, xb, *, normalizer=16.0, impl="auto", chunk_size=None, interpret=False
+):
     """`bigla` with the gates given as logits: gf = log_sigmoid(xf) / normalizer, gb likewise.
 
     The pallas path computes the gates inside its kernels (`pallas.bigla_pallas_logits`: no

@@ -19,7 +19,9 @@ Two launch plans, chosen by `_use_short_path`:
          fill the GPU (long N, small batch), from spans of `states_span` chunks: a summary launch
          (grid (NS, B, H)) gives each span's own leaving states and gate totals, `_scan_spans`
          (in XLA, over the NS spans) the states entering every span, and a second launch walks
-         each span from them.
+         each span from them. By default (`sub_blocks`) the chunk kernels run one program per
+         16-row sub-block, which carries its chunk's states through the sub-blocks before (and
+         after) it; else one program per chunk.
 The backward pass recomputes the states (residuals are the inputs only) plus the two adjoint states
 and produces dq, dk, dv, dgf, dgb in one chunk kernel per plan.
 `bigla_pallas_logits` runs the same kernels on gate logits: every gate load applies
@@ -46,7 +48,8 @@ HEAD_DIMS = (16, 32, 64, 128)
 class KernelParams:
     """Non-differentiable settings of the kernels (the single static argument of the custom_vjp).
 
-    chunk: BT, rows per chunk (a multiple of SUB_CHUNK and a power of two).
+    chunk: BT, rows per chunk (a multiple of SUB_CHUNK and a power of two). 32 with sub_blocks:
+      the fastest forward + backward at ViG-S 224 and ViG-T 1024 of 32, 64, 128 (H200; notes).
     short_max_chunks: use the one-program-per-(b, h) plan when ceil(N / chunk) is at most this.
     num_warps: Triton warps per program; num_stages: Triton software-pipelining stages.
     exact_diagonal: build the 16 x 16 diagonal blocks from a masked [16, 16, K] exponential (every
@@ -70,7 +73,7 @@ class KernelParams:
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
-    chunk: int = 64
+    chunk: int = 32
     short_max_chunks: int = 1
     num_warps: int = 4
     num_stages: int = 1
@@ -78,7 +81,7 @@ class KernelParams:
     split_backward: bool | None = None
     states_span: int | None = None
     span_scan: str = "auto"
-    sub_blocks: bool = False
+    sub_blocks: bool = True
     interpret: bool = False
 
 
@@ -909,6 +912,14 @@ def _bigla_bwd(q, k, v, gf, gb, do, params, scale):
     return dq, dk, dv, dgf, dgb
 
 
+def _params(params, chunk_size, interpret):
+    """The launch settings: `params` if given, else the defaults at chunk_size (if set)."""
+    if params is not None:
+        return params
+    chunk = {} if chunk_size is None else {"chunk": chunk_size}
+    return KernelParams(interpret=interpret, **chunk)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _bigla(q, k, v, gf, gb, params, scale):
     return _bigla_fwd(q, k, v, gf, gb, params, scale)
@@ -925,14 +936,14 @@ def _bigla_vjp_bwd(params, scale, residuals, do):
 _bigla.defvjp(_bigla_vjp_fwd, _bigla_vjp_bwd)
 
 
-def bigla_pallas(q, k, v, gf, gb, *, chunk_size=64, interpret=False, params=None):
+def bigla_pallas(q, k, v, gf, gb, *, chunk_size=None, interpret=False, params=None):
     """BiGLA o = (o_fwd + o_bwd) / 2 with the fused Pallas kernels; differentiable (custom_vjp).
 
     Args:
       q, k: [B, N, H, K], K in (16, 32, 64, 128); float16, bfloat16 or float32 (the matmul dtype).
       v: [B, N, H, V], V in (16, 32, 64, 128), same dtype as q.
       gf, gb: [B, N, H, K] log-space gates (<= 0), any float dtype (computed in float32).
-      chunk_size: BT, rows per chunk (power of two >= 16).
+      chunk_size: BT, rows per chunk (power of two >= 16); None: `KernelParams().chunk`.
       interpret: Pallas interpret mode (CPU).
       params: full `KernelParams` (overrides chunk_size and interpret); for tests and benchmarks.
 
@@ -942,14 +953,13 @@ def bigla_pallas(q, k, v, gf, gb, *, chunk_size=64, interpret=False, params=None
     Raises:
       ValueError: on unsupported K, V or chunk size.
     """
-    if params is None:
-        params = KernelParams(chunk=chunk_size, interpret=interpret)
+    params = _params(params, chunk_size, interpret)
     _check(q, v, params)
     return _bigla(q, k, v, gf, gb, params, None)
 
 
 def bigla_pallas_logits(
-    q, k, v, xf, xb, *, normalizer=16.0, chunk_size=64, interpret=False, params=None
+    q, k, v, xf, xb, *, normalizer=16.0, chunk_size=None, interpret=False, params=None
 ):
     """`bigla_pallas` with the gates computed in the kernels from their logits:
     gf = log_sigmoid(xf) / normalizer, gb likewise (ViG: normalizer 16), in float32.
@@ -971,8 +981,7 @@ def bigla_pallas_logits(
     Raises:
       ValueError: on unsupported K, V or chunk size, or a normalizer <= 0.
     """
-    if params is None:
-        params = KernelParams(chunk=chunk_size, interpret=interpret)
+    params = _params(params, chunk_size, interpret)
     _check(q, v, params)
     if not normalizer > 0:
         raise ValueError(f"normalizer={normalizer!r} must be positive")
