@@ -44,7 +44,9 @@ GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--before", required=True, help="git revision whose transforms to compare")
+    p.add_argument(
+        "--before", required=True, help="git revision (or checkout folder) to compare against"
+    )
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out-dir", default=None)
@@ -54,20 +56,33 @@ def parse_args(argv=None):
     return args
 
 
+def _read_source(revision: str, name: str) -> str:
+    """vig_jax/data/<name>.py at git `revision`, or in the checkout folder `revision` (a copy of
+    the repository without git, e.g. `git archive` output on a machine that has no git)."""
+    folder = pathlib.Path(revision)
+    if folder.is_dir():
+        path = folder / "vig_jax" / "data" / f"{name}.py"
+        if not path.is_file():
+            raise SystemExit(f"error: --before {revision}: no {path}")
+        return path.read_text()
+    try:
+        return subprocess.run(
+            ["git", "show", f"{revision}:vig_jax/data/{name}.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) else e
+        raise SystemExit(f"error: --before {revision}: {detail}") from None
+
+
 def load_revision(revision: str, into: pathlib.Path):
-    """(transforms, randaugment) modules as they are at git `revision`."""
+    """(transforms, randaugment) modules as they are at `revision` (see `_read_source`)."""
     modules = {}
     for name in ("randaugment", "transforms"):
-        try:
-            text = subprocess.run(
-                ["git", "show", f"{revision}:vig_jax/data/{name}.py"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        except subprocess.CalledProcessError as e:
-            raise SystemExit(f"error: --before {revision}: {e.stderr.strip()}") from None
+        text = _read_source(revision, name)
         path = into / f"before_{name}.py"
         path.write_text(text)
         spec = importlib.util.spec_from_file_location(f"before_{name}", path)

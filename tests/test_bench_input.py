@@ -52,3 +52,13 @@ def test_stage_table_compares_a_revision_with_the_working_tree(tmp_path, capsys)
     assert "| training transform (the above) |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--before no-such-revision"):
         stages.load_revision("no-such-revision", tmp_path)
+    # A checkout folder without git (what a GPU machine gets from `git archive`).
+    checkout = tmp_path / "checkout"
+    (checkout / "vig_jax" / "data").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no .*randaugment.py"):
+        stages.load_revision(str(checkout), tmp_path)
+    for name in ("randaugment", "transforms"):
+        source = REPO / "vig_jax" / "data" / f"{name}.py"
+        (checkout / "vig_jax" / "data" / f"{name}.py").write_text(source.read_text())
+    old_t, old_ra = stages.load_revision(str(checkout), tmp_path / "out")
+    assert old_t.RandAugment is old_ra.RandAugment and hasattr(old_t, "TrainTransform")
