@@ -1,12 +1,12 @@
 """Mosaic GPU BiGLA forward (pallas_kernels/bigla/mosaic.py) against the lax.scan reference.
 
-CPU: the kernel cross-lowers for CUDA (Mosaic GPU's Python lowering: layouts, wgmma shapes and
-swizzles, TMA slices) at ViG shapes and every supported head-dim pair; the kernel body's arithmetic
-runs in jnp (`MosaicParams(emulate=True)`) against the float64 reference, with a negative
-control. GPU (`pytest -m gpu`, an sm_90 card): the compiled kernel, forward and the custom_vjp
+CPU: both kernels (chunks, states) cross-lower for CUDA (Mosaic GPU's Python lowering: layouts,
+wgmma shapes and swizzles, TMA slices) at ViG shapes and every supported head-dim pair; the kernel
+bodies' arithmetic runs in jnp (`MosaicParams(emulate=True)`) against the float64 reference, the
+states and their span plans against the XLA scan and the sequential plan, with negative controls.
+GPU (`pytest -m gpu`, an sm_90 card): the compiled kernels, forward and the custom_vjp
 gradients. Tolerances are max|Δ| / max|ref| (tests/helpers.assert_close); bf16 q, k, v as
-tests/test_bigla_pallas.py's GPU_TOL.
-"""
+tests/test_bigla_pallas.py's GPU_TOL."""
 
 import jax
 import jax.numpy as jnp
