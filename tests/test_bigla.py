@@ -244,6 +244,8 @@ def test_bigla_rejects_bad_input(case):
 def test_bigla_pallas_on_cpu_needs_interpret():
     with pytest.raises(ValueError, match="needs a GPU"):
         bigla(*_good(), impl="pallas")
+    with pytest.raises(ValueError, match="impl='mosaic' needs a Hopper GPU"):
+        bigla(*_good(), impl="mosaic")
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 3, 32, 64), (2, 64, 3, 16, 32)], ids=str)

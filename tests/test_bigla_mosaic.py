@@ -296,3 +296,13 @@ def test_bigla_mosaic_gpu_swapped_gates_fail(states):
     assert_close("o", f(q, k, v, gf, gb), want, TOL_O)
     with pytest.raises(AssertionError, match="relative"):
         assert_close("o", f(q, k, v, gb, gf), want, TOL_O)
+
+
+@pytest.mark.gpu
+def test_bigla_dispatch_mosaic_gpu():
+    """`bigla(impl="mosaic")` is `bigla_mosaic` with its default params, forward and gradients."""
+    from pallas_kernels.bigla import bigla
+
+    args, do = make_inputs((2, 196, 3, 32, 64), dtype=jnp.bfloat16)
+    got = jax.jit(lambda a, d: fwd_and_grads(lambda *x: bigla(*x, impl="mosaic"), a, d))(args, do)
+    check_all(got, reference64(args, do), TOL_O, TOL_GRAD)

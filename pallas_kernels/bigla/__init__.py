@@ -1,10 +1,12 @@
 """Bidirectional gated linear attention (BiGLA), the token mixer of ViG.
 
-`bigla` checks its inputs once and dispatches to one of three implementations that take and return
+`bigla` checks its inputs once and dispatches to one of these implementations, which take and return
 the same arrays:
   reference  `lax.scan` over tokens, straight from the recurrence: the definition of correct.
   chunked    pure-jnp chunked form (intra-chunk matmuls + inter-chunk states): runs anywhere.
   pallas     one Pallas GPU (Triton) kernel computing both directions, with its own backward.
+  mosaic     experimental: the forward as a Pallas Mosaic GPU kernel for Hopper (sm_90), the
+             backward from the pallas kernels; bf16 only, never chosen by "auto".
 
 `bigla_logits` takes the gate logits instead of the log gates (the pallas path computes the gates
 inside its kernels).
@@ -21,7 +23,7 @@ from jax.sharding import PartitionSpec
 
 from pallas_kernels.bigla.reference import bigla_reference
 
-IMPLS = ("auto", "reference", "chunked", "pallas")
+IMPLS = ("auto", "reference", "chunked", "pallas", "mosaic")
 CHUNKED_CHUNK = 64  # the chunked path's default chunk size
 _FLOATS = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
@@ -73,6 +75,16 @@ def _per_batch_shard(fn, *arrays):
     return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*arrays)
 
 
+def _check_mosaic_backend():
+    devices = jax.devices()
+    capability = getattr(devices[0], "compute_capability", None)
+    if jax.default_backend() != "gpu" or capability != "9.0":
+        raise ValueError(
+            "impl='mosaic' needs a Hopper GPU (compute capability 9.0); got backend "
+            f"{jax.default_backend()!r}, compute capability {capability!r}: use impl='pallas'"
+        )
+
+
 def _auto_impl(K, V, chunk_size):
     """pallas on a GPU when the kernel takes the head dims and chunk size, else chunked."""
     if jax.default_backend() != "gpu":
@@ -92,7 +104,8 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False):
       gf, gb: [B, N, H, K] log-space gates (<= 0) of the forward and backward direction, any float
         dtype; pass float32 for low-precision q/k/v.
       impl: "auto" (pallas on a GPU for the head dims and chunk sizes it takes, see
-        `pallas.supports`; chunked otherwise), "reference", "chunked" or "pallas".
+        `pallas.supports`; chunked otherwise), "reference", "chunked", "pallas" or "mosaic"
+        (experimental, Hopper only: `mosaic.bigla_mosaic`; chunk_size does not apply).
       chunk_size: tokens per chunk of the chunked and pallas paths (any N works); None: each
         implementation's default (chunked 64, pallas `KernelParams().chunk`).
       interpret: run the pallas kernels in Pallas interpret mode (CPU tests); impl="pallas" only.
@@ -112,6 +125,11 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False):
         from pallas_kernels.bigla.chunked import bigla_chunked
 
         return bigla_chunked(q, k, v, gf, gb, chunk_size=chunk_size or CHUNKED_CHUNK)
+    if impl == "mosaic":
+        _check_mosaic_backend()
+        from pallas_kernels.bigla.mosaic import bigla_mosaic
+
+        return _per_batch_shard(bigla_mosaic, q, k, v, gf, gb)
     _check_pallas_backend(interpret)
     from pallas_kernels.bigla.pallas import bigla_pallas
 
