@@ -11,7 +11,7 @@ images. The 56 px variant sets `data.image_size=56`, `data.augment.padding=6` an
 `model.overrides.pos_grid=4`: the pretrained 2x2 position table is resized once to 4x4.
 
 The recipe is a short DeiT-style fine-tune: few epochs, small lr, short warmup, no mixup, the
-same light augmentation as the pretraining, drop path kept.
+same light augmentation as the pretraining, drop path kept; scratch gets the same recipe.
 """
 
 from configs import common, fmnist_transfer_pretrain
@@ -21,7 +21,8 @@ def get_config():
     c = fmnist_transfer_pretrain.get_config()
     c.reinit_head = True
     c.data.batch_size = 50  # 500 images: 10 steps per epoch
-    # Peak lr = 1e-2 * 50 / 512 ~ 1e-3; run_transfer.py picks base_lr from {3e-3, 1e-2, 3e-2}.
+    # Peak lr = 1e-2 * 50 / 512 ~ 1e-3; run_transfer.py picks base_lr from {1e-2, 3e-2} (its
+    # budgets: 3 and 40 epochs; warmup at most a quarter of the budget).
     c.optimizer = common.adamw_section(
         base_lr=1e-2, weight_decay=0.05, epochs=40.0, warmup_epochs=2.0
     )

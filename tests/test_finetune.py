@@ -339,17 +339,19 @@ def test_interrupted_finetune_resumes_from_its_own_checkpoint(source, tmp_path_f
 
 # --- transfer on real data --------------------------------------------------------------------
 
-# What the issue asked of this test (fine-tuning beats scratch by a clear margin) did not hold
-# at CPU scale. Measured here (docs/finetuning.md), fine-tune minus scratch in test top-1 over 2-3
-# seeds: -0.25 points with the smoke setting; -0.8, +0.15, -1.3 (20 images per class) and -2.5
-# (at 56 px) in larger CPU variants (width 32-64, 12k-30k pretraining images); a linear probe
-# of the pretrained features reached 50-60%, below ridge regression on raw pixels (77%): features
-# learned on classes 0-4 by these small models do not carry over to 5-9. So the test asserts what
-# holds: the experiment runs end to end through init_from and the position-table resize, every
-# arm learns (measured 74-85%, chance 20%), and fine-tuning is not far behind scratch (a broken
-# load, e.g. a shuffled or half-loaded backbone, would put it far behind).
-MIN_TOP1 = 0.65
-MIN_MARGIN = -0.05
+# What the issue asked of this test (fine-tuning beats scratch by a clear margin) does not hold at
+# CPU scale, so it is not asserted. Measured (docs/finetuning.md), fine-tune minus scratch in test
+# top-1 at the lr each chose on held-out images: -0.9 points with this smoke setting (per seed
+# -0.1, -1.4, -1.2; 120 steps), +0.1 with 30 steps; +1.1 for the GPU run's width-128 6-block
+# model after 2 pretraining epochs (30 steps, 5 seeds); -3.4 ... +2.2 over other CPU variants.
+# Pretrained pooled features are no better than random ones for classes 5-9 (ridge regression
+# 77-80% for both). So the test asserts what holds: the experiment runs end to end through
+# init_from and the position-table resize, the pretraining learned classes 0-4 (measured 79.4%,
+# chance 20%), every arm learns (measured 80.4-84.7%), and fine-tuning is within 3 points of
+# scratch (a broken load, e.g. a shuffled or half-loaded backbone, would put it far behind).
+MIN_PRETRAIN_TOP1 = 0.70
+MIN_TOP1 = 0.75
+MIN_MARGIN = -0.03
 
 
 def test_transfer_experiment_runs_and_every_arm_learns(tmp_path, tmp_path_factory):
@@ -370,8 +372,13 @@ def test_transfer_experiment_runs_and_every_arm_learns(tmp_path, tmp_path_factor
         timeout=900,
         env={**os.environ, "XLA_FLAGS": " ".join(flags)},
     )
-    summary = json.loads((tmp_path / "transfer_smoke.json").read_text())["summary"]
+    record = json.loads((tmp_path / "transfer_smoke.json").read_text())
+    assert record["pretrain_seed"] not in record["setting"]["seeds"], record["setting"]
+    assert record["pretrain_test_top1"] >= MIN_PRETRAIN_TOP1, record["pretrain_test_top1"]
+    (budget,) = record["summary"]
+    assert budget["steps"] == 120, budget
     for arm in ("finetune", "scratch", "finetune_56"):
-        assert summary[arm]["test_top1_mean"] >= MIN_TOP1, (arm, summary)
-    assert summary["margin_finetune_minus_scratch"] >= MIN_MARGIN, summary
+        assert budget["arms"][arm]["seeds"] == 3, (arm, budget)
+        assert budget["arms"][arm]["test_top1_mean"] >= MIN_TOP1, (arm, budget)
+    assert budget["margin_finetune_minus_scratch"] >= MIN_MARGIN, budget
     assert (tmp_path / "transfer_smoke.md").read_text().startswith("# Transfer: Fashion-MNIST")
