@@ -122,7 +122,7 @@ def test_head_reinitialised_only_when_classes_differ(source):
     config = tiny_config()
     config.init_from = str(root / "converted")
     config.seed = 3
-    fresh = flat(trainer_for(config, num_classes=4).init(jax.random.PRNGKey(3)).params)
+    fresh = flat(trainer_for(config, num_classes=4).init(init_from.fine_tune_key(3)).params)
     lines = []
     state = init_from.initial_state(trainer_for(config, num_classes=4), config, log=lines.append)
     got = flat(state.params)
@@ -132,13 +132,27 @@ def test_head_reinitialised_only_when_classes_differ(source):
         np.testing.assert_array_equal(got[k], want, err_msg=k)
     # Same class count, new label set: only with reinit_head.
     config.reinit_head = True
-    fresh = flat(trainer_for(config).init(jax.random.PRNGKey(3)).params)
+    fresh = flat(trainer_for(config).init(init_from.fine_tune_key(3)).params)
     lines = []
     got = flat(init_from.initial_state(trainer_for(config), config, log=lines.append).params)
     assert "head re-initialised (config.reinit_head=True)" in lines[0]
     np.testing.assert_array_equal(got["head/kernel"], fresh["head/kernel"])
     assert not np.array_equal(got["head/kernel"], saved["head/kernel"])
     np.testing.assert_array_equal(got["blocks_0/mlp_norm/scale"], saved["blocks_0/mlp_norm/scale"])
+
+
+def test_reinitialised_head_is_not_the_sources_initial_head_under_the_same_seed(source):
+    """The source is the state `trainer.init(PRNGKey(7))`, so its head is still seed 7's initial
+    head: a fine-tune with seed 7 must not draw that same head again."""
+    root, saved = source
+    config = tiny_config()
+    config.init_from, config.seed, config.reinit_head = str(root / "converted"), 7, True
+    got = flat(init_from.initial_state(trainer_for(config), config, log=lambda _: None).params)
+    assert not np.array_equal(got["head/kernel"], saved["head/kernel"])
+    np.testing.assert_array_equal(got["blocks_0/mlp_norm/scale"], saved["blocks_0/mlp_norm/scale"])
+    # Negative control: initialised from the key itself, the head would be the source's.
+    same = flat(trainer_for(config).init(jax.random.PRNGKey(7)).params)
+    np.testing.assert_array_equal(same["head/kernel"], saved["head/kernel"])
 
 
 def test_position_table_resize_equals_run_time_resize():

@@ -158,21 +158,29 @@ def merge(fresh: dict, loaded: dict[str, jax.Array | None]) -> dict:
     return jax.tree_util.tree_map_with_path(pick, fresh)
 
 
+def fine_tune_key(seed: int) -> jax.Array:
+    """The key a run with `init_from` initialises from: PRNGKey(seed) folded with 1. Not the
+    key itself, since a source trained briefly with the same seed still carries its initial head
+    (and has adapted to it): a head "re-initialised" from that same key would map the new classes
+    onto the old ones."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+
+
 def initial_state(trainer, config, log: Callable[[str], None] = print):
     """The state a run without a checkpoint of its own starts from.
 
-    From scratch (`trainer.init(PRNGKey(config.seed))`), or, with `config.init_from` set, the same
-    fresh state (optimizer, step, key, the head when re-initialised) carrying the params read
-    from there; `log` gets one line saying where they came from and what was adapted.
+    From scratch (`trainer.init(PRNGKey(config.seed))`), or, with `config.init_from` set, a fresh
+    state from `fine_tune_key(config.seed)` (optimizer, step, key, the head when re-initialised)
+    carrying the params read from there; `log` gets one line saying where they came from and what
+    was adapted.
 
     Raises:
       InitFromError: see `load_params`; before anything is compiled.
     """
-    key = jax.random.PRNGKey(config.seed)
     if config.init_from is None:
-        return trainer.init(key)
+        return trainer.init(jax.random.PRNGKey(config.seed))
     loaded, notes = load_params(config, trainer.abstract_state.params)
-    state = trainer.init(key)
+    state = trainer.init(fine_tune_key(config.seed))
     params = merge(state.params, loaded)
     ema = None if state.ema is None else jax.tree_util.tree_map(jnp.copy, params)
     if jax.process_index() == 0:
