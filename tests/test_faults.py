@@ -260,14 +260,24 @@ def test_failed_save_stops_within_one_step_and_rerun_matches(
     _failing_writer(monkeypatch, error, after_steps=(2,))
     if error == "stall":  # long enough for the good save of step 2 on a busy machine
         monkeypatch.setattr(checkpoint, "SAVE_TIMEOUT_S", 3)
+    else:
+        # The loop's per-step check does not wait for a save still running; on a loaded machine the
+        # failing save thread can still be running at step 5. Let that one check wait for it, so
+        # the test asks what the loop promises: a failure known at a check stops the run there.
+        real_check = checkpoint.Checkpointer.check
+
+        def check(self, *, block=False):
+            return real_check(self, block=block or self._pending == 4)
+
+        monkeypatch.setattr(checkpoint.Checkpointer, "check", check)
     with pytest.raises(CheckpointSaveError, match=f"checkpoints/4 failed: .*{match}"):
         loop.train_and_evaluate(config, workdir)
     # The array writes of the failed save may still run in orbax threads (a process would exit).
     for thread in threading.enumerate():
         if type(thread).__name__ == "_SignalingThread":
             thread.join(timeout=60)
-    # A failure is seen at the first step after the save thread failed (here step 5, unless the
-    # thread is slower); a stall once the timeout is over (here at the save of step 6).
+    # A failure is seen at the first check after the save thread failed (step 5, see above); a
+    # stall once the timeout is over (here at the save of step 6).
     if error != "stall":
         assert max(m["step"] for m in read_metrics(workdir)) <= 5
     assert _steps(workdir) == [2]
