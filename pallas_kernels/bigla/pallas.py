@@ -565,21 +565,33 @@ def _bigla_bwd_dir_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, n, bt, mm, 
     _store_blocks(out_refs, blocks, c, bt, n)
 
 
-def _through(s, first, count, forward, step):
-    """s carried through `count` sub-blocks from sub-block `first` (then first + 1, ... when
-    `forward`, else first - 1, ...) by step(s, j); count may be traced (0: s unchanged)."""
+def _walk(s, i, nb, toward_right, step):
+    """s carried by step(s, j) through the chunk's sub-blocks before sub-block i, left to right
+    (`toward_right`), or through those after it, right to left; i may be traced."""
+    if toward_right:
+        return lax.fori_loop(0, i, lambda it, s: step(s, it), s)
+    return lax.fori_loop(0, nb - 1 - i, lambda it, s: step(s, nb - 1 - it), s)
 
-    def body(it, s):
-        return step(s, first + it if forward else first - it)
 
-    return lax.fori_loop(0, count, body, s)
+def _carried_state(rows, s, i, gi, reverse, mm):
+    """A direction's state entering sub-block i, from s entering the chunk in that direction
+    (rows: the chunk's `_Rows`, k and v at 1 and 2, the direction's gates at gi)."""
+    step = lambda s, j: _state_step(s, rows(1, j), rows(2, j), rows(gi, j), reverse, mm)
+    return _walk(s, i, rows.nb, not reverse, step)
+
+
+def _carried_adjoint(rows, u, i, gi, reverse, mm):
+    """The adjoint of a direction's state leaving sub-block i, from u, the adjoint of that state
+    leaving the chunk (rows: q at 0, do' at 5); it runs against the direction."""
+    step = lambda u, j: _adjoint_step(u, rows(0, j), rows(5, j), rows(gi, j), reverse, mm)
+    return _walk(u, i, rows.nb, reverse, step)
 
 
 def _sub_block_ids(bt):
     """(program's sub-block p, its chunk c, its index i in the chunk) of a sub-block program."""
     p = pl.program_id(0)
     nb = bt // SUB_CHUNK
-    return p, p // nb, p % nb, nb
+    return p, p // nb, p % nb
 
 
 def _bigla_fwd_sub_kernel(
@@ -587,14 +599,10 @@ def _bigla_fwd_sub_kernel(
 ):
     """o of one 16-row sub-block (`sub_blocks`): its entering states from its chunk's, carried
     through the chunk's sub-blocks before it (Sf) and after it (Sb)."""
-    p, c, i, nb = _sub_block_ids(bt)
+    p, c, i = _sub_block_ids(bt)
     rows = _Rows((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
-
-    def state(gi, reverse):
-        return lambda s, j: _state_step(s, rows(1, j), rows(2, j), rows(gi, j), reverse, mm)
-
-    sf = _through(sf_ref[...], 0, i, True, state(3, False))
-    sb = _through(sb_ref[...], nb - 1, nb - 1 - i, False, state(4, True))
+    sf = _carried_state(rows, sf_ref[...], i, 3, False, mm)
+    sb = _carried_state(rows, sb_ref[...], i, 4, True, mm)
     (o,) = _fwd_chunk(_Rows(rows.refs, p, SUB_CHUNK, n), sf, sb, mm, exact)
     _store_rows(o_ref, p * SUB_CHUNK, o, n)
 
@@ -607,27 +615,16 @@ def _bigla_bwd_sub_kernel(
     entering the sub-block and the adjoint of its state leaving it come from the chunk's (the
     state kernels' Sf, Sb entering and dSf, dSb leaving the chunk) carried through the chunk's
     other sub-blocks; one direction at a time keeps two [K, V] states live, not four."""
-    p, c, i, nb = _sub_block_ids(bt)
+    p, c, i = _sub_block_ids(bt)
     refs = (q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref)
     rows = _bwd_rows(refs, c, bt, n)
-
-    def state(gi, reverse):
-        return lambda s, j: _state_step(s, rows(1, j), rows(2, j), rows(gi, j), reverse, mm)
-
-    def adjoint(gi, reverse):
-        return lambda u, j: _adjoint_step(u, rows(0, j), rows(5, j), rows(gi, j), reverse, mm)
-
     sub = _bwd_rows(refs, p, SUB_CHUNK, n)
-    # Forward direction: Sf runs left to right, its adjoint right to left.
-    sf = _through(sf_ref[...], 0, i, True, state(3, False))
-    uf = _through(dsf_ref[...], nb - 1, nb - 1 - i, False, adjoint(3, False))
-    ((dq, dk, dv, dgf),) = _bwd_chunk_dir(sub.select((0, 1, 2, 3, 5)), sf, uf, False, mm, exact)
-    # Backward direction: Sb runs right to left, its adjoint left to right.
-    sb = _through(sb_ref[...], nb - 1, nb - 1 - i, False, state(4, True))
-    ub = _through(dsb_ref[...], 0, i, True, adjoint(4, True))
-    ((dq_b, dk_b, dv_b, dgb),) = _bwd_chunk_dir(
-        sub.select((0, 1, 2, 4, 5)), sb, ub, True, mm, exact
-    )
+    grads = []  # per direction (dq, dk, dv, dg) of the sub-block
+    for reverse, gi, s_ref, u_ref in ((False, 3, sf_ref, dsf_ref), (True, 4, sb_ref, dsb_ref)):
+        s = _carried_state(rows, s_ref[...], i, gi, reverse, mm)
+        u = _carried_adjoint(rows, u_ref[...], i, gi, reverse, mm)
+        grads += _bwd_chunk_dir(sub.select((0, 1, 2, gi, 5)), s, u, reverse, mm, exact)
+    (dq, dk, dv, dgf), (dq_b, dk_b, dv_b, dgb) = grads
     vals = (dq + dq_b, dk + dk_b, dv + dv_b, dgf, dgb)
     for ref, val in zip(out_refs, vals, strict=True):
         _store_rows(ref, p * SUB_CHUNK, val, n)
