@@ -37,18 +37,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import git_sha  # noqa: E402
+from configs import common  # noqa: E402
 from vig_jax import data  # noqa: E402
 from vig_jax.data import imagenet_like, mix, prepare, sources, transforms, writer  # noqa: E402
 from vig_jax.train import sharding  # noqa: E402
 
 DATASET = "input_bench"
-DEIT = {
-    "kind": "deit",
-    "scale": (0.08, 1.0),
-    "ratio": (3 / 4, 4 / 3),
-    "hflip": True,
-    "randaugment": "rand-m9-mstd0.5-inc1",
-}
+DEIT = common.deit_host_augment().to_dict()  # the training recipe's host augmentation
 
 
 def parse_args(argv=None):

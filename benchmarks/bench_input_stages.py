@@ -30,15 +30,10 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from configs import common  # noqa: E402
 from vig_jax.data import imagenet_like, randaugment, transforms  # noqa: E402
 
-DEIT = {
-    "kind": "deit",
-    "scale": (0.08, 1.0),
-    "ratio": (3 / 4, 4 / 3),
-    "hflip": True,
-    "randaugment": "rand-m9-mstd0.5-inc1",
-}
+DEIT = common.deit_host_augment().to_dict()  # the training recipe's host augmentation
 GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 

@@ -13,15 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.test_data_transforms import DEIT
 from vig_jax.data import imagenet_like, randaugment, transforms
-
-DEIT = dict(
-    kind="deit",
-    scale=(0.08, 1.0),
-    ratio=(3 / 4, 4 / 3),
-    hflip=True,
-    randaugment="rand-m9-mstd0.5-inc1",
-)
 
 
 def _jpeg(height, width, seed=0, mode="RGB"):
