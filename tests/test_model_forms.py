@@ -131,11 +131,11 @@ GLA_FORMS = {
 }
 
 
-def _gla_outputs_and_grads(forms, dtype, width=16, **plain_kw):
-    """{form: {"y", "dx", every parameter's gradient}} of the plain layer (with plain_kw) and each
-    form in `forms`, at unit-scale parameters and a random cotangent."""
+def _gla_outputs_and_grads(forms, dtype, width=16):
+    """{form: {"y", "dx", every parameter's gradient}} of the plain layer and each form in
+    `forms`, at unit-scale parameters and a random cotangent."""
     x = _normal((2, 4, 6, width), dtype, 0)
-    plain = _gla(dtype, **plain_kw)
+    plain = _gla(dtype)
     shapes = jax.eval_shape(plain.init, jax.random.key(0), x)["params"]
     # Unit-scale parameters, so that every branch (BiGLA, local path, gates) matters.
     leaves, tree = jax.tree.flatten(shapes)
