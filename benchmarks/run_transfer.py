@@ -5,8 +5,9 @@
 
 1. Pretrain `configs/fmnist_transfer_pretrain.py` (a small plain ViG; seed `PRETRAIN_SEED`, not
    one of the fine-tuning seeds) on the Fashion-MNIST training images of classes 0-4 (all 30,000).
-2. For each seed, draw 100 training images of each of the classes 5-9 (500 images, labels 0-4)
-   and train `configs/fmnist_transfer_finetune.py` on them three ways, same steps each:
+2. For each seed, draw `Setting.per_class` (100) training images of each of the classes 5-9
+   (500 images, labels 0-4) and train `configs/fmnist_transfer_finetune.py` on them three ways,
+   same steps each:
    - finetune: `init_from` the pretrained params (head re-initialised, a new label set);
    - scratch: the same model from random initialisation;
    - finetune_56: the fine-tune at 56 px, the pretrained 2x2 position table resized to 4x4.
@@ -46,7 +47,7 @@ if str(ROOT) not in sys.path:
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 FINETUNE_CLASSES = (5, 6, 7, 8, 9)
-PER_CLASS = 100  # labelled fine-tuning images per class
+PER_CLASS = 100  # labelled fine-tuning images per class (the default of `Setting.per_class`)
 VAL_PER_CLASS = 200  # held-out training images per class for choosing the lr
 ARMS = ("finetune", "scratch", "finetune_56")
 # Not one of the fine-tuning seeds: with the same seed, the fine-tune's "re-initialised" head is
@@ -64,10 +65,12 @@ class Setting:
     pretrain_examples: int | None  # None: all 30,000
     pretrain_epochs: float
     pretrain_batch: int
-    # Fine-tuning budgets in epochs of the 500 images (10 steps each): finetune and scratch
-    # train every budget, finetune_56 the last; each arm chooses its lr per budget.
+    # Fine-tuning budgets in epochs of the 5 x per_class images (10 steps of 50 at 100 a class):
+    # finetune and scratch train every budget, finetune_56 the last; each arm chooses its lr per
+    # budget.
     finetune_epochs: tuple[float, ...]
     test_examples: int | None  # None: all 5,000 test images of classes 5-9
+    per_class: int = PER_CLASS  # labelled fine-tuning images per class, drawn per seed
     model: dict = dataclasses.field(default_factory=dict)  # model.overrides changes
     arms: tuple[str, ...] = ARMS
 
@@ -290,7 +293,7 @@ def run(setting: Setting, source_dir: str | None, workdir: pathlib.Path, log, pa
             train_labels,
             FINETUNE_CLASSES,
             np.random.default_rng(100 + seed),
-            PER_CLASS,
+            setting.per_class,
             exclude=val_index,
         )[:2]
         for seed in setting.seeds
@@ -345,7 +348,7 @@ def run(setting: Setting, source_dir: str | None, workdir: pathlib.Path, log, pa
     return {
         "setting": dataclasses.asdict(setting),
         "classes": {"pretrain": PRETRAIN_CLASSES, "finetune": FINETUNE_CLASSES},
-        "per_class": PER_CLASS,
+        "per_class": setting.per_class,
         "val_per_class": VAL_PER_CLASS,
         "pretrain_seed": PRETRAIN_SEED,
         "pretrain_steps": pretrain_steps,
@@ -402,7 +405,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def markdown(record: dict) -> str:
     lines = [
-        "# Transfer: Fashion-MNIST 0-4 -> 5-9, 100 images per class",
+        f"# Transfer: Fashion-MNIST 0-4 -> 5-9, {record['per_class']} images per class",
         "",
         f"Pretrained ({record['pretrain_steps']} steps) test top-1 on classes 0-4: "
         f"{100 * record['pretrain_test_top1']:.2f}%. Device: {record['device']}; "
