@@ -2,6 +2,7 @@
 
     python benchmarks/bench_input.py --out-dir OUT --work-dir /tmp/bench_input  # 16 cores: ~3-4 min
     python benchmarks/bench_input.py --out-dir /tmp/bench_input --smoke         # CPU check, ~1 min
+    python benchmarks/bench_input.py --out-dir OUT --workers 4,8,16 --threads 1,2,4 --transport
 
 1. Generates a folder of ImageNet-like JPEGs (`vig_jax.data.imagenet_like`: mean ~400x360,
    quality 85-95; ~1 GB for the default 12,000) under WORK/jpegs and prepares it with
@@ -12,16 +13,22 @@
    the stored bytes, decoding them in full, the training transform (DeiT: random-resized crop 224,
    flip, RandAugment m9), the same without RandAugment, RandAugment alone (on 224 crops) and the
    eval transform (resize to 256, centre crop 224). 1000 / ms is the img/s one core gives.
-3. End to end: `make_train_iterator` / `make_eval_iterator` (the functions training uses) with
-   1, 2, 4, 8, 16 grain workers, each batch placed on the device as the trainer does
-   (`sharding.global_batch`) and normalised there, ending in block_until_ready. The first
+3. End to end: `make_train_iterator` / `make_eval_iterator` (the functions training uses) for
+   every pair of --workers (grain worker processes; default 1, 2, 4, 8, 16) and --threads (read
+   threads per process; default the pipeline's), each batch placed on the device as the trainer
+   does (`sharding.global_batch`) and normalised there, ending in block_until_ready. The first
    batches (while workers start) are excluded; img/s is then counted over --seconds of steady
    state (eval: over passes of ~1000 images per worker, restarted until --seconds are spent).
+   With --transport, also the training pipeline's shape (batched MapDataset -> to_iter_dataset
+   -> mp_prefetch, the same workers and threads) with a map that returns a pre-made image (no
+   read, decode or transform): the ceiling that moving batches from the workers to this process
+   and onto the device sets (mode "transport").
 
 Writes OUT/input.json and OUT/input.md.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -29,6 +36,7 @@ import platform
 import sys
 import time
 
+import grain
 import jax
 import numpy as np
 from PIL import Image
@@ -40,6 +48,7 @@ from benchmarks.harness import git_sha  # noqa: E402
 from configs import common  # noqa: E402
 from vig_jax import data  # noqa: E402
 from vig_jax.data import imagenet_like, mix, prepare, sources, transforms, writer  # noqa: E402
+from vig_jax.data.pipeline import READ_THREADS, TrainIterator  # noqa: E402
 from vig_jax.train import sharding  # noqa: E402
 
 DATASET = "input_bench"
@@ -52,6 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default=None, help="generated and prepared data (default OUT)")
     p.add_argument("--smoke", action="store_true", help="CPU check: tiny dataset, 0-1 workers")
     p.add_argument("--workers", default=None, help="comma-separated, default 1,2,4,8,16")
+    p.add_argument(
+        "--threads",
+        default=str(READ_THREADS),
+        help=f"read threads per process, comma-separated (default {READ_THREADS})",
+    )
+    p.add_argument("--transport", action="store_true", help="also time batches of pre-made images")
     p.add_argument("--images", type=int, default=None, help="train images (default 12000)")
     p.add_argument("--batch", type=int, default=None, help="default 128 (smoke 8)")
     p.add_argument("--image-size", type=int, default=224)
@@ -59,12 +74,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _counts(text: str, name: str, least: int) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: {name} {text!r}: need comma-separated integers") from None
+    if min(counts) < least:
+        raise SystemExit(f"error: {name} {text!r}: each must be >= {least}")
+    return counts
+
+
 def settings(args) -> dict:
     smoke = args.smoke
     return {
-        "workers": [
-            int(w) for w in (args.workers or ("0,1" if smoke else "1,2,4,8,16")).split(",")
-        ],
+        "workers": _counts(args.workers or ("0,1" if smoke else "1,2,4,8,16"), "--workers", 0),
+        "threads": _counts(args.threads, "--threads", 1),
+        "transport": args.transport,
         "images": args.images or (40 if smoke else 12000),
         "batch": args.batch or (8 if smoke else 128),
         "image_size": args.image_size,
@@ -148,19 +173,8 @@ def _device_ready(mesh, normalise):
     return put
 
 
-def run_train(data_dir, workers, s, put) -> dict:
-    it = data.make_train_iterator(
-        dataset=DATASET,
-        data_dir=data_dir,
-        split="train",
-        image_size=s["image_size"],
-        batch_size=s["batch"],
-        seed=0,
-        augment=DEIT,
-        shard_index=0,
-        shard_count=1,
-        num_workers=workers,
-    )
+def _time_stream(it, workers, s, put) -> dict:
+    """Images and seconds of steady state of the infinite batch iterator `it` (closed after)."""
     skip = max(2, workers)  # the batches built while the workers start
     try:
         for _ in range(skip):
@@ -175,7 +189,42 @@ def run_train(data_dir, workers, s, put) -> dict:
     return {"images": batches * s["batch"], "seconds": elapsed}
 
 
-def run_eval(data_dir, workers, s, put) -> dict:
+def run_train(data_dir, workers, threads, s, put) -> dict:
+    it = data.make_train_iterator(
+        dataset=DATASET,
+        data_dir=data_dir,
+        split="train",
+        image_size=s["image_size"],
+        batch_size=s["batch"],
+        seed=0,
+        augment=DEIT,
+        shard_index=0,
+        shard_count=1,
+        num_workers=workers,
+        read_threads=threads,
+    )
+    return _time_stream(it, workers, s, put)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PremadeExample:
+    """The same uint8 image and label for every index: batches cost only stacking and transport."""
+
+    image: np.ndarray
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        return {"image": self.image, "label": np.int32(index % 10)}
+
+
+def run_transport(data_dir, workers, threads, s, put) -> dict:
+    size = s["image_size"]
+    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), np.uint8)
+    batches = grain.MapDataset.range(s["batch"]).map(_PremadeExample(image)).repeat(None)
+    batches = batches.batch(s["batch"], drop_remainder=True)
+    return _time_stream(TrainIterator(batches, workers, threads), workers, s, put)
+
+
+def run_eval(data_dir, workers, threads, s, put) -> dict:
     # Passes of ~1000 images per worker (a few seconds each): several fit in --seconds.
     available = data.dataset_info(DATASET, data_dir).num_examples["train"]
     split = f"train[:{min(available, max(1000 * workers, 4 * s['batch']))}]"
@@ -192,6 +241,7 @@ def run_eval(data_dir, workers, s, put) -> dict:
             shard_index=0,
             shard_count=1,
             num_workers=workers,
+            read_threads=threads,
         )
         skip = max(2, workers)
         start = end = None
@@ -227,10 +277,17 @@ def markdown(result: dict) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {k} | {v:.2f} | {1e3 / v:.0f} |" for k, v in result["stage_ms"].items()]
-    lines += ["", "| transform | workers | img/s | img/s per worker |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| mode | workers | threads | img/s | img/s per worker |",
+        "|---|---|---|---|---|",
+    ]
     for row in result["runs"]:
         per = row["img_per_s"] / max(row["workers"], 1)
-        lines.append(f"| {row['mode']} | {row['workers']} | {row['img_per_s']:.0f} | {per:.0f} |")
+        lines.append(
+            f"| {row['mode']} | {row['workers']} | {row['threads']} | {row['img_per_s']:.0f} "
+            f"| {per:.0f} |"
+        )
     lines += ["", f"git {result['git_sha']}, jax {result['jax']}, Python {result['python']}"]
     return "\n".join(lines) + "\n"
 
@@ -249,13 +306,21 @@ def main(argv=None) -> int:
     mesh = sharding.make_mesh()
     normalise = jax.jit(lambda x: mix.normalize(x, mix.IMAGENET_MEAN, mix.IMAGENET_STD))
     put = _device_ready(mesh, normalise)
+    modes = [("train", run_train), ("eval", run_eval)]
+    if s["transport"]:
+        modes.append(("transport", run_transport))
     runs = []
-    for mode, run in (("train", run_train), ("eval", run_eval)):
+    for mode, run in modes:
         for workers in s["workers"]:
-            r = run(data_dir, workers, s, put)
-            row = {"mode": mode, "workers": workers, **r, "img_per_s": r["images"] / r["seconds"]}
-            runs.append(row)
-            print(f"{mode} workers={workers}: {row['img_per_s']:.0f} img/s", flush=True)
+            for threads in s["threads"]:
+                r = run(data_dir, workers, threads, s, put)
+                row = {"mode": mode, "workers": workers, "threads": threads, **r}
+                row["img_per_s"] = r["images"] / r["seconds"]
+                runs.append(row)
+                print(
+                    f"{mode} workers={workers} threads={threads}: {row['img_per_s']:.0f} img/s",
+                    flush=True,
+                )
     result = {
         "device": str(jax.devices()[0].device_kind),
         "cpu_count": os.cpu_count(),

@@ -40,6 +40,7 @@ def data_section(*, dataset, image_size, batch_size, eval_batch_size, num_worker
     d.batch_size = batch_size
     d.eval_batch_size = eval_batch_size
     d.num_workers = num_workers
+    d.read_threads = 4  # threads building batches in each worker process (`data.pipeline`)
     d.augment = augment  # host-side, per example (`vig_jax.data.transforms.TrainTransform`)
     d.mean = IMAGENET_MEAN
     d.std = IMAGENET_STD

@@ -174,6 +174,16 @@ def test_train_iterator_same_batches_with_worker_processes(data_dir):
     _assert_batches_equal(_take(resumed, 1), expected[2:])
 
 
+def test_batches_do_not_depend_on_read_threads(data_dir):
+    expected = _take(_train(data_dir), 3)
+    it = _train(data_dir, read_threads=1)
+    _assert_batches_equal(_take(it, 2), expected[:2])
+    resumed = _train(data_dir, read_threads=2)
+    resumed.set_state(it.get_state())
+    _assert_batches_equal(_take(resumed, 1), expected[2:])
+    _assert_batches_equal(list(_eval(data_dir, read_threads=1)), list(_eval(data_dir)))
+
+
 def test_train_iterator_rejects_bad_arguments(data_dir):
     with pytest.raises(ValueError, match="shard_index"):
         _train(data_dir, shard_index=2, shard_count=2)
@@ -183,6 +193,10 @@ def test_train_iterator_rejects_bad_arguments(data_dir):
         _train(data_dir, augment=dict(kind="mixup"))
     with pytest.raises(ValueError, match="batches"):
         _train(data_dir).set_state({"batches": -1})
+    with pytest.raises(ValueError, match="read_threads must be >= 1"):
+        _train(data_dir, read_threads=0)
+    with pytest.raises(ValueError, match="read_threads must be >= 1"):
+        _eval(data_dir, read_threads=0)
 
 
 @pytest.mark.parametrize("shard_count", [1, 3])

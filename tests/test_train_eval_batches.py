@@ -17,6 +17,7 @@ def _config():
         crop_pct=1.0,
         eval_batch_size=2,
         num_workers=0,
+        read_threads=1,
     )
     return c
 

@@ -3,8 +3,8 @@
 Training: shard (every `shard_count`-th example from `shard_index`) -> shuffle -> random transform
 -> repeat (each epoch reshuffled and re-augmented: grain folds the epoch into the seeds) -> batch.
 Every random draw is a function of (seed, epoch, position), so the stream does not depend on
-`num_workers` or thread timing, and `get_state`/`set_state` resume it exactly (the state is the
-number of batches consumed).
+`num_workers`, `read_threads` or thread timing, and `get_state`/`set_state` resume it exactly (the
+state is the number of batches consumed).
 
 Eval: shard -> transform -> pad with masked examples up to the same number of batches on every
 process (the largest shard, rounded up to whole batches), so no example is dropped and all
@@ -23,24 +23,32 @@ from absl import flags
 from vig_jax.data import sources, transforms
 
 
-def _check_common(image_size, batch_size, shard_index, shard_count, num_workers):
+def _check_common(image_size, batch_size, shard_index, shard_count, num_workers, read_threads):
     if image_size <= 0 or batch_size <= 0:
         raise ValueError(f"need image_size, batch_size > 0, got {image_size=}, {batch_size=}")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index=}, {shard_count=}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers=}")
+    if read_threads < 1:
+        raise ValueError(f"read_threads must be >= 1, got {read_threads=}")
 
 
 # Elements are whole batches (batched before `to_iter_dataset`, so a batch never depends on which
 # worker built it). grain's defaults (16 threads, 500 elements ahead) assume small records and
 # would hold 500 batches; a few batches ahead, built by a few threads per process, keep up.
-_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+READ_THREADS = 4  # per process (each worker, or this process without workers)
+_PREFETCH_BATCHES = 8
 
 
-def _iterate(dataset: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
-    iter_dataset = dataset.to_iter_dataset(_READ_OPTIONS)
+def _iterate(
+    dataset: grain.MapDataset, num_workers: int, read_threads: int
+) -> grain.DatasetIterator:
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=_PREFETCH_BATCHES)
+    iter_dataset = dataset.to_iter_dataset(options)
     if num_workers > 0:
+        # Batches reach this process through POSIX shared memory (grain copies each numpy array
+        # into a new segment and sends only its name), not pickled through a pipe.
         # grain's worker processes read absl flags; outside `absl.app.run` (scripts, tests) they
         # are unparsed and grain raises. Their defaults are what we want.
         if not flags.FLAGS.is_parsed():
@@ -62,6 +70,7 @@ def make_train_iterator(
     shard_index: int,
     shard_count: int,
     num_workers: int,
+    read_threads: int = READ_THREADS,
 ) -> "TrainIterator":
     """Infinite iterator of augmented training batches for this process.
 
@@ -74,31 +83,34 @@ def make_train_iterator(
       shard_index, shard_count: this process's disjoint share, usually
         (jax.process_index(), jax.process_count()).
       num_workers: grain worker processes (0: threads in this process).
+      read_threads: threads building batches in each worker process (or in this process when
+        `num_workers` is 0); workers x threads beyond the cores only adds contention.
     Returns:
       Iterator of {"image": uint8 [b, S, S, 3], "label": int32 [b]} with `get_state()` /
-      `set_state(state)` for exact resumption (also with another `num_workers`).
+      `set_state(state)` for exact resumption (also with another `num_workers`, `read_threads`).
     Raises:
       ValueError: bad arguments or augment options; see also `sources.get_builder`.
     """
-    _check_common(image_size, batch_size, shard_index, shard_count, num_workers)
+    _check_common(image_size, batch_size, shard_index, shard_count, num_workers, read_threads)
     transform = transforms.TrainTransform.from_config(augment, image_size)
     source = sources.data_source(dataset, data_dir, split, decode_images=False)
     ds = grain.MapDataset.source(source)[shard_index::shard_count].seed(seed)
     ds = ds.shuffle().random_map(transform).repeat(None).batch(batch_size, drop_remainder=True)
-    return TrainIterator(ds, num_workers)
+    return TrainIterator(ds, num_workers, read_threads)
 
 
 class TrainIterator:
     """Infinite batch iterator whose state is just the number of batches consumed.
 
     Batch k is a pure function of k (see the module docstring), so resuming means starting the
-    grain pipeline at batch k. The state is therefore valid across `num_workers` settings, unlike
-    grain's own iterator state, whose layout changes with multiprocessing.
+    grain pipeline at batch k. The state is therefore valid across `num_workers` and `read_threads`
+    settings, unlike grain's own iterator state, whose layout changes with multiprocessing.
     """
 
-    def __init__(self, batches: grain.MapDataset, num_workers: int):
+    def __init__(self, batches: grain.MapDataset, num_workers: int, read_threads: int):
         self._batches = batches
         self._num_workers = num_workers
+        self._read_threads = read_threads
         self._position = 0
         self._iterator = None  # started on first use, so set_state wastes no read-ahead
 
@@ -107,7 +119,9 @@ class TrainIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
-            self._iterator = _iterate(self._batches[self._position :], self._num_workers)
+            self._iterator = _iterate(
+                self._batches[self._position :], self._num_workers, self._read_threads
+            )
         batch = next(self._iterator)
         self._position += 1
         return batch
@@ -159,19 +173,21 @@ def make_eval_iterator(
     shard_index: int,
     shard_count: int,
     num_workers: int,
+    read_threads: int = READ_THREADS,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over this process's shard of `split`, padded to whole batches.
 
     Args:
       dataset, data_dir, split: see `sources.data_source`.
       image_size: output side S; crop_pct: resize the shorter side to floor(S / crop_pct) first.
-      batch_size, shard_index, shard_count, num_workers: as in `make_train_iterator`.
+      batch_size, shard_index, shard_count, num_workers, read_threads: as in
+        `make_train_iterator`.
     Returns:
       Iterator of {"image": uint8 [b, S, S, 3], "label": int32 [b], "mask": bool [b]}; padding
       examples have mask False (zero image, label 0). Every process gets
       ceil(ceil(N / shard_count) / b) batches, N the split size.
     """
-    _check_common(image_size, batch_size, shard_index, shard_count, num_workers)
+    _check_common(image_size, batch_size, shard_index, shard_count, num_workers, read_threads)
     transform = transforms.EvalTransform(image_size, crop_pct)
     source = sources.data_source(dataset, data_dir, split, decode_images=False)
     shard = grain.MapDataset.source(source)[shard_index::shard_count].map(transform)
@@ -179,4 +195,4 @@ def make_eval_iterator(
     padded = grain.MapDataset.range(num_batches * batch_size).map(
         _PaddedEvalExample(shard, image_size)
     )
-    return _iterate(padded.batch(batch_size), num_workers)
+    return _iterate(padded.batch(batch_size), num_workers, read_threads)

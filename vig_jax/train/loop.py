@@ -47,6 +47,7 @@ def _train_iterator(config, shard_batch: int):
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
         num_workers=d.num_workers,
+        read_threads=d.read_threads,
     )
 
 
@@ -81,6 +82,7 @@ class EvalBatches:
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
             num_workers=d.num_workers,
+            read_threads=d.read_threads,
         )
 
     def __iter__(self):

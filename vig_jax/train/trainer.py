@@ -201,6 +201,7 @@ def _check_ranges(config) -> None:
         (d.image_size >= 1, f"data.image_size must be >= 1, got {d.image_size}"),
         (0 < d.crop_pct <= 1, f"data.crop_pct must be in (0, 1], got {d.crop_pct}"),
         (d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),
+        (d.read_threads >= 1, f"data.read_threads must be >= 1, got {d.read_threads}"),
         (len(d.mean) == len(d.std) == 3, "data.mean and data.std need 3 values (RGB)"),
         (lp.total_steps is None or lp.total_steps >= 1, "loop.total_steps must be >= 1 or None"),
         (o.epochs > 0, f"optimizer.epochs must be > 0, got {o.epochs}"),
