@@ -25,7 +25,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tests.helpers import assert_close
 from vig_jax.convert import save_params
 from vig_jax.train.errors import EXIT_NONFINITE, EXIT_PREEMPTED
-from vig_jax.train.metrics import read_metrics
+from vig_jax.train.metrics import InputWait, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -146,6 +146,9 @@ def test_train_e2e_writes_metrics_and_checkpoints(reference):
     assert sorted(evals) == [4, TOTAL_STEPS]
     for m in evals.values():
         assert 0.0 <= m["eval/top1"] <= m["eval/top5"] <= 1.0 and np.isfinite(m["eval/loss"])
+    waits = _last_per_step(reference, "train/input_wait_frac")
+    assert sorted(waits) == list(range(1, TOTAL_STEPS + 1))
+    assert all(0.0 <= w <= 1.0 for w in waits.values()), waits
     # keep_checkpoints=2 of the saves at 2, 4, 6, 8.
     assert _steps(reference) == [6, 8]
     # bf16 compute, float32 state: every saved float array (params, Adam moments) is float32.
@@ -256,3 +259,23 @@ def test_evaluate_cli_on_training_and_converted_checkpoints(reference, tmp_path,
     assert got["step"] is None
     for key in ("eval/loss", "eval/top1", "eval/top5"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_input_wait_tells_an_input_bound_loop_from_a_device_bound_one():
+    """The share of time in next(batches): a pipeline slower than the loop shows, a fast one not."""
+
+    def slow_batches():
+        while True:
+            time.sleep(0.02)
+            yield 0
+
+    wait = InputWait()
+    batches = slow_batches()
+    for _ in range(10):
+        wait.next(batches)  # nothing else to do: the loop only waits for input
+    assert wait.fraction() > 0.5
+    ready = iter(range(100))
+    for _ in range(10):
+        wait.next(ready)
+        time.sleep(0.02)  # the "step": the batch was always there
+    assert wait.fraction() < 0.2

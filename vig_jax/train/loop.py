@@ -27,7 +27,7 @@ from vig_jax import data
 from vig_jax.train import init_from, sharding
 from vig_jax.train.checkpoint import Checkpointer
 from vig_jax.train.errors import EXIT_PREEMPTED, NonFiniteLossError, Preempted
-from vig_jax.train.metrics import MetricsWriter, Progress, peak_memory_gb
+from vig_jax.train.metrics import InputWait, MetricsWriter, Progress, peak_memory_gb
 from vig_jax.train.trainer import Trainer, oom_hint, plan_run
 from vig_jax.train.workdir import WorkdirLock, truncate_metrics
 
@@ -279,8 +279,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
         last_ckpt = start if start else None
         eval_metrics: dict[str, float] = {}
         window: list[tuple[int, dict]] = []  # device metrics of the steps not yet logged
+        input_wait = InputWait()
         for step in range(start + 1, total_steps + 1):
-            global_batch = sharding.global_batch(next(train_iter), mesh)
+            global_batch = sharding.global_batch(input_wait.next(train_iter), mesh)
             with oom_hint():
                 state, metrics = trainer.train_step(state, global_batch)
             if step == start + 1:
@@ -299,6 +300,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
                 mean["train/img_per_s"] = progress.update(
                     step, mean["train/loss"], mean["train/lr"]
                 )
+                mean["train/input_wait_frac"] = input_wait.fraction()
                 peak = peak_memory_gb()
                 if peak is not None:
                     mean["device/peak_memory_gb"] = peak
@@ -318,6 +320,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
                 eval_metrics = _evaluate_all(trainer, state, config, eval_batches)
                 writer.write(step, eval_metrics)
                 _say(f"step {step}: " + _format(eval_metrics))
+                input_wait.restart()  # the evaluation is not training time
         ckpt.wait()
     return eval_metrics
 

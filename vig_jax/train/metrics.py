@@ -8,6 +8,7 @@ import json
 import math
 import pathlib
 import time
+from collections.abc import Iterator
 
 import jax
 import tqdm
@@ -78,6 +79,36 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
     """All lines of `workdir/metrics.jsonl`, in order."""
     with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class InputWait:
+    """The share of the training loop's wall time spent waiting for the input pipeline.
+
+    The host runs ahead of the device (asynchronous dispatch) and waits for it only when it reads
+    metrics, so time blocked in `next(batches)` is time the device may sit idle for lack of a
+    batch: near 0 when the device is the bottleneck, large when the input is.
+    """
+
+    def __init__(self):
+        self.restart()
+
+    def next(self, batches: Iterator):
+        """next(batches), timed."""
+        start = time.perf_counter()
+        batch = next(batches)
+        self._wait += time.perf_counter() - start
+        return batch
+
+    def fraction(self) -> float:
+        """Waiting seconds / wall seconds since the last `fraction` or `restart`; then restarts."""
+        now = time.perf_counter()
+        share = self._wait / max(now - self._start, 1e-9)
+        self._wait, self._start = 0.0, now
+        return share
+
+    def restart(self) -> None:
+        """Starts a new window (e.g. after an evaluation, which is not training time)."""
+        self._wait, self._start = 0.0, time.perf_counter()
 
 
 class Progress:
