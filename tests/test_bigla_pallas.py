@@ -105,17 +105,6 @@ INTERPRET_CASES = [
         "very_negative",
         id="N72-gates-10-span1",
     ),
-    # The sequential states plan with V's columns split over programs (states_v_blocks): the
-    # default blocks of 16 columns (2 at V 32), and 4 blocks at V 64 with gates at -10.
-    pytest.param(
-        (2, 50, 1, 16, 32), KernelParams(chunk=16, states_span=0), "typical", id="N50-seq-vblocks"
-    ),
-    pytest.param(
-        (1, 40, 2, 32, 64),
-        KernelParams(chunk=16, states_span=0, states_v_blocks=4),
-        "very_negative",
-        id="N40-gates-10-seq-vblocks4",
-    ),
     # One program per 16-row sub-block (sub_blocks, the default), states carried through the
     # chunk: chunk 32 (the last chunk ragged) and 64 with K 32 / V 64 and the exact diagonal.
     pytest.param(
@@ -194,15 +183,6 @@ def test_states_span_by_programs_unless_set():
     assert _states_span(1, 3, 1024, KernelParams(states_span=0)) == 0
     assert _states_span(128, 3, 4, KernelParams(states_span=1)) == 1
     assert _states_span(1, 1, 4, KernelParams(states_span=4)) == 0  # one span: sequential
-
-
-def test_states_v_blocks_in_the_sequential_plan_only():
-    from pallas_kernels.bigla.pallas import _states_v_blocks
-
-    assert _states_v_blocks(64, 0, KernelParams()) == 4  # 16 columns per program
-    assert _states_v_blocks(16, 0, KernelParams()) == 1
-    assert _states_v_blocks(64, 0, KernelParams(states_v_blocks=2)) == 2
-    assert _states_v_blocks(64, 6, KernelParams(states_v_blocks=2)) == 1  # span plan: per (b, h)
 
 
 def logit_inputs(shape, logit_dtype, very_negative=False, seed=0):
@@ -330,7 +310,6 @@ def test_split_backward_by_head_dim_unless_set():
         ((1, 8, 1, 24, 32), KernelParams(), "K and V"),
         ((1, 8, 1, 16, 8), KernelParams(), "K and V"),
         ((1, 8, 1, 16, 32), KernelParams(chunk=48), "chunk=48"),
-        ((1, 40, 1, 16, 32), KernelParams(chunk=16, states_span=0, states_v_blocks=4), "V=32"),
     ],
 )
 def test_bigla_pallas_rejects_unsupported_shapes(shape, params, match):
@@ -401,15 +380,6 @@ def test_bigla_pallas_gpu_chunk_programs(shape, split):
 )
 def test_bigla_pallas_gpu_sub_blocks(shape, chunk, dtype):
     check_gpu(shape, dtype, KernelParams(chunk=chunk, sub_blocks=True))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("blocks", [1, 2, 4])
-def test_bigla_pallas_gpu_sequential_states_v_blocks(blocks):
-    """The sequential states plan at ViG-S's head dims, V's columns over 1, 2 or 4 programs."""
-    check_gpu(
-        (16, 196, 6, 32, 64), jnp.bfloat16, KernelParams(states_span=0, states_v_blocks=blocks)
-    )
 
 
 @pytest.mark.gpu

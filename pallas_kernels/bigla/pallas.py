@@ -52,7 +52,7 @@ class KernelParams:
       the fastest forward + backward at ViG-S 224 and ViG-T 1024 of 32, 64, 128 (H200; notes).
     short_max_chunks: use the one-program-per-(b, h) plan when ceil(N / chunk) is at most this.
     num_warps: Triton warps per program; num_stages: Triton software-pipelining stages. 2 and 2:
-      forward + backward 12-18% faster than 4 and 1 at every ViG shape timed (H200; notes).
+      forward + backward 10-18% faster than 4 and 1 at every ViG shape timed (H200; notes).
     exact_diagonal: build the 16 x 16 diagonal blocks from a masked [16, 16, K] exponential (every
       exponent <= 0, any gates); else from two dots around the block's middle row (much cheaper,
       finite while gates stay above about -11 per token).
@@ -66,10 +66,6 @@ class KernelParams:
       B * H >= STATE_PROGRAMS, else spans giving about STATE_PROGRAMS programs (`_states_span`).
     span_scan: how XLA scans the spans' states (`_scan_spans`): "matmul", "associative" or
       "auto" (matmul up to SCAN_MATMUL_MAX_SPANS spans).
-    states_v_blocks: sequential states plan: the states' V columns split over this many programs
-      per (b, h) (a state's columns evolve independently: the gates act on its K rows), so the
-      same chain of chunks runs on V / states_v_blocks columns in B * H * states_v_blocks
-      programs. None: STATES_V_COLUMNS columns per program (`_states_v_blocks`).
     sub_blocks: long plan: the chunk kernels run one program per 16-row sub-block (grid
       ceil(N / 16) x B x H), each carrying its chunk's states through the chunk's other sub-blocks
       to its own, instead of one program per chunk holding every sub-block's partial results
@@ -86,7 +82,6 @@ class KernelParams:
     split_backward: bool | None = None
     states_span: int | None = None
     span_scan: str = "auto"
-    states_v_blocks: int | None = None
     sub_blocks: bool = True
     interpret: bool = False
 
@@ -103,9 +98,6 @@ STATE_PROGRAMS = 264
 # The matmul scan over spans builds [NS, NS, K] weights per (b, h) and state; beyond this many
 # spans the associative scan (O(NS) memory) takes over.
 SCAN_MATMUL_MAX_SPANS = 256
-# Columns of V per sequential states program (states_v_blocks=None), the smallest a Triton dot
-# takes.
-STATES_V_COLUMNS = 16
 
 
 def _split_backward(K, params):
@@ -702,43 +694,15 @@ def _states_span(B, H, nt, params):
     return 0 if span >= nt else span
 
 
-def _states_v_blocks(V, span, params):
-    """Programs per (b, h) over V's columns in the states kernels: 1 in the span plan (enough
-    programs already; its gate totals are per (b, h)), else params.states_v_blocks, or V split
-    into STATES_V_COLUMNS-wide blocks."""
-    if span:
-        return 1
-    vs = params.states_v_blocks or max(V // STATES_V_COLUMNS, 1)
-    if V % vs or (V // vs) % SUB_CHUNK:
-        raise ValueError(
-            f"states_v_blocks={vs} must split V={V} into blocks of a multiple of {SUB_CHUNK}"
-        )
-    return vs
-
-
-def _column_spec(x, vs, columns):
-    """[B, N, H, d] -> the [N, d] view of one (b, h), or with `columns` its [N, d / vs] column
-    block; grid (NS, B, H * vs), program id 2 = h * vs + column block."""
-    if not columns:
-        shape = (None, x.shape[1], None, x.shape[3])
-        return pl.BlockSpec(shape, lambda s, b, i: (b, 0, i // vs, 0))
-    shape = (None, x.shape[1], None, x.shape[3] // vs)
-    return pl.BlockSpec(shape, lambda s, b, i: (b, 0, i // vs, i % vs))
-
-
-def _span_spec(rows, V, vs=1):
-    """[B, H, NS * rows, V] (or [B, H, NS, rows], V None) -> block of span s, and of column block
-    j of vs; grid (NS, B, H * vs), program id 2 = h * vs + j."""
+def _span_spec(rows, V):
+    """[B, H, NS * rows, V] (or [B, H, NS, rows], V None) -> block of span s; grid (NS, B, H)."""
     if V is None:
-        return pl.BlockSpec((None, None, None, rows), lambda s, b, i: (b, i // vs, s, 0))
-    return pl.BlockSpec((None, None, rows, V // vs), lambda s, b, i: (b, i // vs, s, i % vs))
+        return pl.BlockSpec((None, None, None, rows), lambda s, b, h: (b, h, s, 0))
+    return pl.BlockSpec((None, None, rows, V), lambda s, b, h: (b, h, s, 0))
 
 
-def _states_call(
-    inputs, params, adjoints, span, ns, init=None, summary=False, logits=None, vs=1
-):  # fmt: skip
-    """One launch of the states kernel, grid (NS, B, H * vs): vs programs per (b, h) and span,
-    one per block of V / vs columns. Returns the entering states of every chunk,
+def _states_call(inputs, params, adjoints, span, ns, init=None, summary=False, logits=None):
+    """One launch of the states kernel, grid (NS, B, H). Returns the entering states of every chunk,
     [B, H, NS * span * K, V] each, or with `summary` the spans' own leaving states [B, H, NS * K, V]
     and gate totals [B, H, NS, K] (fp32)."""
     B, N, H, K = inputs[0].shape
@@ -747,10 +711,10 @@ def _states_call(
     nst = 4 if adjoints else 2
     rows = K if summary else span * K
     out_shape = [jax.ShapeDtypeStruct((B, H, ns * rows, V), jnp.float32)] * nst
-    out_specs = [_span_spec(rows, V, vs)] * nst
+    out_specs = [_span_spec(rows, V)] * nst
     if summary:
         out_shape += [jax.ShapeDtypeStruct((B, H, ns, K), jnp.float32)] * 2
-        out_specs += [_span_spec(K, None, vs)] * 2
+        out_specs += [_span_spec(K, None)] * 2
     kernel = functools.partial(
         _bigla_states_kernel,
         n=N,
@@ -763,13 +727,11 @@ def _states_call(
     )
     init = tuple(init or ())
     name = "bigla_" + ("bwd" if adjoints else "fwd") + ("_span_summaries" if summary else "_states")
-    columns = (2, 5) if adjoints else (1,)  # v (and do): split into column blocks
-    in_specs = [_column_spec(x, vs, i in columns) for i, x in enumerate(inputs)]
     return _call(
         kernel,
         name,
-        (ns, B, H * vs),
-        in_specs + [_span_spec(K, V, vs)] * len(init),
+        (ns, B, H),
+        [_token_spec(x, 3) for x in inputs] + [_span_spec(K, V)] * len(init),
         out_specs,
         out_shape,
         params,
@@ -821,11 +783,10 @@ def _states(inputs, params, adjoints, logits=None):
     """Entering states of every chunk: Sf, Sb (and dSf, dSb), [B, H, NTp * K, V] fp32 each, with
     NTp >= NT (chunks past NT are padding: zero inputs, which change no state).
 
-    Sequential plan (span 0): per (b, h), one program per block of V's columns walks all NT
-    chunks. Split plan: spans of `span` chunks; a summary launch gives every span's own leaving
-    states and gate totals, a scan over spans in XLA gives the states entering every span, and a
-    second launch walks each span from its entering states (span 1: the scan's states are already
-    those of every chunk).
+    Sequential plan (span 0): one program per (b, h) walks all NT chunks. Split plan: spans of
+    `span` chunks; a summary launch gives every span's own leaving states and gate totals, a scan
+    over spans in XLA gives the states entering every span, and a second launch walks each span
+    from its entering states (span 1: the scan's states are already those of every chunk).
     """
     B, N, H, K = inputs[0].shape
     V = inputs[2].shape[-1] if adjoints else inputs[1].shape[-1]
@@ -833,7 +794,7 @@ def _states(inputs, params, adjoints, logits=None):
     span = _states_span(B, H, nt, params)
     call = functools.partial(_states_call, inputs, params, adjoints, logits=logits)
     if not span:
-        return call(span=nt, ns=1, vs=_states_v_blocks(V, span, params))
+        return call(span=nt, ns=1)
     ns = math.ceil(nt / span)
     *own, total_f, total_b = call(span, ns, summary=True)
     # Sf and dSb run left to right, Sb and dSf right to left; Sf and dSf decay by gf, Sb and dSb
