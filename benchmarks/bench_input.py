@@ -13,21 +13,19 @@
    the stored bytes, decoding them in full, the training transform (DeiT: random-resized crop 224,
    flip, RandAugment m9), the same without RandAugment, RandAugment alone (on 224 crops) and the
    eval transform (resize to 256, centre crop 224). 1000 / ms is the img/s one core gives.
-3. End to end: `make_train_iterator` / `make_eval_iterator` (the functions training uses) for
-   every pair of --workers (grain worker processes; default 1, 2, 4, 8, 16) and --threads (read
-   threads per process; default the pipeline's), each batch placed on the device as the trainer
-   does (`sharding.global_batch`) and normalised there, ending in block_until_ready. Batches of
-   the first --warmup seconds are excluded: at the start every read thread of every worker
-   finishes its first batch at about the same time, a burst of up to workers x threads batches
-   that would inflate a short window (a first version skipped only `workers` batches and read 27K
-   eval img/s from 16 cores). img/s is then counted over --seconds of steady state. Evaluation is
-   timed as a stream of `EvalTransform` batches over the repeated split (the evaluation's
-   transform and grain path without its end-of-pass padding), so every worker count is timed at
-   steady state; a real pass adds the workers' start-up (seconds) once per evaluation.
-   With --transport, also the training pipeline's shape (batched MapDataset -> to_iter_dataset
-   -> mp_prefetch, the same workers and threads) with a map that returns a pre-made image (no
-   read, decode or transform): the ceiling that moving batches from the workers to this process
-   and onto the device sets (mode "transport").
+3. End to end: `make_train_iterator` (what training uses) for every pair of --workers (grain worker
+   processes; default 1, 2, 4, 8, 16) and --threads (read threads per process; default the
+   pipeline's), each batch placed on the device as the trainer does (`sharding.global_batch`) and
+   normalised there, ending in block_until_ready. Batches of the first --warmup seconds are
+   excluded: at the start every read thread of every worker finishes its first batch at about the
+   same time, a burst of up to workers x threads batches that would inflate a short window. img/s is
+   then counted over --seconds of steady state. Evaluation is timed as a stream of `EvalTransform`
+   batches over the repeated split (the evaluation's transform and grain path without its
+   end-of-pass padding), so every worker count is timed at steady state; a real pass adds the
+   workers' start-up (seconds) once per evaluation. With --transport, also the training pipeline's
+   shape (batched MapDataset -> to_iter_dataset -> mp_prefetch, the same workers and threads) with a
+   map that returns a pre-made image (no read, decode or transform): the ceiling that moving batches
+   from the workers to this process and onto the device sets (mode "transport").
 
 Writes OUT/input.json and OUT/input.md.
 """

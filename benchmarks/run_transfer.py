@@ -19,13 +19,13 @@
    arm's chosen lr, fine-tune minus scratch (means and per seed), plus every run.
 
 Writes `transfer.json` and `transfer.md` to --out-dir (--smoke: /tmp/vig_transfer_smoke unless
-given). --smoke shrinks everything (a 2-block width-32 model, 4 pretraining epochs, one budget of
-30 steps, 3 seeds, two lrs) to run on CPU in about a minute; tests/test_finetune.py runs it and
-asserts that fine-tuning beats scratch (by 2.0 points on this CPU; docs/finetuning.md has the
-numbers and where the margin vanishes). Finished runs go to `<name>.partial.json` as they end. The images
-come from the IDX files of Debian's `dataset-fashion-mnist` (or --source-dir /
-$VIG_FASHION_MNIST_DIR); the loop here feeds the project's jitted train and eval steps
-(`make_trainer`) from memory, since the class subsets are not TFDS splits.
+given). --smoke shrinks everything (a 2-block width-32 model, 4 pretraining epochs, one budget of 30
+steps, 3 seeds, two lrs) to run on CPU in about a minute; tests/test_finetune.py runs it and asserts
+that fine-tuning beats scratch (docs/finetuning.md has the numbers and where the margin vanishes).
+Finished runs go to `<name>.partial.json` as they end. The images come from the IDX files of
+Debian's `dataset-fashion-mnist` (or --source-dir / $VIG_FASHION_MNIST_DIR); the loop here feeds the
+project's jitted train and eval steps (`make_trainer`) from memory, since the class subsets are not
+TFDS splits.
 """
 
 import argparse

@@ -355,14 +355,14 @@ def test_interrupted_finetune_resumes_from_its_own_checkpoint(source, tmp_path_f
 
 # The shrunk experiment (run_transfer.SMOKE: width 32, 2 blocks, 4 pretraining epochs, 100 images
 # per class, 30 fine-tuning steps, lr from {0.1, 0.3} on held-out images). Measured on the 2-core
-# CPU (jax 0.10.2): pretrained top-1 82.9% on classes 0-4; test top-1 on classes 5-9 fine-tune
-# 79.1 +- 0.7 (lr 0.1) vs scratch 77.1 +- 1.9 (lr 0.3), +2.0 points (per seed +0.7, +2.0, +3.3).
-# The test asserts half of that mean margin: a broken load (a shuffled, half-loaded or re-initialised
+# CPU (jax 0.10.2): pretrained top-1 82.9% on classes 0-4; test top-1 on classes 5-9 fine-tune 79.1
+# +- 0.7 (lr 0.1) vs scratch 77.1 +- 1.9 (lr 0.3), +2.0 points (per seed +0.7, +2.0, +3.3). The test
+# asserts half of that mean margin: a broken load (a shuffled, half-loaded or re-initialised
 # backbone) starts the fine-tune no better than scratch and fails it. At this model size the margin
 # needs the short budget: at 120 steps, or with 10 images per class, it is within +-1 point
-# (docs/finetuning.md). The GPU run of the full setting (width 128, 6 blocks) gives +2.4 / +1.6.
-# The 56 px fine-tune (the position table resized from 2x2 to 4x4) is far from converged after
-# 30 steps (60.9 +- 5.2% measured; chance 20%): asserted to learn, not to match.
+# (docs/finetuning.md). The GPU run of the full setting (width 128, 6 blocks) gives +2.4 / +1.6. The
+# 56 px fine-tune (the position table resized from 2x2 to 4x4) is far from converged after 30 steps
+# (60.9 +- 5.2% measured; chance 20%): asserted to learn, not to match.
 MIN_PRETRAIN_TOP1 = 0.75
 MIN_TOP1 = {"finetune": 0.72, "scratch": 0.72, "finetune_56": 0.45}
 MIN_MARGIN = 0.01  # fine-tune minus scratch, mean over seeds, in top-1 (1 point)
