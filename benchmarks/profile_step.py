@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py                          # ViG-S 224²/B128 and ViG-T 1024²/B8
     python benchmarks/profile_step.py --case vig_s:224:128 --override fused_proj=True
+    python benchmarks/profile_step.py --case vig_s:224:128 --timm deit_s:224:128  # + timm DeiT-S
     python benchmarks/profile_step.py --smoke                  # CPU check: tiny model, tiny images
 
 For each case (model:size:batch), bf16 compute with float32 params (`create_model(...,
@@ -20,8 +21,13 @@ op class:
   reduce     fusions with a reduction (norms, softmax-CE, the optimizer's norms)
   copy       copies and transposes             elementwise  other fusions          other  the rest
 
-and per HLO op for the top `--top`. Output: a markdown table per case on stdout and
-`<out>/profile.md`, `<out>/profile.json`.
+and per place in the model (forward or backward, the Flax module path from the ops' metadata, e.g.
+"bwd blocks/attn/o_norm") and class, and per HLO op, the top `--top` of each. With `--timm`,
+timm's DeiT as `bench_vs_vit` runs it (torch.compile, bf16) is timed and profiled with
+torch.profiler in the same process, its CUDA kernels summed per class by name (attention, matmul,
+Inductor's fused reductions and pointwise kernels, the fused AdamW), so that the two steps can be
+compared class by class.
+Output: a markdown table per case on stdout and `<out>/profile.md`, `<out>/profile.json`.
 """
 
 import argparse
@@ -33,6 +39,7 @@ import pathlib
 import re
 import sys
 import tempfile
+import time
 
 # XLA on GPU groups a step's kernels into command buffers (CUDA graphs), whose trace events hide the
 # ops inside; profile them one by one. (Step times are then those without command buffers too.)
@@ -52,12 +59,8 @@ CLASSES = ("bigla", "matmul", "dwconv", "conv", "reduce", "copy", "elementwise",
 DEFAULT_CASES = ("vig_s:224:128", "vig_t:1024:8")
 
 
-def hlo_classes(hlo_text: str) -> dict[str, str]:
-    """Op class of every instruction of an optimized HLO module, by instruction name.
-
-    A fusion is classed by what its fused computation holds (a dot, a convolution, a reduction, only
-    copies/transposes); a custom call by its target (cuBLAS/cuDNN) or its Pallas kernel name.
-    """
+def hlo_bodies(hlo_text: str) -> dict[str, str]:
+    """The text of every computation of an optimized HLO module, by computation name."""
     bodies: dict[str, str] = {}
     current, lines = None, []
     for line in hlo_text.splitlines():
@@ -71,6 +74,19 @@ def hlo_classes(hlo_text: str) -> dict[str, str]:
             continue
         if current is not None:
             lines.append(line)
+    return bodies
+
+
+INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w-]+)\((.*)$")
+
+
+def hlo_classes(hlo_text: str) -> dict[str, str]:
+    """Op class of every instruction of an optimized HLO module, by instruction name.
+
+    A fusion is classed by what its fused computation holds (a dot, a convolution, a reduction, only
+    copies/transposes); a custom call by its target (cuBLAS/cuDNN) or its Pallas kernel name.
+    """
+    bodies = hlo_bodies(hlo_text)
 
     def kind(text: str) -> str:
         if "bigla" in text:
@@ -90,9 +106,7 @@ def hlo_classes(hlo_text: str) -> dict[str, str]:
     classes = {}
     for body in bodies.values():
         for line in body.splitlines():
-            m = re.match(
-                r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w-]+)\((.*)$", line
-            )
+            m = INSTRUCTION.match(line)
             if not m:
                 continue
             name, opcode, rest = m.groups()
@@ -111,6 +125,53 @@ def hlo_classes(hlo_text: str) -> dict[str, str]:
             else:
                 classes[name] = "other"
     return classes
+
+
+def site(op_name: str | None) -> str:
+    """Where in the model an HLO op comes from, from its `op_name` metadata: the pass ("fwd", or
+    "bwd" under a transpose) and the first three Flax module names with block indices dropped,
+    e.g. "bwd blocks/attn/o_norm"; ops outside the model (loss, optimizer) are "other"."""
+    if not op_name:
+        return "other"
+    parts = op_name.split("/")[:-1]  # the last part names the primitive
+    bwd = any(p.startswith("transpose(") for p in parts)
+    mods = [
+        re.sub(r"_\d+$", "", p)
+        for p in parts
+        # not transforms, Model.method scopes or einsum specs
+        if not re.search(r"[(,>]", p) and not re.match(r"^[A-Z]\w*\.\w+$", p)
+    ]
+    if not mods:
+        return "other"
+    return ("bwd " if bwd else "fwd ") + "/".join(mods[:3])
+
+
+def hlo_sites(hlo_text: str) -> dict[str, str]:
+    """`site` of every instruction of the module's entry computation, by instruction name.
+
+    A fusion without metadata of its own takes its fused computation's root's (or, failing that,
+    the most frequent `op_name` inside it).
+    """
+    bodies = hlo_bodies(hlo_text)
+    op_name = lambda text: (re.search(r'op_name="([^"]+)"', text) or [None, None])[1]
+    sites = {}
+    for body in bodies.values():
+        for line in body.splitlines():
+            m = INSTRUCTION.match(line)
+            if not m:
+                continue
+            name, opcode, rest = m.groups()
+            found = op_name(rest)
+            if found is None and opcode == "fusion":
+                called = re.search(r"calls=%?([\w.\-]+)", rest)
+                inner = bodies.get(called.group(1), "") if called else ""
+                root = [x for x in inner.splitlines() if x.lstrip().startswith("ROOT")]
+                found = op_name(root[0]) if root else None
+                if found is None:
+                    names = re.findall(r'op_name="([^"]+)"', inner)
+                    found = collections.Counter(names).most_common(1)[0][0] if names else None
+            sites[name] = site(found)
+    return sites
 
 
 def device_events(trace_dir: str) -> list[dict]:
@@ -134,19 +195,24 @@ def device_events(trace_dir: str) -> list[dict]:
     return out
 
 
-def summarize(events, module: str, classes: dict[str, str], steps: int, top: int) -> dict:
-    """Device ms per step per class and per HLO op, for the events of one HLO module."""
+def summarize(
+    events, module: str, classes: dict[str, str], sites: dict[str, str], steps: int, top: int
+) -> dict:
+    """Device ms per step per class, per model site (`hlo_sites`) and class, and per HLO op, for the
+    events of one HLO module."""
     per_op = collections.Counter()
     for e in events:
         if module not in e["args"].get("hlo_module", ""):
             continue
         per_op[e["args"]["hlo_op"]] += e["dur"] / 1e3 / steps  # us -> ms per step
-    per_class = collections.Counter()
+    per_class, per_site = collections.Counter(), collections.Counter()
     for op, ms in per_op.items():
         per_class[classes.get(op, "other")] += ms
+        per_site[f"{sites.get(op, 'other')} ({classes.get(op, 'other')})"] += ms
     return {
         "total_ms": sum(per_op.values()),
         "classes": {c: per_class.get(c, 0.0) for c in CLASSES},
+        "sites": per_site.most_common(top),
         "top": [(op, classes.get(op, "other"), ms) for op, ms in per_op.most_common(top)],
     }
 
@@ -212,7 +278,9 @@ def run_case(spec: str, overrides: dict, args) -> dict:
     for label in ("train", "infer"):
         hlo = compiled[label].as_text()
         module = re.search(r"HloModule\s+([\w.\-]+)", hlo).group(1)
-        profile[label] = summarize(events, module, hlo_classes(hlo), args.steps, args.top)
+        profile[label] = summarize(
+            events, module, hlo_classes(hlo), hlo_sites(hlo), args.steps, args.top
+        )
     peak = None
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -227,6 +295,107 @@ def run_case(spec: str, overrides: dict, args) -> dict:
         "peak_gb_process": peak,
         "profile": profile,
     }
+
+
+TORCH_CLASSES = (
+    "attention", "matmul", "conv", "reduce", "elementwise", "optimizer", "copy", "other"
+)  # fmt: skip
+
+
+def torch_kernel_class(name: str) -> str:
+    """Op class of a CUDA kernel of a compiled torch step, by kernel name (Inductor's Triton
+    kernels: triton_per_* / triton_red_* reduce, triton_poi_* pointwise)."""
+    n = name.lower()
+    rules = [
+        ("attention", ("flash", "fmha", "attention", "sdpa")),
+        ("optimizer", ("adam", "multi_tensor")),
+        ("conv", ("conv", "fprop", "dgrad", "wgrad")),
+        ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+        ("reduce", ("triton_per", "triton_red", "reduce")),
+        ("elementwise", ("triton", "elementwise", "vectorized")),
+        ("copy", ("copy", "memcpy", "memset", "cat")),
+    ]
+    return next((c for c, keys in rules if any(k in n for k in keys)), "other")
+
+
+def run_timm_case(spec: str, args) -> dict:
+    """timm's DeiT (`spec` deit_t|deit_s|deit_b:size:batch) as bench_vs_vit runs it, profiled with
+    torch.profiler: device ms per step per kernel class and the top kernels."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.bench_vs_vit import timm_deit
+
+    name, size, batch = spec.split(":")
+    size, batch = int(size), int(batch)
+    deit = timm_deit(name, size, batch)
+    cuda = torch.cuda.is_available()
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    ms, compile_s, profile_out = {}, {}, {}
+    for label in ("infer", "train"):
+        call = deit[label]()
+        t0 = time.perf_counter()
+        harness.torch_sync(call())
+        compile_s[label] = time.perf_counter() - t0
+        ms[label] = harness.time_call(call, harness.torch_sync, warmup=3, iters=args.iters)["ms"]
+        with profile(activities=[activity]) as prof:
+            for _ in range(args.steps):
+                call()
+            harness.torch_sync()
+        per_kernel = collections.Counter()
+        for e in prof.key_averages():
+            # Kernels only: a CPU op's self device time is its kernels', which would count twice.
+            if cuda and e.device_type != DeviceType.CUDA:
+                continue
+            us = e.self_device_time_total if cuda else e.self_cpu_time_total
+            if us > 0:
+                per_kernel[e.key] += us / 1e3 / args.steps
+        per_class = collections.Counter()
+        for k, v in per_kernel.items():
+            per_class[torch_kernel_class(k)] += v
+        profile_out[label] = {
+            "total_ms": sum(per_kernel.values()),
+            "classes": {c: per_class.get(c, 0.0) for c in TORCH_CLASSES},
+            "top": [
+                (k[:90], torch_kernel_class(k), v) for k, v in per_kernel.most_common(args.top)
+            ],
+        }
+        del call
+    return {
+        "case": spec,
+        "framework": f"timm {name}, torch.compile",
+        "img_per_s": {k: batch / v * 1e3 for k, v in ms.items()},
+        "ms": ms,
+        "compile_s": compile_s,
+        "profile": profile_out,
+    }
+
+
+def markdown_timm(result: dict) -> str:
+    ms, prof = result["ms"], result["profile"]
+    lines = [
+        f"### {result['case']} ({result['framework']})",
+        "",
+        f"wall ms/step: infer {ms['infer']:.2f}, train {ms['train']:.2f}; img/s infer "
+        f"{result['img_per_s']['infer']:,.0f}, train {result['img_per_s']['train']:,.0f}",
+        "",
+        "| kernel class | train ms/step | % | infer ms/step | % |",
+        "|---|---|---|---|---|",
+    ]
+    for c in TORCH_CLASSES:
+        t, i = prof["train"]["classes"][c], prof["infer"]["classes"][c]
+        lines.append(
+            f"| {c} | {t:.2f} | {100 * t / max(prof['train']['total_ms'], 1e-9):.0f} | "
+            f"{i:.2f} | {100 * i / max(prof['infer']['total_ms'], 1e-9):.0f} |"
+        )
+    lines.append(
+        f"| **device total** | {prof['train']['total_ms']:.2f} | | "
+        f"{prof['infer']['total_ms']:.2f} | |"
+    )
+    lines += ["", "| top train kernels | class | ms/step |", "|---|---|---|"]
+    lines += [f"| `{k}` | {c} | {v:.3f} |" for k, c, v in prof["train"]["top"]]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(result: dict) -> str:
@@ -252,6 +421,9 @@ def markdown(result: dict) -> str:
         f"| **device total** | {prof['train']['total_ms']:.2f} | | "
         f"{prof['infer']['total_ms']:.2f} | |"
     )
+    lines += ["", "| where in the model (op class), train | ms/step | % |", "|---|---|---|"]
+    total = max(prof["train"]["total_ms"], 1e-9)
+    lines += [f"| {w} | {v:.3f} | {100 * v / total:.1f} |" for w, v in prof["train"]["sites"]]
     lines += ["", "| top train ops | class | ms/step |", "|---|---|---|"]
     lines += [f"| `{op}` | {c} | {v:.3f} |" for op, c, v in prof["train"]["top"]]
     return "\n".join(lines) + "\n"
@@ -261,6 +433,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--case", action="append", help="model:size:batch (repeatable)")
     p.add_argument("--override", action="append", default=[], help="create_model key=value")
+    p.add_argument(
+        "--timm",
+        action="append",
+        default=[],
+        help="also profile timm's DeiT as bench_vs_vit runs it: deit_t|deit_s|deit_b:size:batch",
+    )
     p.add_argument("--steps", type=int, default=5, help="profiled steps per program")
     p.add_argument("--iters", type=int, default=20, help="timed runs per program (median)")
     p.add_argument("--top", type=int, default=15)
@@ -283,6 +461,14 @@ def main(argv=None):
         results.append(result)
         text += markdown(result) + "\n"
         print(markdown(result), flush=True)
+        (out / "profile.md").write_text(text)
+        (out / "profile.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    for spec in args.timm:
+        print(f"{spec} (timm): compiling and timing", flush=True)
+        result = run_timm_case(spec, args)
+        results.append(result)
+        text += markdown_timm(result) + "\n"
+        print(markdown_timm(result), flush=True)
         (out / "profile.md").write_text(text)
         (out / "profile.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {out / 'profile.md'}")

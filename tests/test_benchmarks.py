@@ -129,3 +129,38 @@ def test_variants_parse_literals_and_reject_bad_items():
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 2 and "unknown override(s) ['no_such_field']" in proc.stderr
+
+
+def test_profile_sites_name_pass_and_module():
+    from benchmarks.profile_step import site, torch_kernel_class
+
+    name = "jit(train_step)/transpose(jvp(ViG))/ViG.features/blocks_11/attn/o_norm/reduce_sum"
+    assert site(name) == "bwd blocks/attn/o_norm"
+    assert site("jit(infer)/ViG.features/blocks_0/mlp/up/dot_general") == "fwd blocks/mlp/up"
+    assert site("jit(train_step)/mul") == "other"  # the optimizer: outside the model
+    assert site(None) == "other"
+    kernels = {
+        "triton_per_fused_native_layer_norm_3": "reduce",
+        "triton_poi_fused_gelu_7": "elementwise",
+        "flash_fwd_kernel": "attention",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": "matmul",
+        "void multi_tensor_apply_kernel<...FusedAdamMathFunctor...>": "optimizer",
+    }
+    assert {k: torch_kernel_class(k) for k in kernels} == kernels
+
+
+def test_profile_sites_of_a_compiled_step():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.profile_step import hlo_sites
+    from vig_jax.models import create_model
+
+    model = create_model("vig_t", depth=1, bigla_impl="chunked")
+    x = jnp.zeros((1, 32, 32, 3))
+    params = model.init(jax.random.key(0), x, train=False)["params"]
+    loss = lambda p: model.apply({"params": p}, x, train=False).sum()
+    sites = set(hlo_sites(jax.jit(jax.grad(loss)).lower(params).compile().as_text()).values())
+    for want in ("fwd blocks/mlp/up", "bwd blocks/mlp/up", "fwd blocks/attn/dwconv"):
+        assert want in sites, sorted(sites)
+    assert "bwd blocks/attn/o_norm" in sites or "bwd blocks/attn" in sites, sorted(sites)
