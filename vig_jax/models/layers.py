@@ -209,52 +209,12 @@ def swiglu_hidden(dim: int, multiple_of: int) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-@jax.custom_vjp
-def swiglu_gate(up: jax.Array) -> jax.Array:
-    """SiLU(a) * b for [a | b] = up, with its own backward: one elementwise pass each way.
-
-    Products in float32 (float64 under float64), rounded to up.dtype once. The backward computes
-    d[a | b] = [dh * b * s * (1 + a (1 - s)), dh * a * s] (s = sigmoid(a)) as one concatenated
-    array from `up` and dh, where autodiff of split, SiLU and the product leaves XLA several passes
-    and a pad-and-add for the split's transpose.
-
-    Args:
-      up: [..., 2I] in the compute dtype.
-
-    Returns:
-      [..., I] in up.dtype.
-    """
-    a, b = jnp.split(up.astype(stats_dtype(up.dtype)), 2, axis=-1)
-    return (a * jax.nn.sigmoid(a) * b).astype(up.dtype)
-
-
-def _swiglu_gate_fwd(up):
-    return swiglu_gate(up), up
-
-
-def _swiglu_gate_bwd(up, dh):
-    acc = stats_dtype(up.dtype)
-    a, b = jnp.split(up.astype(acc), 2, axis=-1)
-    dh = dh.astype(acc)
-    s = jax.nn.sigmoid(a)
-    da = dh * b * s * (1 + a * (1 - s))
-    return (jnp.concatenate([da, dh * a * s], axis=-1).astype(up.dtype),)
-
-
-swiglu_gate.defvjp(_swiglu_gate_fwd, _swiglu_gate_bwd)
-
-
 class SwiGLU(nn.Module):
-    """y = (SiLU(a) * b) @ W_down with [a | b] = x @ W_up; no biases (fla GLAMLP, ViG-H gMlp).
-
-    `fused_gate`: SiLU(a) * b as `swiglu_gate` (float32 products rounded once, one-pass
-    backward) instead of jnp ops in `dtype` differentiated by JAX; same parameters.
-    """
+    """y = (SiLU(a) * b) @ W_down with [a | b] = x @ W_up; no biases (fla GLAMLP, ViG-H gMlp)."""
 
     hidden: int
     kernel_init: Initializer
     dtype: jnp.dtype = jnp.float32
-    fused_gate: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -262,10 +222,7 @@ class SwiGLU(nn.Module):
         dense = lambda features, name: nn.Dense(
             features, use_bias=False, kernel_init=self.kernel_init, dtype=self.dtype, name=name
         )
-        up = dense(2 * self.hidden, "up")(x)  # [..., 2I] = [a | b]
-        if self.fused_gate:
-            return dense(x.shape[-1], "down")(swiglu_gate(up))
-        a, b = jnp.split(up, 2, axis=-1)  # [..., I] each
+        a, b = jnp.split(dense(2 * self.hidden, "up")(x), 2, axis=-1)  # [..., I] each
         return dense(x.shape[-1], "down")(nn.silu(a) * b)
 
 

@@ -48,7 +48,6 @@ class ViGHBlock(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = False
     gates_in_kernel: bool = False
-    swiglu_vjp: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -71,8 +70,7 @@ class ViGHBlock(nn.Module):
         )(y)
         x = x + drop_path(y, train=train)
         y = LayerNorm(dtype=self.dtype, name="mlp_norm")(x)
-        hidden = swiglu_hidden(x.shape[-1], 32)
-        y = SwiGLU(hidden, LINEAR_INIT, self.dtype, self.swiglu_vjp, name="mlp")(y)
+        y = SwiGLU(swiglu_hidden(x.shape[-1], 32), LINEAR_INIT, self.dtype, name="mlp")(y)
         return x + drop_path(y, train=train)
 
 
@@ -89,7 +87,6 @@ class ViGH(nn.Module):
       bigla_interpret: run the pallas kernel in interpret mode (CPU tests).
       fused_proj, dwconv, fp32_mix, gates_in_kernel: forms of the GLA layer (see
         `GatedLinearAttention`); the parameters are the same for all of them.
-      swiglu_vjp: the MLP's SiLU(a) * b as `layers.swiglu_gate` (float32, one-pass backward).
       stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
         3-channel convolution; same parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
@@ -109,7 +106,6 @@ class ViGH(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = False
     gates_in_kernel: bool = False
-    swiglu_vjp: bool = False
     stem_impl: str = "conv"
     remat: str = "none"
     scan_blocks: bool = False
@@ -135,7 +131,6 @@ class ViGH(nn.Module):
                     self.dwconv,
                     self.fp32_mix,
                     self.gates_in_kernel,
-                    self.swiglu_vjp,
                 )
                 for _ in range(depth)
             ]
