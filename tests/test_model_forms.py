@@ -21,7 +21,13 @@ from tests.helpers import assert_close, rel_err
 from vig_jax.convert import convert_state_dict
 from vig_jax.models import create_model, gla
 from vig_jax.models.gla import GatedLinearAttention
-from vig_jax.models.layers import ConvNorm, DepthwiseConv3x3, DropPath, depthwise_conv3x3_shift
+from vig_jax.models.layers import (
+    ConvNorm,
+    DepthwiseConv3x3,
+    DropPath,
+    SwiGLU,
+    depthwise_conv3x3_shift,
+)
 
 # err / max|want| of a form against the plain form: float64 is rounding only.
 TOL = {"float64": 1e-12, "float32": 2e-5}
@@ -30,6 +36,7 @@ ALL_FORMS = dict(
     dwconv="shift",
     fp32_mix=True,
     gates_in_kernel=True,
+    mlp_split_up=True,
     stem_impl="patches",
     scan_blocks=True,
     remat="block",
@@ -108,6 +115,44 @@ def test_conv_patches_matches_conv(kernel, stride, hw, dtype, request):
     assert results["patches"]["y"].shape[1:3] == tuple((n + 2 - kernel) // stride + 1 for n in hw)
     for key, want in results["conv"].items():
         assert_close(f"patches k{kernel} {key} {dtype}", results["patches"][key], want, TOL[dtype])
+
+
+def _activation_concats(jaxpr, width):
+    """Concatenations in a jaxpr (and its sub-jaxprs) whose output is an activation of `width`
+    channels (rank > 2: not a kernel)."""
+    eqns = [*jaxpr.eqns, *_sub_eqns(jaxpr)]
+    return [
+        e
+        for e in eqns
+        if e.primitive.name == "concatenate"
+        and e.outvars[0].aval.ndim > 2
+        and e.outvars[0].aval.shape[-1] == width
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_swiglu_split_up_matches_plain(dtype, request):
+    """SwiGLU with the up projection as two matmuls: output and gradients (input, both kernels)
+    equal the plain form's; its backward has no concatenation of d[a | b] (the plain one has,
+    which is what the form removes: the negative control of the structural check)."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    x = _normal((2, 5, 7, 16), dtype, 0)
+    dy = _normal(x.shape, dtype, 1)
+    forms = {k: SwiGLU(24, nn.initializers.normal(1.0), jnp.dtype(dtype), k) for k in (0, 1)}
+    params = forms[0].init(jax.random.key(0), x)
+    results, concats = {}, {}
+    for split, module in forms.items():
+        f = lambda p, x, m=module: m.apply(p, x)
+        y, vjp = jax.vjp(jax.jit(f), params, x)
+        dp, dx = vjp(dy)
+        results[split] = {"y": y, "dx": dx, **flatten_dict(dp["params"], sep="/")}
+        jaxpr = jax.make_jaxpr(lambda p, x, f=f: jax.vjp(f, p, x)[1](dy))(params, x).jaxpr
+        concats[split] = _activation_concats(jaxpr, 2 * 24)
+    assert set(results[1]) == set(results[0]) == {"y", "dx", "up/kernel", "down/kernel"}
+    for key, want in results[0].items():
+        assert_close(f"split_up {key} {dtype}", results[1][key], want, TOL[dtype])
+    assert concats[0] and not concats[1], concats
 
 
 def _gla(dtype, **forms):

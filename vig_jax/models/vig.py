@@ -44,6 +44,7 @@ class ViGBlock(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = False
     gates_in_kernel: bool = False
+    mlp_split_up: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -66,7 +67,8 @@ class ViGBlock(nn.Module):
         )(y)
         x = x + drop_path(y, train=train)
         y = RMSNorm(NORM_EPS, self.dtype, name="mlp_norm")(x)
-        y = SwiGLU(swiglu_hidden(x.shape[-1], 256), LINEAR_INIT, self.dtype, name="mlp")(y)
+        hidden = swiglu_hidden(x.shape[-1], 256)
+        y = SwiGLU(hidden, LINEAR_INIT, self.dtype, self.mlp_split_up, name="mlp")(y)
         return x + drop_path(y, train=train)
 
 
@@ -87,6 +89,7 @@ class ViG(nn.Module):
         own grid, resized once from the pretrained one (`vig_jax.train.init_from`).
       fused_proj, dwconv, fp32_mix, gates_in_kernel: forms of the GLA layer (see
         `GatedLinearAttention`); the parameters are the same for all of them.
+      mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters.
       stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
         3-channel convolution; same parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
@@ -109,6 +112,7 @@ class ViG(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = False
     gates_in_kernel: bool = False
+    mlp_split_up: bool = False
     stem_impl: str = "conv"
     remat: str = "none"
     scan_blocks: bool = False
@@ -138,6 +142,7 @@ class ViG(nn.Module):
                 self.dwconv,
                 self.fp32_mix,
                 self.gates_in_kernel,
+                self.mlp_split_up,
             )
             for rate in rates
         ]

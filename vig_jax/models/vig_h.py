@@ -48,6 +48,7 @@ class ViGHBlock(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = False
     gates_in_kernel: bool = False
+    mlp_split_up: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -70,7 +71,8 @@ class ViGHBlock(nn.Module):
         )(y)
         x = x + drop_path(y, train=train)
         y = LayerNorm(dtype=self.dtype, name="mlp_norm")(x)
-        y = SwiGLU(swiglu_hidden(x.shape[-1], 32), LINEAR_INIT, self.dtype, name="mlp")(y)
+        hidden = swiglu_hidden(x.shape[-1], 32)
+        y = SwiGLU(hidden, LINEAR_INIT, self.dtype, self.mlp_split_up, name="mlp")(y)
         return x + drop_path(y, train=train)
 
 
@@ -87,6 +89,7 @@ class ViGH(nn.Module):
       bigla_interpret: run the pallas kernel in interpret mode (CPU tests).
       fused_proj, dwconv, fp32_mix, gates_in_kernel: forms of the GLA layer (see
         `GatedLinearAttention`); the parameters are the same for all of them.
+      mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters.
       stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
         3-channel convolution; same parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
@@ -106,6 +109,7 @@ class ViGH(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = False
     gates_in_kernel: bool = False
+    mlp_split_up: bool = False
     stem_impl: str = "conv"
     remat: str = "none"
     scan_blocks: bool = False
@@ -131,6 +135,7 @@ class ViGH(nn.Module):
                     self.dwconv,
                     self.fp32_mix,
                     self.gates_in_kernel,
+                    self.mlp_split_up,
                 )
                 for _ in range(depth)
             ]
