@@ -41,6 +41,9 @@ def data_section(*, dataset, image_size, batch_size, eval_batch_size, num_worker
     d.eval_batch_size = eval_batch_size
     d.num_workers = num_workers
     d.read_threads = 4  # threads building batches in each worker process (`data.pipeline`)
+    # Benchmark only: train on the pipeline's first batch at every step (no input cost after it),
+    # to compare the loop's img/s with and without the input pipeline (`docs/data.md`).
+    d.repeat_first_batch = False
     d.augment = augment  # host-side, per example (`vig_jax.data.transforms.TrainTransform`)
     d.mean = IMAGENET_MEAN
     d.std = IMAGENET_STD

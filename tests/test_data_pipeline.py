@@ -12,6 +12,7 @@ import pytest
 from tests.helpers import shared_tfds_dir
 from vig_jax import data
 from vig_jax.data import demo_dataset, sources, transforms
+from vig_jax.data.pipeline import RepeatFirstBatch
 
 DEMO = "vig_demo_shapes"
 NONE = dict(kind="none")
@@ -224,3 +225,35 @@ def test_eval_iterator_pads_and_masks(data_dir, shard_count):
             assert labels[position] == want["label"]
         total += real
     assert total == 1000
+
+
+def test_repeat_first_batch_repeats_it_and_keeps_the_train_state(data_dir):
+    """The benchmark input: the pipeline's first batch every time, the state counting batches as
+    TrainIterator's does (so checkpoints resume either way); a bad state still raises."""
+    first, second = _take(_train(data_dir), 2)
+    it = RepeatFirstBatch(_train(data_dir))
+    got = _take(it, 3)
+    _assert_batches_equal(got, [first] * 3)
+    assert _digest(second["image"]) != _digest(first["image"])  # a real pipeline moves on
+    assert it.get_state() == {"batches": 3}
+    it.set_state({"batches": 7})
+    assert it.get_state() == {"batches": 7}
+    _assert_batches_equal(_take(it, 1), [first])
+    assert it.get_state() == {"batches": 8}
+    with pytest.raises(ValueError, match="batches"):
+        it.set_state({"batches": -1})
+    it.close()
+
+
+def test_training_loop_takes_repeat_first_batch_from_the_config(data_dir):
+    from configs import demo
+    from vig_jax.train import loop
+
+    config = demo.get_config()
+    config.data.update(dataset=DEMO, data_dir=data_dir, num_workers=0)
+    assert type(loop._train_iterator(config, 4)).__name__ == "TrainIterator"
+    config.data.repeat_first_batch = True
+    it = loop._train_iterator(config, 4)
+    assert isinstance(it, RepeatFirstBatch)
+    _assert_batches_equal(_take(it, 2)[1:], _take(it, 1))
+    it.close()

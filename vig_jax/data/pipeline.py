@@ -145,6 +145,44 @@ class TrainIterator:
             self._iterator = None
 
 
+class RepeatFirstBatch:
+    """A benchmark's input: the first batch read from `batches`, returned again at every step.
+
+    The training step then runs without input cost (no reading, decoding or augmenting after the
+    first batch; the transfer to the device still happens per step, as in training), so the
+    training loop's img/s with it against its img/s with the real pipeline says what the input
+    costs (`config.data.repeat_first_batch`). The state is that of `TrainIterator` ({"batches":
+    n}), so checkpoints of either resume with the other.
+    """
+
+    def __init__(self, batches: TrainIterator):
+        self._batches = batches
+        self._first = None
+        self._position = 0
+
+    def __iter__(self) -> "RepeatFirstBatch":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._first is None:
+            self._first = next(self._batches)
+            self._batches.close()  # its workers are not needed any more
+        self._position += 1
+        return self._first
+
+    def get_state(self) -> dict[str, int]:
+        """{"batches": number of batches returned so far}, as `TrainIterator.get_state`."""
+        return {"batches": self._position}
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        """Continues the count after `state["batches"]` batches (the batch stays the same)."""
+        self._batches.set_state(state)
+        self._position = state["batches"]
+
+    def close(self) -> None:
+        self._batches.close()
+
+
 @dataclasses.dataclass(frozen=True)
 class _PaddedEvalExample:
     """Maps an index to the transformed example of the shard, or to a masked zero example."""

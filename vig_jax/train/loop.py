@@ -24,6 +24,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from vig_jax import data
+from vig_jax.data.pipeline import RepeatFirstBatch
 from vig_jax.train import init_from, sharding
 from vig_jax.train.checkpoint import Checkpointer
 from vig_jax.train.errors import EXIT_PREEMPTED, NonFiniteLossError, Preempted
@@ -36,7 +37,7 @@ __all__ = ["EvalBatches", "NonFiniteLossError", "evaluate", "train_and_evaluate"
 
 def _train_iterator(config, shard_batch: int):
     d = config.data
-    return data.make_train_iterator(
+    batches = data.make_train_iterator(
         dataset=d.dataset,
         data_dir=d.data_dir,
         split=d.train_split,
@@ -49,6 +50,7 @@ def _train_iterator(config, shard_batch: int):
         num_workers=d.num_workers,
         read_threads=d.read_threads,
     )
+    return RepeatFirstBatch(batches) if d.repeat_first_batch else batches
 
 
 # A host copy of the eval batches is kept when they fit in this many bytes (Fashion-MNIST's test
