@@ -22,8 +22,10 @@ op class:
   copy       copies and transposes             elementwise  other fusions          other  the rest
 
 and per place in the model (forward or backward, the Flax module path from the ops' metadata, e.g.
-"bwd blocks/attn/o_norm") and class, and per HLO op, the top `--top` of each. With `--timm`,
-timm's DeiT as `bench_vs_vit` runs it (torch.compile, bf16) is timed and profiled with
+"bwd blocks/attn/o_norm") and class, with the HBM bytes its ops move (outputs and operands, from the
+HLO shapes) and the bandwidth that implies (far below the card's ~4 TB/s: compute, latency or
+launch bound; near it: the bytes are the cost), and per HLO op, the top `--top` of each. With
+`--timm`, timm's DeiT as `bench_vs_vit` runs it (torch.compile, bf16) is timed and profiled with
 torch.profiler in the same process, its CUDA kernels summed per class by name (attention, matmul,
 Inductor's fused reductions and pointwise kernels, the fused AdamW), so that the two steps can be
 compared class by class.
@@ -34,6 +36,7 @@ import argparse
 import collections
 import gzip
 import json
+import math
 import os
 import pathlib
 import re
@@ -195,24 +198,73 @@ def device_events(trace_dir: str) -> list[dict]:
     return out
 
 
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+
+
+def _shape_bytes(text: str) -> int:
+    """Bytes of the arrays an HLO shape (or tuple of shapes) names, e.g. "bf16[128,196,384]"."""
+    total = 0
+    for dtype, dims in re.findall(r"\b(pred|s8|u8|bf16|f16|s32|u32|f32)\[([\d,]*)\]", text):
+        total += DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def hlo_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each instruction of the entry computation reads and writes in HBM: its output and its
+    operands, each counted whole (an upper bound where an op reads part of an operand)."""
+    bodies = hlo_bodies(hlo_text)
+    entry = re.search(r"^ENTRY\s+%?([\w.\-]+)", hlo_text, re.M)
+    body = bodies.get(entry.group(1), "") if entry else ""
+    shapes, ops = {}, []
+    for line in body.splitlines():
+        m = INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, opcode, rest = m.groups()
+        shapes[name] = line.split("=", 1)[1].split(f" {opcode}(", 1)[0]
+        ops.append((name, opcode, rest))
+    free = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+    out = {}
+    for name, opcode, rest in ops:
+        if opcode in free:
+            continue
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        out[name] = _shape_bytes(shapes[name]) + sum(
+            _shape_bytes(shapes.get(a, "")) for a in operands
+        )
+    return out
+
+
 def summarize(
-    events, module: str, classes: dict[str, str], sites: dict[str, str], steps: int, top: int
+    events,
+    module: str,
+    classes: dict[str, str],
+    sites: dict[str, str],
+    nbytes: dict[str, int],
+    steps: int,
+    top: int,
 ) -> dict:
-    """Device ms per step per class, per model site (`hlo_sites`) and class, and per HLO op, for the
-    events of one HLO module."""
+    """Device ms per step per class, per model site (`hlo_sites`) and class with the HBM bytes its
+    ops move (`hlo_bytes`, MB per step), and per HLO op, for the events of one HLO module."""
     per_op = collections.Counter()
     for e in events:
         if module not in e["args"].get("hlo_module", ""):
             continue
         per_op[e["args"]["hlo_op"]] += e["dur"] / 1e3 / steps  # us -> ms per step
-    per_class, per_site = collections.Counter(), collections.Counter()
+    per_class, per_site, site_mb = (
+        collections.Counter(),
+        collections.Counter(),
+        collections.Counter(),
+    )
     for op, ms in per_op.items():
         per_class[classes.get(op, "other")] += ms
-        per_site[f"{sites.get(op, 'other')} ({classes.get(op, 'other')})"] += ms
+        where = f"{sites.get(op, 'other')} ({classes.get(op, 'other')})"
+        per_site[where] += ms
+        site_mb[where] += nbytes.get(op, 0) / 1e6
     return {
         "total_ms": sum(per_op.values()),
         "classes": {c: per_class.get(c, 0.0) for c in CLASSES},
-        "sites": per_site.most_common(top),
+        "sites": [(w, ms, site_mb[w]) for w, ms in per_site.most_common(top)],
         "top": [(op, classes.get(op, "other"), ms) for op, ms in per_op.most_common(top)],
         # The BiGLA kernels repeat per layer and fill the top; the rest, with where they come from:
         "top_xla": [
@@ -287,7 +339,7 @@ def run_case(spec: str, overrides: dict, args) -> dict:
             (args.dump_hlo / f"{spec.replace(':', '_')}_{label}.hlo.txt").write_text(hlo)
         module = re.search(r"HloModule\s+([\w.\-]+)", hlo).group(1)
         profile[label] = summarize(
-            events, module, hlo_classes(hlo), hlo_sites(hlo), args.steps, args.top
+            events, module, hlo_classes(hlo), hlo_sites(hlo), hlo_bytes(hlo), args.steps, args.top
         )
     peak = None
     stats = jax.devices()[0].memory_stats() or {}
@@ -429,9 +481,16 @@ def markdown(result: dict) -> str:
         f"| **device total** | {prof['train']['total_ms']:.2f} | | "
         f"{prof['infer']['total_ms']:.2f} | |"
     )
-    lines += ["", "| where in the model (op class), train | ms/step | % |", "|---|---|---|"]
+    lines += [
+        "",
+        "| where in the model (op class), train | ms/step | % | MB moved | GB/s |",
+        "|---|---|---|---|---|",
+    ]
     total = max(prof["train"]["total_ms"], 1e-9)
-    lines += [f"| {w} | {v:.3f} | {100 * v / total:.1f} |" for w, v in prof["train"]["sites"]]
+    lines += [
+        f"| {w} | {v:.3f} | {100 * v / total:.1f} | {mb:,.0f} | {mb / max(v, 1e-9):,.0f} |"
+        for w, v, mb in prof["train"]["sites"]
+    ]
     lines += ["", "| top train ops | class | ms/step |", "|---|---|---|"]
     lines += [f"| `{op}` | {c} | {v:.3f} |" for op, c, v in prof["train"]["top"]]
     lines += ["", "| top train ops outside BiGLA | class | where | ms/step |", "|---|---|---|---|"]

@@ -164,3 +164,15 @@ def test_profile_sites_of_a_compiled_step():
     for want in ("fwd blocks/mlp/up", "bwd blocks/mlp/up", "fwd blocks/attn/dwconv"):
         assert want in sites, sorted(sites)
     assert "bwd blocks/attn/o_norm" in sites or "bwd blocks/attn" in sites, sorted(sites)
+
+
+def test_profile_bytes_count_outputs_and_operands():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.profile_step import _shape_bytes, hlo_bytes
+
+    assert _shape_bytes("(bf16[2,3]{1,0}, f32[4], pred[])") == 2 * 6 + 4 * 4 + 1
+    x = jnp.ones(256)  # one fused op: reads x and y, writes the result
+    hlo = jax.jit(lambda x, y: x * y + 1).lower(x, x).compile().as_text()
+    assert list(hlo_bytes(hlo).values()) == [3 * 256 * 4]
