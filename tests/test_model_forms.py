@@ -171,6 +171,8 @@ GLA_FORMS = {
     "dwconv_shift": dict(dwconv="shift"),
     "fp32_mix": dict(fp32_mix=True),
     "all": dict(fused_proj=True, dwconv="shift", fp32_mix=True),
+    "split_proj": dict(split_proj=True),
+    "split_proj_gates_in_kernel": dict(split_proj=True, gates_in_kernel=True),
     # Off the pallas path the gates come from the same XLA ops; the kernel's own gates below.
     "gates_in_kernel": dict(gates_in_kernel=True),
 }
@@ -194,6 +196,28 @@ def _gla_outputs_and_grads(forms, dtype, width=16):
         dparams, dx = vjp(do)
         results[name] = {"y": y, "dx": dx, **flatten_dict(dparams, sep="/")}
     return results
+
+
+def test_gla_split_proj_backward_concatenates_no_gradients():
+    """split_proj's reason to exist: the plain layer's backward concatenates the gradients of q, k,
+    v (and of the two gates' logits) into the fused projections' outputs; with split_proj it does
+    not (the plain layer's concatenations are the negative control of the check)."""
+    x = _normal((1, 4, 4, 16), jnp.float32, 0)
+    concats = {}
+    for name, forms in (("plain", {}), ("split", dict(split_proj=True))):
+        model = _gla("float32", **forms)
+        params = model.init(jax.random.key(0), x)
+        f = lambda p, x, m=model: m.apply(p, x)
+        jaxpr = jax.make_jaxpr(lambda p, x, f=f: jax.vjp(f, p, x)[1](x))(params, x).jaxpr
+        concats[name] = {w: _activation_concats(jaxpr, w) for w in (2 * 8 + 16, 2 * 8)}
+    assert all(concats["plain"].values()), concats["plain"]  # [dq | dk | dv] and [dxf | dxb]
+    assert not any(concats["split"].values()), concats["split"]
+
+
+def test_gla_fused_and_split_proj_are_exclusive():
+    x = _normal((1, 4, 4, 16), jnp.float32, 0)
+    with pytest.raises(ValueError, match="fused_proj and split_proj are opposite forms"):
+        _gla("float32", fused_proj=True, split_proj=True).init(jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -224,7 +248,7 @@ def test_gla_gates_in_kernel_pallas_matches_plain():
     assert rel_err(wrong["kernel"]["y"], results["plain"]["y"]) > 1e-3
 
 
-@pytest.mark.parametrize("form", sorted(set(GLA_FORMS) - {"gates_in_kernel"}))
+@pytest.mark.parametrize("form", sorted(f for f in GLA_FORMS if "gates_in_kernel" not in f))
 def test_gla_form_keeps_float32_gates_and_norm_statistics(form, monkeypatch):
     """bf16 compute: BiGLA gets float32 gates, and every rsqrt (norm statistics) is float32."""
     seen, real_bigla = [], gla.bigla
@@ -357,8 +381,9 @@ GOLDEN_FILES = {  # as tests/test_models.py builds them
 }
 
 
+@pytest.mark.parametrize("projections", ["fused_proj", "split_proj"])
 @pytest.mark.parametrize("filename", sorted(GOLDEN_FILES))
-def test_golden_parity_with_every_form(filename, x64):
+def test_golden_parity_with_every_form(filename, projections, x64):
     """float64, official parameters through the converter, every form on: the golden logits to the
     golden.md tolerance, and the sown intermediates still there (block 0 runs outside the scan)."""
     golden = np.load(golden_file(filename))
@@ -372,7 +397,7 @@ def test_golden_parity_with_every_form(filename, x64):
         dtype=jnp.float64,
         bigla_impl="reference",
         **overrides,
-        **ALL_FORMS,
+        **{**ALL_FORMS, "fused_proj": False, projections: True},
     )
     params = convert_state_dict(state_dict, model)
     images = jnp.asarray(golden["input0"].transpose(0, 2, 3, 1))  # NCHW -> NHWC

@@ -44,6 +44,10 @@ class GatedLinearAttention(nn.Module):
       bigla_impl, bigla_interpret: passed to `pallas_kernels.bigla.bigla` as impl / interpret.
       fused_proj: the three projections that read xs (qkv, gate_down, mix_gate) as one matmul
         against their kernels concatenated at run time (same parameters).
+      split_proj: the other way round: q, k and v as three matmuls on the slices of the qkv
+        kernel (q's 1/sqrt(K) folded into its slice) and the two gates' logits as two matmuls on
+        the halves of gate_up, so that no pass slices their outputs apart for BiGLA and the
+        backward concatenates no gradients (same parameters; not with fused_proj).
       dwconv: "conv" (XLA grouped convolution) or "shift" (nine shifted multiply-adds).
       fp32_mix: the RMSNorms of o and xs, the sigmoid mix and the output SiLU as one float32 chain,
         rounded to `dtype` once before the output projection (the plain form rounds the two
@@ -61,6 +65,7 @@ class GatedLinearAttention(nn.Module):
     bigla_impl: str
     bigla_interpret: bool = False
     fused_proj: bool = False
+    split_proj: bool = False
     dwconv: str = "conv"
     fp32_mix: bool = False
     gates_in_kernel: bool = False
@@ -73,6 +78,8 @@ class GatedLinearAttention(nn.Module):
         H = self.num_heads
         if D % (2 * H):
             raise ValueError(f"width D={D} must be divisible by 2 * num_heads = {2 * H}")
+        if self.fused_proj and self.split_proj:
+            raise ValueError("fused_proj and split_proj are opposite forms: set at most one")
         N, key_dim = h * w, D // 2
         K, V = key_dim // H, D // H
         xavier = xavier_uniform(XAVIER_GAIN)
@@ -98,24 +105,44 @@ class GatedLinearAttention(nn.Module):
             y = linear(xs, jnp.concatenate([w_qkv, w_mix, w_down], axis=1), self.dtype)
             qkv, mix_logits, down = jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
             mix_logits = mix_logits + b_mix.astype(self.dtype)
+        elif self.split_proj:
+            w_qkv, _ = DenseParams(2 * key_dim + D, False, proj_init, name="qkv")(D)
+            w_q, w_k, w_v = jnp.split(w_qkv, [key_dim, 2 * key_dim], axis=1)
+            qkv = None
+            q, k, v = (linear(xs, w, self.dtype) for w in (w_q * K**-0.5, w_k, w_v))
+            down = dense(GATE_LOW_RANK, "gate_down")(xs)  # [B, N, 16]
+            mix_logits = None
         else:
             qkv = dense(2 * key_dim + D, "qkv")(xs)  # [B, N, 2 key_dim + D] = [q | k | v]
             down = dense(GATE_LOW_RANK, "gate_down")(xs)  # [B, N, 16]
             mix_logits = None  # computed after BiGLA, where the plain form has it
-        q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
-        q = q.reshape(B, N, H, K) * jnp.asarray(K**-0.5, self.dtype)
-        k = k.reshape(B, N, H, K)
-        v = v.reshape(B, N, H, V)
+        if qkv is not None:
+            q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
+            q = q.reshape(B, N, H, K) * jnp.asarray(K**-0.5, self.dtype)
+        q, k, v = q.reshape(B, N, H, K), k.reshape(B, N, H, K), v.reshape(B, N, H, V)
 
-        gates = dense(2 * key_dim, "gate_up", use_bias=True)(down)
+        if self.split_proj:
+            w_up, b_up = DenseParams(2 * key_dim, True, proj_init, name="gate_up")(GATE_LOW_RANK)
+            logits = [
+                linear(down, w, self.dtype) + b.astype(self.dtype)
+                for w, b in zip(jnp.split(w_up, 2, axis=1), jnp.split(b_up, 2), strict=True)
+            ]  # [xf, xb], [B, N, key_dim] each
+        else:
+            gates = dense(2 * key_dim, "gate_up", use_bias=True)(down)
         run = dict(impl=self.bigla_impl, interpret=self.bigla_interpret)
         if self.gates_in_kernel:
-            xf, xb = (x.reshape(B, N, H, K) for x in jnp.split(gates, 2, axis=-1))
+            if not self.split_proj:
+                logits = jnp.split(gates, 2, axis=-1)
+            xf, xb = (x.reshape(B, N, H, K) for x in logits)
             o = bigla_logits(q, k, v, xf, xb, normalizer=GATE_LOGIT_NORMALIZER, **run)
         else:
             # log_sigmoid of low-precision logits loses the small gates that matter most: float32.
-            gates = jax.nn.log_sigmoid(gates.astype(acc)) / GATE_LOGIT_NORMALIZER
-            gf, gb = (g.reshape(B, N, H, K) for g in jnp.split(gates, 2, axis=-1))
+            if self.split_proj:
+                gates = [jax.nn.log_sigmoid(x.astype(acc)) / GATE_LOGIT_NORMALIZER for x in logits]
+            else:
+                gates = jax.nn.log_sigmoid(gates.astype(acc)) / GATE_LOGIT_NORMALIZER
+                gates = jnp.split(gates, 2, axis=-1)
+            gf, gb = (g.reshape(B, N, H, K) for g in gates)
             o = bigla(q, k, v, gf, gb, **run)
         o = checkpoint_name(o, BIGLA_OUTPUT)  # [B, N, H, V]; saved by remat "block"
         if mix_logits is None:

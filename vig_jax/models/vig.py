@@ -45,6 +45,7 @@ class ViGBlock(nn.Module):
     fp32_mix: bool = False
     gates_in_kernel: bool = False
     mlp_split_up: bool = False
+    split_proj: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -59,6 +60,7 @@ class ViGBlock(nn.Module):
             bigla_impl=self.bigla_impl,
             bigla_interpret=self.bigla_interpret,
             fused_proj=self.fused_proj,
+            split_proj=self.split_proj,
             dwconv=self.dwconv,
             fp32_mix=self.fp32_mix,
             gates_in_kernel=self.gates_in_kernel,
@@ -90,6 +92,8 @@ class ViG(nn.Module):
       fused_proj, dwconv, fp32_mix, gates_in_kernel: forms of the GLA layer (see
         `GatedLinearAttention`); the parameters are the same for all of them.
       mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters.
+      split_proj: q, k, v and the two gates' logits as separate matmuls (see
+        `GatedLinearAttention`), same parameters; not with fused_proj.
       stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
         3-channel convolution; same parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
@@ -113,6 +117,7 @@ class ViG(nn.Module):
     fp32_mix: bool = False
     gates_in_kernel: bool = False
     mlp_split_up: bool = False
+    split_proj: bool = False
     stem_impl: str = "conv"
     remat: str = "none"
     scan_blocks: bool = False
@@ -143,6 +148,7 @@ class ViG(nn.Module):
                 self.fp32_mix,
                 self.gates_in_kernel,
                 self.mlp_split_up,
+                self.split_proj,
             )
             for rate in rates
         ]
