@@ -20,6 +20,8 @@ Both sides bf16, drop path off, the same batch, each (model, size) in a fresh pr
               attention through SDPA (flash attention for bf16 on the GPU); inference with the
               weights cast to bf16, training with float32 weights under bf16 autocast and fused
               AdamW. Compilation happens in the warm-up and is timed as the first call.
+              `--timm-mode reduce-overhead` compiles with CUDA graphs (fewer host launches: the
+              default mode's training step leaves the GPU idle between kernels on a busy host).
   DeiT (JAX)  with --jax-deit, our `vig_jax.models.deit` (cuDNN attention): a JAX baseline only.
 Timing and memory: see benchmarks/harness.py (median of --iters runs, compile excluded; peak =
 process peak after inference and training for JAX, torch's max_memory_allocated during training).
@@ -157,11 +159,17 @@ def measure_jax(case: dict, report) -> dict:
     return out
 
 
-def timm_deit(name: str, size: int, batch: int, overrides: dict | None = None) -> dict:
+TIMM_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def timm_deit(
+    name: str, size: int, batch: int, overrides: dict | None = None, mode: str = "default"
+) -> dict:
     """timm's DeiT as the baseline runs it: {"model", "infer", "train"}, where infer() and train()
     each reset torch's peak-memory counter and return a call running one step: bf16 weights under
     `torch.compile` for inference; float32 weights, bf16 autocast, `torch.compile` and fused AdamW
-    for training (compiled by the call's first runs)."""
+    for training (compiled by the call's first runs). `mode`: torch.compile's mode;
+    "reduce-overhead" replays the compiled graphs as CUDA graphs (fewer host launches)."""
     import copy
 
     import timm
@@ -176,12 +184,19 @@ def timm_deit(name: str, size: int, batch: int, overrides: dict | None = None) -
     ).to(dev)
     x = torch.randn(batch, 3, size, size, device=dev, dtype=torch.bfloat16)
     y = torch.randint(0, 1000, (batch,), device=dev)
+    if mode not in TIMM_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {TIMM_MODES}")
+    compile = lambda m: torch.compile(m, mode=None if mode == "default" else mode)
+    # These modes replay CUDA graphs, which reuse their output buffers: each step starts anew.
+    graphs = mode in ("reduce-overhead", "max-autotune")
+    begin = torch.compiler.cudagraph_mark_step_begin if graphs else (lambda: None)
 
     def infer():
         harness.torch_peak_reset()
-        bf16 = torch.compile(copy.deepcopy(model).to(torch.bfloat16).eval())
+        bf16 = compile(copy.deepcopy(model).to(torch.bfloat16).eval())
 
         def call():
+            begin()
             with torch.inference_mode():
                 return bf16(x)
 
@@ -191,9 +206,10 @@ def timm_deit(name: str, size: int, batch: int, overrides: dict | None = None) -
         harness.torch_peak_reset()
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=cuda)
-        compiled = torch.compile(model)
+        compiled = compile(model)
 
         def call():
+            begin()
             with torch.autocast(dev, dtype=torch.bfloat16):
                 loss = F.cross_entropy(compiled(x), y)
             loss.backward()
@@ -212,7 +228,8 @@ def measure_timm(case: dict, report) -> dict:
 
     cuda = torch.cuda.is_available()
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu"}
-    deit = timm_deit(case["model"], case["size"], case["batch"], case["overrides"])
+    mode = case.get("timm_mode", "default")
+    deit = timm_deit(case["model"], case["size"], case["batch"], case["overrides"], mode)
     out["params"] = sum(p.numel() for p in deit["model"].parameters())
     out["fused_attn"] = bool(deit["model"].blocks[0].attn.fused_attn)  # SDPA, not explicit softmax
     infer = lambda: (deit["infer"](), None)  # torch.compile compiles on the first call
@@ -275,8 +292,9 @@ def markdown(doc: dict) -> str:
         harness.meta_line(meta) + f"; ViG BiGLA `{a['bigla_impl']}`; median of {a['iters']} runs.",
         "",
         "bf16, drop path off, same batch; training = AdamW step. Ratios ViG / DeiT (speed > 1: "
-        "ViG faster; memory < 1: ViG smaller). timm: DeiT under torch.compile (SDPA; bf16 weights "
-        "for inference, float32 + autocast for training); jax: our JAX DeiT.",
+        "ViG faster; memory < 1: ViG smaller). timm: DeiT under torch.compile "
+        f"(mode {a.get('timm_mode', 'default')}; SDPA; bf16 weights for inference, float32 + "
+        "autocast for training); jax: our JAX DeiT.",
         "",
         *harness.table(rows, x),
     ]
@@ -301,6 +319,9 @@ def parse_args(argv=None):
     p.add_argument("--bigla-impl", default="pallas", choices=("pallas", "chunked", "auto"))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--no-timm", action="store_true", help="skip the timm baseline")
+    p.add_argument(
+        "--timm-mode", default="default", choices=TIMM_MODES, help="torch.compile mode for DeiT"
+    )
     p.add_argument("--jax-deit", action="store_true", help="also measure our JAX DeiT")
     p.add_argument("--iters", type=int, default=20, help="timed runs per mode (median)")
     p.add_argument("--warmup", type=int, default=3)
@@ -371,6 +392,7 @@ def main(argv=None):
             iters=args.iters,
             warmup=args.warmup,
             bigla_impl=args.bigla_impl,
+            timm_mode=args.timm_mode,
         )
         fields = dict(framework=fw, model=model, variant=variant, size=size, batch=batch)
         fn = measure_timm if fw == "timm" else measure_jax

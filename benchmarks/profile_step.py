@@ -379,17 +379,17 @@ def torch_kernel_class(name: str) -> str:
 
 
 def run_timm_case(spec: str, args) -> dict:
-    """timm's DeiT (`spec` deit_t|deit_s|deit_b:size:batch) as bench_vs_vit runs it, profiled with
-    torch.profiler: device ms per step per kernel class and the top kernels."""
+    """timm's DeiT (`spec` deit_t|deit_s|deit_b:size:batch[:torch.compile mode]) as bench_vs_vit
+    runs it, profiled with torch.profiler: device ms per step per kernel class and top kernels."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.bench_vs_vit import timm_deit
 
-    name, size, batch = spec.split(":")
+    name, size, batch, *mode = spec.split(":")
     size, batch = int(size), int(batch)
-    deit = timm_deit(name, size, batch)
+    deit = timm_deit(name, size, batch, mode=mode[0] if mode else "default")
     cuda = torch.cuda.is_available()
     activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
     ms, compile_s, profile_out = {}, {}, {}
@@ -424,7 +424,7 @@ def run_timm_case(spec: str, args) -> dict:
         del call
     return {
         "case": spec,
-        "framework": f"timm {name}, torch.compile",
+        "framework": f"timm {name}, torch.compile" + (f" mode {mode[0]}" if mode else ""),
         "img_per_s": {k: batch / v * 1e3 for k, v in ms.items()},
         "ms": ms,
         "compile_s": compile_s,
@@ -506,7 +506,8 @@ def main(argv=None):
         "--timm",
         action="append",
         default=[],
-        help="also profile timm's DeiT as bench_vs_vit runs it: deit_t|deit_s|deit_b:size:batch",
+        help="also profile timm's DeiT as bench_vs_vit runs it: deit_t|deit_s|deit_b:size:batch, "
+        "optionally :MODE (torch.compile mode, e.g. reduce-overhead)",
     )
     p.add_argument("--steps", type=int, default=5, help="profiled steps per program")
     p.add_argument("--iters", type=int, default=20, help="timed runs per program (median)")
