@@ -165,8 +165,10 @@ class RepeatFirstBatch:
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._first is None:
-            self._first = next(self._batches)
-            self._batches.close()  # its workers are not needed any more
+            # A copy: with worker processes the arrays may live in shared memory that closing
+            # the pipeline (its workers are not needed any more) releases.
+            self._first = {k: np.array(v, copy=True) for k, v in next(self._batches).items()}
+            self._batches.close()
         self._position += 1
         return self._first
 
