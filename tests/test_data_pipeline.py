@@ -243,6 +243,10 @@ def test_repeat_first_batch_repeats_it_and_keeps_the_train_state(data_dir):
     with pytest.raises(ValueError, match="batches"):
         it.set_state({"batches": -1})
     it.close()
+    # With a worker process (batches arrive through shared memory), after the pipeline is closed.
+    it = RepeatFirstBatch(_train(data_dir, num_workers=1))
+    _assert_batches_equal(_take(it, 3), [first] * 3)
+    it.close()
 
 
 def test_training_loop_takes_repeat_first_batch_from_the_config(data_dir):
