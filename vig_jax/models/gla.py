@@ -108,7 +108,6 @@ class GatedLinearAttention(nn.Module):
         elif self.split_proj:
             w_qkv, _ = DenseParams(2 * key_dim + D, False, proj_init, name="qkv")(D)
             w_q, w_k, w_v = jnp.split(w_qkv, [key_dim, 2 * key_dim], axis=1)
-            qkv = None
             q, k, v = (linear(xs, w, self.dtype) for w in (w_q * K**-0.5, w_k, w_v))
             down = dense(GATE_LOW_RANK, "gate_down")(xs)  # [B, N, 16]
             mix_logits = None
@@ -116,33 +115,30 @@ class GatedLinearAttention(nn.Module):
             qkv = dense(2 * key_dim + D, "qkv")(xs)  # [B, N, 2 key_dim + D] = [q | k | v]
             down = dense(GATE_LOW_RANK, "gate_down")(xs)  # [B, N, 16]
             mix_logits = None  # computed after BiGLA, where the plain form has it
-        if qkv is not None:
+        if not self.split_proj:
             q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
             q = q.reshape(B, N, H, K) * jnp.asarray(K**-0.5, self.dtype)
         q, k, v = q.reshape(B, N, H, K), k.reshape(B, N, H, K), v.reshape(B, N, H, V)
 
+        # The gate logits: both directions' [xf | xb] from one matmul, or each from its own.
         if self.split_proj:
             w_up, b_up = DenseParams(2 * key_dim, True, proj_init, name="gate_up")(GATE_LOW_RANK)
-            logits = [
+            gates = [
                 linear(down, w, self.dtype) + b.astype(self.dtype)
                 for w, b in zip(jnp.split(w_up, 2, axis=1), jnp.split(b_up, 2), strict=True)
-            ]  # [xf, xb], [B, N, key_dim] each
+            ]
         else:
-            gates = dense(2 * key_dim, "gate_up", use_bias=True)(down)
+            gates = [dense(2 * key_dim, "gate_up", use_bias=True)(down)]
+        if not self.gates_in_kernel:
+            # log_sigmoid of low-precision logits loses the small gates that matter most: float32.
+            gates = [jax.nn.log_sigmoid(x.astype(acc)) / GATE_LOGIT_NORMALIZER for x in gates]
+        if len(gates) == 1:
+            gates = jnp.split(gates[0], 2, axis=-1)
+        gf, gb = (x.reshape(B, N, H, K) for x in gates)  # log gates, or logits for the kernels
         run = dict(impl=self.bigla_impl, interpret=self.bigla_interpret)
         if self.gates_in_kernel:
-            if not self.split_proj:
-                logits = jnp.split(gates, 2, axis=-1)
-            xf, xb = (x.reshape(B, N, H, K) for x in logits)
-            o = bigla_logits(q, k, v, xf, xb, normalizer=GATE_LOGIT_NORMALIZER, **run)
+            o = bigla_logits(q, k, v, gf, gb, normalizer=GATE_LOGIT_NORMALIZER, **run)
         else:
-            # log_sigmoid of low-precision logits loses the small gates that matter most: float32.
-            if self.split_proj:
-                gates = [jax.nn.log_sigmoid(x.astype(acc)) / GATE_LOGIT_NORMALIZER for x in logits]
-            else:
-                gates = jax.nn.log_sigmoid(gates.astype(acc)) / GATE_LOGIT_NORMALIZER
-                gates = jnp.split(gates, 2, axis=-1)
-            gf, gb = (g.reshape(B, N, H, K) for g in gates)
             o = bigla(q, k, v, gf, gb, **run)
         o = checkpoint_name(o, BIGLA_OUTPUT)  # [B, N, H, V]; saved by remat "block"
         if mix_logits is None:
