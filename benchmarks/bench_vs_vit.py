@@ -170,6 +170,8 @@ def timm_deit(
     `torch.compile` for inference; float32 weights, bf16 autocast, `torch.compile` and fused AdamW
     for training (compiled by the call's first runs). `mode`: torch.compile's mode;
     "reduce-overhead" replays the compiled graphs as CUDA graphs (fewer host launches)."""
+    if mode not in TIMM_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {TIMM_MODES}")
     import copy
 
     import timm
@@ -184,8 +186,6 @@ def timm_deit(
     ).to(dev)
     x = torch.randn(batch, 3, size, size, device=dev, dtype=torch.bfloat16)
     y = torch.randint(0, 1000, (batch,), device=dev)
-    if mode not in TIMM_MODES:
-        raise ValueError(f"mode={mode!r} is not one of {TIMM_MODES}")
     compile = lambda m: torch.compile(m, mode=None if mode == "default" else mode)
     # These modes replay CUDA graphs, which reuse their output buffers: each step starts anew.
     graphs = mode in ("reduce-overhead", "max-autotune")

@@ -432,18 +432,10 @@ def run_timm_case(spec: str, args) -> dict:
     }
 
 
-def markdown_timm(result: dict) -> str:
-    ms, prof = result["ms"], result["profile"]
-    lines = [
-        f"### {result['case']} ({result['framework']})",
-        "",
-        f"wall ms/step: infer {ms['infer']:.2f}, train {ms['train']:.2f}; img/s infer "
-        f"{result['img_per_s']['infer']:,.0f}, train {result['img_per_s']['train']:,.0f}",
-        "",
-        "| kernel class | train ms/step | % | infer ms/step | % |",
-        "|---|---|---|---|---|",
-    ]
-    for c in TORCH_CLASSES:
+def _class_table(prof: dict, classes: tuple[str, ...], label: str) -> list[str]:
+    """Markdown rows: device ms per step and share of each class, training and inference."""
+    lines = [f"| {label} | train ms/step | % | infer ms/step | % |", "|---|---|---|---|---|"]
+    for c in classes:
         t, i = prof["train"]["classes"][c], prof["infer"]["classes"][c]
         lines.append(
             f"| {c} | {t:.2f} | {100 * t / max(prof['train']['total_ms'], 1e-9):.0f} | "
@@ -453,6 +445,19 @@ def markdown_timm(result: dict) -> str:
         f"| **device total** | {prof['train']['total_ms']:.2f} | | "
         f"{prof['infer']['total_ms']:.2f} | |"
     )
+    return lines
+
+
+def markdown_timm(result: dict) -> str:
+    ms, prof = result["ms"], result["profile"]
+    lines = [
+        f"### {result['case']} ({result['framework']})",
+        "",
+        f"wall ms/step: infer {ms['infer']:.2f}, train {ms['train']:.2f}; img/s infer "
+        f"{result['img_per_s']['infer']:,.0f}, train {result['img_per_s']['train']:,.0f}",
+        "",
+        *_class_table(prof, TORCH_CLASSES, "kernel class"),
+    ]
     lines += ["", "| top train kernels | class | ms/step |", "|---|---|---|"]
     lines += [f"| `{k}` | {c} | {v:.3f} |" for k, c, v in prof["train"]["top"]]
     return "\n".join(lines) + "\n"
@@ -468,19 +473,8 @@ def markdown(result: dict) -> str:
         f"{result['img_per_s']['infer']:,.0f}, train {result['img_per_s']['train']:,.0f}; "
         "compile s " + ", ".join(f"{k} {v:.1f}" for k, v in result["compile_s"].items()),
         "",
-        "| op class | train ms/step | % | infer ms/step | % |",
-        "|---|---|---|---|---|",
+        *_class_table(prof, CLASSES, "op class"),
     ]
-    for c in CLASSES:
-        t, i = prof["train"]["classes"][c], prof["infer"]["classes"][c]
-        lines.append(
-            f"| {c} | {t:.2f} | {100 * t / max(prof['train']['total_ms'], 1e-9):.0f} | "
-            f"{i:.2f} | {100 * i / max(prof['infer']['total_ms'], 1e-9):.0f} |"
-        )
-    lines.append(
-        f"| **device total** | {prof['train']['total_ms']:.2f} | | "
-        f"{prof['infer']['total_ms']:.2f} | |"
-    )
     lines += [
         "",
         "| where in the model (op class), train | ms/step | % | MB moved | GB/s |",
@@ -527,20 +521,14 @@ def main(argv=None):
     args.dump_hlo = out if args.dump_hlo else None
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "argv": sys.argv[1:]}
     results, text = [], f"# profile_step on {meta['device']} (jax {meta['jax']})\n\n"
-    for spec in cases:
+    jobs = [(spec, lambda s: run_case(s, overrides, args), markdown) for spec in cases]
+    jobs += [(spec, lambda s: run_timm_case(s, args), markdown_timm) for spec in args.timm]
+    for spec, run, render in jobs:
         print(f"{spec}: compiling and timing", flush=True)
-        result = run_case(spec, overrides, args)
+        result = run(spec)
         results.append(result)
-        text += markdown(result) + "\n"
-        print(markdown(result), flush=True)
-        (out / "profile.md").write_text(text)
-        (out / "profile.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    for spec in args.timm:
-        print(f"{spec} (timm): compiling and timing", flush=True)
-        result = run_timm_case(spec, args)
-        results.append(result)
-        text += markdown_timm(result) + "\n"
-        print(markdown_timm(result), flush=True)
+        text += render(result) + "\n"
+        print(render(result), flush=True)
         (out / "profile.md").write_text(text)
         (out / "profile.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {out / 'profile.md'}")
