@@ -134,6 +134,7 @@ def reference(tmp_path_factory, env):
             shutil.rmtree(workdir, ignore_errors=True)
             rc, out = _finish(_start(workdir, env))
             assert rc == 0, out
+            (root / "train_loop_uninterrupted.out").write_text(out)
             (root / "train_loop_uninterrupted.done").write_text("ok")
     return workdir
 
@@ -149,6 +150,11 @@ def test_train_e2e_writes_metrics_and_checkpoints(reference):
     waits = _last_per_step(reference, "train/input_wait_frac")
     assert sorted(waits) == list(range(1, TOTAL_STEPS + 1))
     assert all(0.0 <= w <= 1.0 for w in waits.values()), waits
+    # Without the progress bar, each logged step is one line of stdout with the logged loss.
+    out = (reference.parent / "train_loop_uninterrupted.out").read_text()
+    for step in (1, TOTAL_STEPS):
+        assert f"step {step}/{TOTAL_STEPS}: loss {losses[step]:.4f}, lr " in out, out
+    assert "img/s, input wait " in out, out
     # keep_checkpoints=2 of the saves at 2, 4, 6, 8.
     assert _steps(reference) == [6, 8]
     # bf16 compute, float32 state: every saved float array (params, Adam moments) is float32.
