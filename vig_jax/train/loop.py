@@ -339,9 +339,10 @@ def _evaluate_all(trainer: Trainer, state, config, batches: EvalBatches) -> dict
 
 def _train_line(step: int, total: int, mean: dict[str, float]) -> str:
     """`step 50/1000: loss 2.3149, lr 7.13e-06, 3,172 img/s, input wait 1.0%`."""
+    wait = 100 * mean["train/input_wait_frac"]
     return (
         f"step {step}/{total}: loss {mean['train/loss']:.4f}, lr {mean['train/lr']:.2e}, "
-        f"{mean['train/img_per_s']:,.0f} img/s, input wait {100 * mean['train/input_wait_frac']:.1f}%"
+        f"{mean['train/img_per_s']:,.0f} img/s, input wait {wait:.1f}%"
     )
 
 
