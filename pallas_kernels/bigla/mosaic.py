@@ -401,8 +401,11 @@ class _StatesKernelOps:
 
         def body(acc_ref):
             plgpu.wgmma(acc_ref, plgpu.transpose_ref(v_smem, (1, 0)), kh_smem)
+            return acc_ref[...]
 
-        return pl.run_state(body)(plgpu.ACC.init(s))
+        # A zero accumulator and s added after it: JAX 0.11's Mosaic GPU lowering of run_state
+        # over an accumulator initialised from s fails (a literal where it expects a value).
+        return s + pl.run_scoped(body, plgpu.ACC(s.shape, jnp.float32))
 
 
 def _bigla_states_kernel(*refs, span, summary, has_init):
