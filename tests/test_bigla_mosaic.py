@@ -17,19 +17,6 @@ from tests.helpers import assert_close, run_fast
 from tests.test_bigla_pallas import check_all, fwd_and_grads, make_inputs, reference64
 
 TOL_O, TOL_GRAD = 1e-2, 2e-2  # bf16 q, k, v (fp32 accumulation), as GPU_TOL[bfloat16]
-# Seen on an H200 with jax 0.11.2 (2026-11-30): the chunk kernel compiles and passes with the
-# Triton and XLA states, but the Mosaic states kernel does not lower there ("Shaped arrays must be
-# represented by ir.Values, got: TypedInt(0, dtype=int32)" in its fori_loop body; it cross-lowers
-# on jax 0.10.2). Not strict: the mark is there to be removed once it runs.
-MOSAIC_STATES_ON_GPU = pytest.mark.xfail(
-    reason="the Mosaic states kernel does not lower on jax 0.11.2 (TypedInt in its loop body)",
-    strict=False,
-)
-
-
-def gpu_states(*names):
-    """pytest params of states sources for the gpu tests, "mosaic" marked as known to fail."""
-    return [pytest.param(n, marks=MOSAIC_STATES_ON_GPU) if n == "mosaic" else n for n in names]
 
 
 def states_for(V):
@@ -271,7 +258,7 @@ def check_gpu(shape, params, gates="typical"):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,gates", PARITY_CASES)
-@pytest.mark.parametrize("states", gpu_states("mosaic", "pallas", "xla"))
+@pytest.mark.parametrize("states", ["mosaic", "pallas", "xla"])
 def test_bigla_mosaic_gpu_matches_reference(shape, gates, states):
     if states == "mosaic" and shape[-1] < 64:
         states = "xla"  # V < 64: the states kernel does not apply (the case still runs)
@@ -282,20 +269,19 @@ def test_bigla_mosaic_gpu_matches_reference(shape, gates, states):
 @pytest.mark.parametrize(
     "K,V", [(16, 64), (16, 128), (32, 32), (32, 128), (64, 64), (64, 128)], ids=str
 )
-@pytest.mark.parametrize("states", gpu_states("mosaic", "pallas"))
+@pytest.mark.parametrize("states", ["mosaic", "pallas"])
 def test_bigla_mosaic_gpu_other_head_dims(K, V, states):
     check_gpu((2, 130, 2, K, V), MosaicParams(states=states if V >= 64 else "xla"))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("states", gpu_states("mosaic", "pallas"))
+@pytest.mark.parametrize("states", ["mosaic", "pallas"])
 @pytest.mark.parametrize("shape", [(16, 196, 6, 32, 64), (2, 4096, 3, 32, 64)], ids=str)
 def test_bigla_mosaic_gpu_vig_shapes(shape, states):
     check_gpu(shape, MosaicParams(states=states))
 
 
 @pytest.mark.gpu
-@MOSAIC_STATES_ON_GPU
 @pytest.mark.parametrize("span", [None, 0, 8], ids=["auto-span1", "sequential", "span8"])
 def test_bigla_mosaic_gpu_long_n_states_plans(span):
     """Long N, small batch (B * H = 2, NT = 128): the Mosaic states plans side by side."""
@@ -303,7 +289,7 @@ def test_bigla_mosaic_gpu_long_n_states_plans(span):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("states", gpu_states("mosaic", "pallas"))
+@pytest.mark.parametrize("states", ["mosaic", "pallas"])
 def test_bigla_mosaic_gpu_swapped_gates_fail(states):
     (q, k, v, gf, gb), do = make_inputs((2, 196, 2, 32, 64), dtype=jnp.bfloat16)
     want = reference64((q, k, v, gf, gb), do)[0]

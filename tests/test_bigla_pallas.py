@@ -175,11 +175,13 @@ def test_scan_spans_matches_a_loop(method):
 
 
 def test_states_span_by_programs_unless_set():
-    from pallas_kernels.bigla.pallas import STATE_PROGRAMS, _states_span
+    from pallas_kernels.bigla.pallas import SPAN_PROGRAMS, STATE_PROGRAMS, _states_span
 
     assert _states_span(128, 3, 4, KernelParams()) == 0  # B * H = 384 programs: sequential
-    assert _states_span(1, 3, 1024, KernelParams()) == 12  # 86 spans of 12 chunks: 258 programs
-    assert abs(3 * math.ceil(1024 / 12) - STATE_PROGRAMS) <= 0.1 * STATE_PROGRAMS
+    assert _states_span(256, 1, 7, KernelParams()) == 4  # 256 < STATE_PROGRAMS: 2 spans each
+    assert _states_span(1, 3, 1024, KernelParams()) == 8  # 128 spans of 8 chunks: 384 programs
+    assert abs(3 * math.ceil(1024 / 8) - SPAN_PROGRAMS) <= 0.1 * SPAN_PROGRAMS
+    assert _states_span(8, 3, 128, KernelParams()) == 8  # ViG-T 1024², chunk 32: 16 x 24 = 384
     assert _states_span(1, 3, 1024, KernelParams(states_span=0)) == 0
     assert _states_span(128, 3, 4, KernelParams(states_span=1)) == 1
     assert _states_span(1, 1, 4, KernelParams(states_span=4)) == 0  # one span: sequential

@@ -92,9 +92,13 @@ class KernelParams:
 # split's fp32 partials of dq, dk, dv cost a larger share of the traffic).
 SPLIT_MIN_K = 32
 
-# Programs the states kernels aim for when B * H alone is fewer (states_span=None): two per SM on
-# a 132-SM H100/H200. An unmeasured guess; the benchmark's states_span variants tune it.
+# states_span=None: one sequential program per (b, h) when B * H >= STATE_PROGRAMS (two per SM on
+# a 132-SM H100/H200; at 224², with 7 chunks, span plans were 1.8-2.3x slower), else spans giving
+# about SPAN_PROGRAMS programs (three per SM): on an H200 ~384 programs were fastest at (8, 4096, 3)
+# and (2, 16384, 3), fwd+bwd 0.587 / 0.639 ms against 0.621 / 0.654 at ~264 and 0.665 / 0.679 at
+# ~192 (commit 55ac12a, bench_bigla.py --variant s8:states_span=8 ...).
 STATE_PROGRAMS = 264
+SPAN_PROGRAMS = 396
 # The matmul scan over spans builds [NS, NS, K] weights per (b, h) and state; beyond this many
 # spans the associative scan (O(NS) memory) takes over.
 SCAN_MATMUL_MAX_SPANS = 256
@@ -684,13 +688,13 @@ def _call(kernel, name, grid, in_specs, out_specs, out_shape, params, logits=Non
 
 def _states_span(B, H, nt, params):
     """Chunks per states program, or 0 for the sequential plan (one program per (b, h) walking all
-    NT chunks). None in params: split only when B * H < STATE_PROGRAMS, into about that many
+    NT chunks). None in params: split only when B * H < STATE_PROGRAMS, into about SPAN_PROGRAMS
     programs (the chain each program walks shrinks with them)."""
     span = params.states_span
     if span is None:
         if B * H >= STATE_PROGRAMS:
             return 0
-        span = math.ceil(nt / math.ceil(STATE_PROGRAMS / (B * H)))
+        span = math.ceil(nt / math.ceil(SPAN_PROGRAMS / (B * H)))
     return 0 if span >= nt else span
 
 
