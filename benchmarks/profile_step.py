@@ -34,6 +34,7 @@ Output: a markdown table per case on stdout and `<out>/profile.md`, `<out>/profi
 
 import argparse
 import collections
+import functools
 import gzip
 import json
 import math
@@ -62,8 +63,10 @@ CLASSES = ("bigla", "matmul", "dwconv", "conv", "reduce", "copy", "elementwise",
 DEFAULT_CASES = ("vig_s:224:128", "vig_t:1024:8")
 
 
+@functools.lru_cache(maxsize=2)  # hlo_classes, hlo_sites and hlo_bytes parse the same module
 def hlo_bodies(hlo_text: str) -> dict[str, str]:
-    """The text of every computation of an optimized HLO module, by computation name."""
+    """The text of every computation of an optimized HLO module, by computation name (read-only:
+    the dict is cached)."""
     bodies: dict[str, str] = {}
     current, lines = None, []
     for line in hlo_text.splitlines():

@@ -249,15 +249,17 @@ def test_repeat_first_batch_repeats_it_and_keeps_the_train_state(data_dir):
     it.close()
 
 
-def test_training_loop_takes_repeat_first_batch_from_the_config(data_dir):
+def test_training_loop_takes_repeat_first_batch_from_the_config(data_dir, capsys):
     from configs import demo
     from vig_jax.train import loop
 
     config = demo.get_config()
     config.data.update(dataset=DEMO, data_dir=data_dir, num_workers=0)
     assert type(loop._train_iterator(config, 4)).__name__ == "TrainIterator"
+    assert "repeat_first_batch" not in capsys.readouterr().out
     config.data.repeat_first_batch = True
     it = loop._train_iterator(config, 4)
     assert isinstance(it, RepeatFirstBatch)
+    assert "every step trains on the first batch" in capsys.readouterr().out  # never silent
     _assert_batches_equal(_take(it, 2)[1:], _take(it, 1))
     it.close()

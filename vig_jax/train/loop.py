@@ -50,7 +50,10 @@ def _train_iterator(config, shard_batch: int):
         num_workers=d.num_workers,
         read_threads=d.read_threads,
     )
-    return RepeatFirstBatch(batches) if d.repeat_first_batch else batches
+    if not d.repeat_first_batch:
+        return batches
+    _say("data.repeat_first_batch=True: every step trains on the first batch (a benchmark setting)")
+    return RepeatFirstBatch(batches)
 
 
 # A host copy of the eval batches is kept when they fit in this many bytes (Fashion-MNIST's test
