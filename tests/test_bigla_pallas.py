@@ -135,6 +135,55 @@ def test_bigla_pallas_interpret_matches_reference(shape, params, gates):
     check_all(got, reference64(args, do), 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize(
+    "shape,params,logits",
+    [
+        pytest.param((1, 72, 2, 16, 32), KernelParams(chunk=16, states_span=0), False, id="seq"),
+        pytest.param((1, 130, 1, 16, 32), KernelParams(chunk=16, states_span=2), True, id="span2"),
+        pytest.param(
+            (2, 40, 1, 16, 32),
+            KernelParams(chunk=16, states_span=1, sub_blocks=False),
+            False,
+            id="span1-chunk-programs",
+        ),
+    ],
+)
+def test_bigla_pallas_saved_states_match_reference(shape, params, logits):
+    """save_states: the forward's states are residuals and the backward's states launches compute
+    only the adjoints; o and every gradient as the reference (gates or logits)."""
+    params = dataclasses.replace(params, interpret=True, save_states=True)
+    if logits:
+        args, do = logit_inputs(shape, jnp.float32)
+        f, want = lambda *a: bigla_pallas_logits(*a, params=params), logits_reference64(args, do)
+    else:
+        args, do = make_inputs(shape)
+        f, want = lambda *a: bigla_pallas(*a, params=params), reference64(args, do)
+    jaxpr = str(jax.make_jaxpr(lambda a, d: fwd_and_grads(f, a, d))(args, do))
+    assert "bigla_bwd_adjoints" in jaxpr and "bigla_bwd_states" not in jaxpr
+    assert "bigla_bwd_span_summaries" not in jaxpr
+    got = run_fast(lambda a, d: fwd_and_grads(f, a, d), args, do)
+    check_all(got, want, 1e-5, 1e-5)
+
+
+def test_bigla_pallas_saved_states_are_load_bearing(monkeypatch):
+    """Negative control: zeroing the saved forward states must break the gradients."""
+    from pallas_kernels.bigla import pallas
+
+    fwd = pallas._bigla_fwd
+
+    def zeroed(*a):
+        o, states = fwd(*a)
+        return o, tuple(x * 0 for x in states)
+
+    monkeypatch.setattr(pallas, "_bigla_fwd", zeroed)
+    args, do = make_inputs((1, 72, 2, 16, 32))
+    params = KernelParams(chunk=16, states_span=0, save_states=True, interpret=True)
+    f = lambda *a: bigla_pallas(*a, params=params)
+    got = run_fast(lambda a, d: fwd_and_grads(f, a, d), args, do)
+    with pytest.raises(AssertionError, match="relative"):
+        check_all(got, reference64(args, do), 1e-5, 1e-5)
+
+
 def test_bigla_pallas_span_scan_is_load_bearing(monkeypatch):
     """Negative control of the split states plan: a scan over spans that drops the decay between
     spans must fail the parity check the correct plan passes."""
@@ -178,7 +227,8 @@ def test_states_span_by_programs_unless_set():
     from pallas_kernels.bigla.pallas import SPAN_PROGRAMS, STATE_PROGRAMS, _states_span
 
     assert _states_span(128, 3, 4, KernelParams()) == 0  # B * H = 384 programs: sequential
-    assert _states_span(256, 1, 7, KernelParams()) == 4  # 256 < STATE_PROGRAMS: 2 spans each
+    assert _states_span(STATE_PROGRAMS, 1, 7, KernelParams()) == 0  # enough programs: sequential
+    assert _states_span(STATE_PROGRAMS - 8, 1, 7, KernelParams()) == 4  # fewer: 2 spans each
     assert _states_span(1, 3, 1024, KernelParams()) == 8  # 128 spans of 8 chunks: 384 programs
     assert abs(3 * math.ceil(1024 / 8) - SPAN_PROGRAMS) <= 0.1 * SPAN_PROGRAMS
     assert _states_span(8, 3, 128, KernelParams()) == 8  # ViG-T 1024², chunk 32: 16 x 24 = 384
@@ -473,3 +523,25 @@ def test_bigla_pallas_lowers_to_triton_for_cuda(exact):
             assert "bigla_fwd_chunks" in text and "bigla_bwd_chunks" in text
         if span == 1:
             assert "bigla_fwd_states" not in text
+
+
+def test_bigla_pallas_saved_states_lower_to_triton_for_cuda():
+    """With save_states the backward's adjoint-only states kernels pass the Triton lowering (the
+    sequential and the split plan, log gates and bf16 logits)."""
+    B, H, K, V = 2, 3, 32, 64
+    for n, chunk, span, logits in ((130, 64, 0, False), (130, 32, 2, True)):
+        params = KernelParams(chunk=chunk, states_span=span, save_states=True)
+        entry = bigla_pallas_logits if logits else bigla_pallas
+
+        def fwd_bwd(q, k, v, gf, gb, do, params=params, entry=entry):
+            o, vjp = jax.vjp(lambda *x: entry(*x, params=params), q, k, v, gf, gb)
+            return o, vjp(do)
+
+        gate = jnp.bfloat16 if logits else jnp.float32
+        dims = ((K, jnp.bfloat16),) * 2 + ((V, jnp.bfloat16),) + ((K, gate),) * 2
+        shapes = [jax.ShapeDtypeStruct((B, n, H, d), dt) for d, dt in (*dims, (V, jnp.bfloat16))]
+        text = jax.jit(fwd_bwd).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        assert "bigla_bwd_adjoints_states" in text or span == 1, (n, span)
+        assert "bigla_bwd_states" not in text and "bigla_bwd_span_summaries" not in text
+        if span:
+            assert "bigla_bwd_adjoints_span_summaries" in text

@@ -71,6 +71,9 @@ class KernelParams:
       to its own, instead of one program per chunk holding every sub-block's partial results
       (which spills registers). The backward then does both directions in one launch (no split,
       no fp32 partials).
+    save_states: long plan: keep the forward's entering states (Sf, Sb, fp32) as residuals of the
+      custom_vjp, so that the backward's states launches compute only the adjoints dSf, dSb, at the
+      cost of 2 * B * H * NT * K * V * 4 bytes of activation memory per call.
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -83,6 +86,7 @@ class KernelParams:
     states_span: int | None = None
     span_scan: str = "auto"
     sub_blocks: bool = True
+    save_states: bool = False
     interpret: bool = False
 
 
@@ -432,18 +436,31 @@ def _bigla_fwd_short_kernel(q_ref, k_ref, v_ref, gf_ref, gb_ref, o_ref, *, n, bt
             s = _state_step(s, k, v, gf, False, mm)
 
 
-def _bigla_states_kernel(*refs, n, bt, span, mm, adjoints, has_init, summary):
+# The states a states launch can carry, in their order: Sf and dSb run left to right, Sb and dSf
+# right to left; Sf and dSf decay by gf, Sb and dSb by gb.
+STATE_KINDS = ("sf", "sb", "dsf", "dsb")
+_REVERSE = {"sf": False, "sb": True, "dsf": True, "dsb": False}
+
+
+def _state_kinds(adjoints, fwd_states=True):
+    """The states one launch computes: Sf, Sb; with `adjoints` also dSf, dSb; without
+    `fwd_states` (the backward with saved forward states) dSf, dSb only."""
+    return STATE_KINDS[0 if fwd_states else 2 : 4 if adjoints else 2]
+
+
+def _bigla_states_kernel(*refs, n, bt, span, mm, kinds, has_init, summary):
     """States of the chunks of one span (`span` consecutive chunks; program id 0 picks the span).
 
-    Inputs: k, v, gf, gb (with `adjoints`: q, k, v, gf, gb, do), then with `has_init` the states
-    entering the span: Sf, Sb (and dSf, dSb) [K, V]; else they start at zero.
-    Sf runs left to right and Sb right to left; with `adjoints` also dSf (right to left) and dSb
-    (left to right), the adjoints of the states leaving each chunk.
+    Inputs: k, v, gf, gb (with adjoints among `kinds`: q, k, v, gf, gb, do), then with
+    `has_init` the `kinds` states entering the span, [K, V] each; else they start at zero.
+    Sf runs left to right and Sb right to left; dSf (right to left) and dSb (left to right) are
+    the adjoints of the states leaving each chunk. `kinds`: which of them (`_state_kinds`).
     summary=False: writes every chunk's entering states, [span * K, V] per state.
     summary=True: writes only the states leaving the span (its own contribution when they start
     at zero), [K, V] each, then the span's gate totals sum(gf), sum(gb) [K] (log decays, <= 0).
     """
-    nin, nst = (6, 4) if adjoints else (4, 2)
+    adjoints, nst = "dsf" in kinds, len(kinds)
+    nin = 6 if adjoints else 4
     ins, init, outs = refs[:nin], refs[nin : nin + nst * has_init], refs[nin + nst * has_init :]
     if adjoints:
         q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref = ins
@@ -453,27 +470,32 @@ def _bigla_states_kernel(*refs, n, bt, span, mm, adjoints, has_init, summary):
     base = pl.program_id(0) * span
 
     def body(it, carry):
-        states, totals = carry[:nst], carry[nst:]
+        states, totals = dict(zip(kinds, carry[:nst], strict=True)), carry[nst:]
         # This step's chunk for each sweep direction: local index into the span, global chunk id.
         i_fwd, i_bwd = it, span - 1 - it
         c_fwd, c_bwd = base + i_fwd, base + i_bwd
         if not summary:
-            # Sf and dSb run left to right, Sb and dSf right to left.
-            rows = (i_fwd, i_bwd, i_bwd, i_fwd)[:nst]
-            for ref, val, i in zip(outs, states, rows, strict=True):
-                ref[pl.ds(i * K, K), :] = val
-        k, v, gf = _load_chunk((k_ref, v_ref, gf_ref), c_fwd, bt, n)
-        new = [_state_step(states[0], k, v, gf, False, mm)]
-        k, v, gb = _load_chunk((k_ref, v_ref, gb_ref), c_bwd, bt, n)
-        new.append(_state_step(states[1], k, v, gb, True, mm))
-        if summary:
-            totals = (totals[0] + jnp.sum(gf, axis=0), totals[1] + jnp.sum(gb, axis=0))
+            for ref, kind in zip(outs, kinds, strict=True):
+                i = i_bwd if _REVERSE[kind] else i_fwd
+                ref[pl.ds(i * K, K), :] = states[kind]
+        new, sums = {}, None  # with summary: this step's gate sums (each chunk's once per gate)
+        if "sf" in kinds:
+            k, v, gf = _load_chunk((k_ref, v_ref, gf_ref), c_fwd, bt, n)
+            new["sf"] = _state_step(states["sf"], k, v, gf, False, mm)
+            k, v, gb = _load_chunk((k_ref, v_ref, gb_ref), c_bwd, bt, n)
+            new["sb"] = _state_step(states["sb"], k, v, gb, True, mm)
+            if summary:
+                sums = (jnp.sum(gf, axis=0), jnp.sum(gb, axis=0))
         if adjoints:
             q, do, gf = _load_chunk((q_ref, do_ref, gf_ref), c_bwd, bt, n)
-            new.append(_adjoint_step(states[2], q, 0.5 * do, gf, False, mm))
+            new["dsf"] = _adjoint_step(states["dsf"], q, 0.5 * do, gf, False, mm)
             q, do, gb = _load_chunk((q_ref, do_ref, gb_ref), c_fwd, bt, n)
-            new.append(_adjoint_step(states[3], q, 0.5 * do, gb, True, mm))
-        return (*new, *totals)
+            new["dsb"] = _adjoint_step(states["dsb"], q, 0.5 * do, gb, True, mm)
+            if summary and sums is None:
+                sums = (jnp.sum(gf, axis=0), jnp.sum(gb, axis=0))
+        if summary:
+            totals = (totals[0] + sums[0], totals[1] + sums[1])
+        return (*(new[kind] for kind in kinds), *totals)
 
     if has_init:
         states = tuple(r[...] for r in init)
@@ -705,14 +727,15 @@ def _span_spec(rows, V):
     return pl.BlockSpec((None, None, rows, V), lambda s, b, h: (b, h, s, 0))
 
 
-def _states_call(inputs, params, adjoints, span, ns, init=None, summary=False, logits=None):
-    """One launch of the states kernel, grid (NS, B, H). Returns the entering states of every chunk,
-    [B, H, NS * span * K, V] each, or with `summary` the spans' own leaving states [B, H, NS * K, V]
-    and gate totals [B, H, NS, K] (fp32)."""
+def _states_call(inputs, params, kinds, span, ns, init=None, summary=False, logits=None):
+    """One launch of the states kernel for the states `kinds`, grid (NS, B, H). Returns the entering
+    states of every chunk, [B, H, NS * span * K, V] each, or with `summary` the spans' own leaving
+    states [B, H, NS * K, V] and gate totals [B, H, NS, K] (fp32)."""
+    adjoints = "dsf" in kinds
     B, N, H, K = inputs[0].shape
     V = inputs[2].shape[-1] if adjoints else inputs[1].shape[-1]
     mm = _matmul_dtype(inputs[1].dtype if adjoints else inputs[0].dtype)
-    nst = 4 if adjoints else 2
+    nst = len(kinds)
     rows = K if summary else span * K
     out_shape = [jax.ShapeDtypeStruct((B, H, ns * rows, V), jnp.float32)] * nst
     out_specs = [_span_spec(rows, V)] * nst
@@ -725,12 +748,14 @@ def _states_call(inputs, params, adjoints, span, ns, init=None, summary=False, l
         bt=params.chunk,
         span=span,
         mm=mm,
-        adjoints=adjoints,
+        kinds=kinds,
         has_init=init is not None,
         summary=summary,
     )
     init = tuple(init or ())
-    name = "bigla_" + ("bwd" if adjoints else "fwd") + ("_span_summaries" if summary else "_states")
+    what = "_adjoints" if "sf" not in kinds else ""  # the backward on saved forward states
+    name = "bigla_" + ("bwd" if adjoints else "fwd") + what
+    name += "_span_summaries" if summary else "_states"
     return _call(
         kernel,
         name,
@@ -783,31 +808,31 @@ def _scan_spans(totals, owns, reverses, method):
     return [flip(entering[i], r) for i, r in enumerate(reverses)]
 
 
-def _states(inputs, params, adjoints, logits=None):
-    """Entering states of every chunk: Sf, Sb (and dSf, dSb), [B, H, NTp * K, V] fp32 each, with
-    NTp >= NT (chunks past NT are padding: zero inputs, which change no state).
+def _states(inputs, params, adjoints, logits=None, fwd_states=True):
+    """Entering states of every chunk: Sf, Sb (and dSf, dSb; without `fwd_states` dSf, dSb only),
+    [B, H, NTp * K, V] fp32 each, with NTp >= NT (chunks past NT are padding: zero inputs, which
+    change no state).
 
     Sequential plan (span 0): one program per (b, h) walks all NT chunks. Split plan: spans of
     `span` chunks; a summary launch gives every span's own leaving states and gate totals, a scan
     over spans in XLA gives the states entering every span, and a second launch walks each span
     from its entering states (span 1: the scan's states are already those of every chunk).
     """
+    kinds = _state_kinds(adjoints, fwd_states)
     B, N, H, K = inputs[0].shape
     V = inputs[2].shape[-1] if adjoints else inputs[1].shape[-1]
     nt = math.ceil(N / params.chunk)
     span = _states_span(B, H, nt, params)
-    call = functools.partial(_states_call, inputs, params, adjoints, logits=logits)
+    call = functools.partial(_states_call, inputs, params, kinds, logits=logits)
     if not span:
         return call(span=nt, ns=1)
     ns = math.ceil(nt / span)
     *own, total_f, total_b = call(span, ns, summary=True)
-    # Sf and dSb run left to right, Sb and dSf right to left; Sf and dSf decay by gf, Sb and dSb
-    # by gb.
-    nst = len(own)
+    # Sf and dSf decay by gf, Sb and dSb by gb.
     init = _scan_spans(
-        (total_f, total_b, total_f, total_b)[:nst],
+        [total_f if kind in ("sf", "dsf") else total_b for kind in kinds],
         [x.reshape(B, H, ns, K, V) for x in own],
-        (False, True, True, False)[:nst],
+        [_REVERSE[kind] for kind in kinds],
         params.span_scan,
     )
     init = [x.reshape(B, H, ns * K, V) for x in init]
@@ -853,7 +878,8 @@ def _gates_in(g, scale):
 
 
 def _bigla_fwd(q, k, v, gf, gb, params, scale):
-    """o [B, N, H, V] in v.dtype. scale None: gf, gb are log gates; else logits, gates
+    """(o, states): o [B, N, H, V] in v.dtype; states (Sf, Sb) entering every chunk on the long
+    plan, () on the short one. scale None: gf, gb are log gates; else logits, gates
     log_sigmoid(x) * scale."""
     gf, gb = _gates_in(gf, scale), _gates_in(gb, scale)
     tokens = (q, k, v, gf, gb)
@@ -861,25 +887,29 @@ def _bigla_fwd(q, k, v, gf, gb, params, scale):
     logits = _logits(scale, (3, 4))
     if _use_short_path(q.shape[1], params):
         (o,) = _launch(_bigla_fwd_short_kernel, "bigla_fwd_short", params, tokens, out, (), logits)
-        return o
+        return o, ()
     states = _states((k, v, gf, gb), params, False, _logits(scale, (2, 3)))
     if params.sub_blocks:
         kernel, name = _bigla_fwd_sub_kernel, "bigla_fwd_sub_blocks"
     else:
         kernel, name = _bigla_fwd_chunk_kernel, "bigla_fwd_chunks"
     (o,) = _launch(kernel, name, params, tokens, out, states, logits, sub=params.sub_blocks)
-    return o
+    return o, tuple(states)
 
 
-def _bigla_bwd(q, k, v, gf, gb, do, params, scale):
+def _bigla_bwd(q, k, v, gf, gb, do, params, scale, saved=()):
     """(dq, dk, dv, dgf, dgb) with the shapes and dtypes of the inputs (dgf, dgb: gradients of
-    the logits when `scale` is set)."""
+    the logits when `scale` is set). saved: the forward's (Sf, Sb) (`save_states`), or ()."""
     outs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, gf, gb)]
     tokens = (q, k, v, _gates_in(gf, scale), _gates_in(gb, scale), do.astype(v.dtype))
     logits = _logits(scale, (3, 4), 2)
     if _use_short_path(q.shape[1], params):
         return _launch(_bigla_bwd_short_kernel, "bigla_bwd_short", params, tokens, outs, (), logits)
-    states = _states(tokens, params, True, _logits(scale, (3, 4)))
+    states_logits = _logits(scale, (3, 4))
+    if saved:
+        states = [*saved, *_states(tokens, params, True, states_logits, fwd_states=False)]
+    else:
+        states = _states(tokens, params, True, states_logits)
     if params.sub_blocks:
         return _launch(
             _bigla_bwd_sub_kernel, "bigla_bwd_sub_blocks", params, tokens, outs, states, logits,
@@ -924,15 +954,17 @@ def _params(params, chunk_size, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _bigla(q, k, v, gf, gb, params, scale):
-    return _bigla_fwd(q, k, v, gf, gb, params, scale)
+    return _bigla_fwd(q, k, v, gf, gb, params, scale)[0]
 
 
 def _bigla_vjp_fwd(q, k, v, gf, gb, params, scale):
-    return _bigla_fwd(q, k, v, gf, gb, params, scale), (q, k, v, gf, gb)
+    o, states = _bigla_fwd(q, k, v, gf, gb, params, scale)
+    return o, ((q, k, v, gf, gb), states if params.save_states else ())
 
 
 def _bigla_vjp_bwd(params, scale, residuals, do):
-    return tuple(_bigla_bwd(*residuals, do, params, scale))
+    inputs, saved = residuals
+    return tuple(_bigla_bwd(*inputs, do, params, scale, saved))
 
 
 _bigla.defvjp(_bigla_vjp_fwd, _bigla_vjp_bwd)
