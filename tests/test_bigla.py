@@ -152,10 +152,12 @@ def test_swapped_gates_are_detected():
 def test_bigla_auto_on_cpu_is_chunked():
     def run(*args):
         auto = bigla(*args, chunk_size=16)
-        return auto, bigla_chunked(*args, chunk_size=16), bigla(*args, impl="reference")
+        saved = bigla(*args, chunk_size=16, save_states=True)  # a pallas setting: no effect here
+        return auto, saved, bigla_chunked(*args, chunk_size=16), bigla(*args, impl="reference")
 
-    auto, chunked, reference = run_fast(run, *_inputs(4, 2, 33, 3, 16, 16, jnp.float32))
+    auto, saved, chunked, reference = run_fast(run, *_inputs(4, 2, 33, 3, 16, 16, jnp.float32))
     np.testing.assert_array_equal(auto, chunked)
+    np.testing.assert_array_equal(saved, chunked)
     assert not np.array_equal(auto, reference)  # the two paths round differently
     assert_close("o", auto, reference, TOL[jnp.float32])
 
@@ -177,8 +179,9 @@ def test_bigla_auto_on_gpu_is_pallas_where_the_kernel_applies(monkeypatch):
 
 def test_bigla_logits_paths_agree():
     """Gates from logits: the chunked path (gates in XLA, float32) and the pallas one (gates in
-    the kernel, interpret mode) against the reference on log_sigmoid(x) / 16, with gradients of
-    the logits; a normalizer of 0 is rejected."""
+    the kernel, interpret mode; also with the forward's states saved for the backward) against
+    the reference on log_sigmoid(x) / 16, with gradients of the logits; a normalizer of 0 is
+    rejected."""
     rng = np.random.default_rng(8)
     q, k, v, _, _ = _inputs(8, 1, 40, 2, 16, 16, jnp.float32)
     xf, xb = (jnp.asarray(3 * rng.standard_normal(q.shape), jnp.float32) for _ in range(2))
@@ -186,7 +189,8 @@ def test_bigla_logits_paths_agree():
         q, k, v, jax.nn.log_sigmoid(xf) / 16, jax.nn.log_sigmoid(xb) / 16
     )
     o_ref, grads_ref = _output_and_grads(want_fn, (q, k, v, xf, xb), 0)
-    for kwargs in ({"impl": "chunked"}, {"impl": "pallas", "interpret": True}):
+    pallas = {"impl": "pallas", "interpret": True}
+    for kwargs in ({"impl": "chunked"}, pallas, {**pallas, "save_states": True}):
         fn = lambda *a, kw=kwargs: bigla_logits(*a, chunk_size=16, **kw)
         o, grads = _output_and_grads(fn, (q, k, v, xf, xb), 0)
         assert_close(f"o {kwargs}", o, o_ref, TOL[jnp.float32])

@@ -37,6 +37,7 @@ ALL_FORMS = dict(
     fp32_mix=True,
     gates_in_kernel=True,
     mlp_split_up=True,
+    save_states=True,
     stem_impl="patches",
     scan_blocks=True,
     remat="block",
@@ -178,10 +179,10 @@ GLA_FORMS = {
 }
 
 
-def _gla_outputs_and_grads(forms, dtype, width=16):
+def _gla_outputs_and_grads(forms, dtype, width=16, grid=(4, 6)):
     """{form: {"y", "dx", every parameter's gradient}} of the plain layer and each form in
-    `forms`, at unit-scale parameters and a random cotangent."""
-    x = _normal((2, 4, 6, width), dtype, 0)
+    `forms`, at unit-scale parameters and a random cotangent; input [2, *grid, width]."""
+    x = _normal((2, *grid, width), dtype, 0)
     plain = _gla(dtype)
     shapes = jax.eval_shape(plain.init, jax.random.key(0), x)["params"]
     # Unit-scale parameters, so that every branch (BiGLA, local path, gates) matters.
@@ -246,6 +247,22 @@ def test_gla_gates_in_kernel_pallas_matches_plain():
         mp.setattr(gla, "GATE_LOGIT_NORMALIZER", 8.0)
         wrong = _gla_outputs_and_grads({"kernel": forms["kernel"]}, "float32", width=64)
     assert rel_err(wrong["kernel"]["y"], results["plain"]["y"]) > 1e-3
+
+
+def test_gla_save_states_pallas_matches_plain():
+    """save_states on the pallas kernels (interpret mode) at 42 tokens, more than one chunk: the
+    backward reads the forward's states and launches only the adjoint states kernel; values and
+    gradients as the plain layer on the reference BiGLA (float32)."""
+    forms = {"saved": dict(bigla_impl="pallas", bigla_interpret=True, save_states=True)}
+    results = _gla_outputs_and_grads(forms, "float32", width=64, grid=(6, 7))
+    for key, want in results["plain"].items():
+        assert_close(f"saved {key}", results["saved"][key], want, 1e-4)
+    x = _normal((2, 6, 7, 64), jnp.float32, 0)
+    model = _gla("float32", **forms["saved"])
+    params = model.init(jax.random.key(0), x)
+    grad = jax.grad(lambda p: jnp.sum(model.apply(p, x)))
+    jaxpr = str(jax.make_jaxpr(grad)(params))
+    assert "bigla_bwd_adjoints" in jaxpr and "bigla_bwd_span_summaries" not in jaxpr
 
 
 @pytest.mark.parametrize("form", sorted(f for f in GLA_FORMS if "gates_in_kernel" not in f))

@@ -95,7 +95,7 @@ def _auto_impl(K, V, chunk_size):
     return "pallas" if supports(K, V, chunk) else "chunked"
 
 
-def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False):
+def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False, save_states=False):
     """o = (o_fwd + o_bwd) / 2 of the two gated linear recurrences (see `bigla_reference`).
 
     Args:
@@ -109,6 +109,9 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False):
       chunk_size: tokens per chunk of the chunked and pallas paths (any N works); None: each
         implementation's default (chunked 64, pallas `KernelParams().chunk`).
       interpret: run the pallas kernels in Pallas interpret mode (CPU tests); impl="pallas" only.
+      save_states: pallas path: keep the forward's chunk states for the backward
+        (`KernelParams.save_states`: less backward work, more activation memory); the other
+        implementations ignore it (chunked's autodiff keeps what its backward needs).
 
     Returns:
       o: [B, N, H, V] in the dtype of v, accumulated in float32 (float64 for float64 inputs).
@@ -133,14 +136,34 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False):
     _check_pallas_backend(interpret)
     from pallas_kernels.bigla.pallas import bigla_pallas
 
+    params = _pallas_params(chunk_size, interpret, save_states)
+
     def kernel(*arrays):
-        return bigla_pallas(*arrays, chunk_size=chunk_size, interpret=interpret)
+        return bigla_pallas(*arrays, params=params)
 
     return _per_batch_shard(kernel, q, k, v, gf, gb)
 
 
+def _pallas_params(chunk_size, interpret, save_states):
+    """The pallas kernels' `KernelParams`: the defaults with the caller's settings."""
+    from pallas_kernels.bigla.pallas import KernelParams
+
+    chunk = {} if chunk_size is None else {"chunk": chunk_size}
+    return KernelParams(interpret=interpret, save_states=save_states, **chunk)
+
+
 def bigla_logits(
-    q, k, v, xf, xb, *, normalizer=16.0, impl="auto", chunk_size=None, interpret=False
+    q,
+    k,
+    v,
+    xf,
+    xb,
+    *,
+    normalizer=16.0,
+    impl="auto",
+    chunk_size=None,
+    interpret=False,
+    save_states=False,
 ):
     """`bigla` with the gates given as logits: gf = log_sigmoid(xf) / normalizer, gb likewise.
 
@@ -161,10 +184,10 @@ def bigla_logits(
     _check_pallas_backend(interpret)
     from pallas_kernels.bigla.pallas import bigla_pallas_logits
 
+    params = _pallas_params(chunk_size, interpret, save_states)
+
     def kernel(*arrays):
-        return bigla_pallas_logits(
-            *arrays, normalizer=normalizer, chunk_size=chunk_size, interpret=interpret
-        )
+        return bigla_pallas_logits(*arrays, normalizer=normalizer, params=params)
 
     return _per_batch_shard(kernel, q, k, v, xf, xb)
 

@@ -55,6 +55,8 @@ class GatedLinearAttention(nn.Module):
       gates_in_kernel: hand BiGLA the gate logits (`bigla_logits`): the pallas kernels compute
         log_sigmoid(x) / 16 where they read a gate, so no float32 gate tensors are written and
         read back; other impls compute the gates in XLA exactly as the plain form does.
+      save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
+        (`bigla(..., save_states=True)`): less backward work, more activation memory.
       dtype: compute dtype; gates are computed in float32 (float64 when computing in float64).
     """
 
@@ -69,6 +71,7 @@ class GatedLinearAttention(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = False
     gates_in_kernel: bool = False
+    save_states: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -136,6 +139,7 @@ class GatedLinearAttention(nn.Module):
             gates = jnp.split(gates[0], 2, axis=-1)
         gf, gb = (x.reshape(B, N, H, K) for x in gates)  # log gates, or logits for the kernels
         run = dict(impl=self.bigla_impl, interpret=self.bigla_interpret)
+        run["save_states"] = self.save_states
         if self.gates_in_kernel:
             o = bigla_logits(q, k, v, gf, gb, normalizer=GATE_LOGIT_NORMALIZER, **run)
         else:

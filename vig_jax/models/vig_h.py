@@ -50,6 +50,7 @@ class ViGHBlock(nn.Module):
     gates_in_kernel: bool = False
     mlp_split_up: bool = False
     split_proj: bool = False
+    save_states: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -68,6 +69,7 @@ class ViGHBlock(nn.Module):
             dwconv=self.dwconv,
             fp32_mix=self.fp32_mix,
             gates_in_kernel=self.gates_in_kernel,
+            save_states=self.save_states,
             dtype=self.dtype,
             name="attn",
         )(y)
@@ -94,6 +96,8 @@ class ViGH(nn.Module):
       mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters.
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
         `GatedLinearAttention`), same parameters; not with fused_proj.
+      save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
+        (see `GatedLinearAttention`).
       stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
         3-channel convolution; same parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
@@ -115,6 +119,7 @@ class ViGH(nn.Module):
     gates_in_kernel: bool = False
     mlp_split_up: bool = False
     split_proj: bool = False
+    save_states: bool = False
     stem_impl: str = "conv"
     remat: str = "none"
     scan_blocks: bool = False
@@ -142,6 +147,7 @@ class ViGH(nn.Module):
                     self.gates_in_kernel,
                     self.mlp_split_up,
                     self.split_proj,
+                    self.save_states,
                 )
                 for _ in range(depth)
             ]
