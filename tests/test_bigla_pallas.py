@@ -16,7 +16,7 @@ import pytest
 from pallas_kernels.bigla import bigla
 from pallas_kernels.bigla.pallas import KernelParams, bigla_pallas, bigla_pallas_logits
 from pallas_kernels.bigla.reference import bigla_reference
-from tests.helpers import FAST_COMPILE, GRAD_NAMES, assert_close, run_fast
+from tests.helpers import FAST_COMPILE, GRAD_NAMES, assert_close, rel_err, run_fast
 
 # (o, gradients) per input dtype on the compiled GPU path; interpret fp32 vs float64 uses 1e-5.
 GPU_TOL = {jnp.bfloat16: (1e-2, 2e-2), jnp.float32: (1e-4, 1e-4)}
@@ -163,6 +163,54 @@ def test_bigla_pallas_saved_states_match_reference(shape, params, logits):
     assert "bigla_bwd_span_summaries" not in jaxpr
     got = run_fast(lambda a, d: fwd_and_grads(f, a, d), args, do)
     check_all(got, want, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        pytest.param(KernelParams(chunk=16), id="sub-blocks"),
+        pytest.param(
+            KernelParams(chunk=16, sub_blocks=False, split_backward=True), id="chunk-programs-split"
+        ),
+        pytest.param(KernelParams(chunk=16, states_span=2, save_states=True), id="span2-saved"),
+    ],
+)
+def test_bigla_pallas_input_dtype_states_match_reference(params):
+    """states_dtype="input" with bf16 q, k, v: the states go through HBM in bf16. Against the
+    float64 reference at the bf16 bounds, and no more than about one bf16 rounding worse than
+    the same kernels with float32 states."""
+    args, do = make_inputs((1, 72, 2, 16, 32), dtype=jnp.bfloat16)
+    want = reference64(args, do)
+    errs = {}
+    for states_dtype in ("float32", "input"):
+        p = dataclasses.replace(params, interpret=True, states_dtype=states_dtype)
+        f = lambda *a, p=p: bigla_pallas(*a, params=p)
+        got = run_fast(lambda a, d, f=f: fwd_and_grads(f, a, d), args, do)
+        check_all(got, want, *GPU_TOL[jnp.bfloat16])
+        errs[states_dtype] = [rel_err(g, w) for g, w in zip(got, want, strict=True)]
+    for name, a, b in zip(("o", *GRAD_NAMES), errs["input"], errs["float32"], strict=True):
+        assert a <= 2 * b + 4e-3, (name, a, b)
+
+
+def test_states_dtype_is_the_stored_states_dtype():
+    """The states kernels write the entering states in bf16 for bf16 inputs with "input", in
+    float32 otherwise (float32 inputs, or the default); a bad value is rejected."""
+    from pallas_kernels.bigla import pallas
+
+    (q, k, v, gf, gb), _ = make_inputs((1, 40, 1, 16, 32), dtype=jnp.bfloat16)
+    for dtype, states_dtype, want in (
+        (jnp.bfloat16, "input", jnp.bfloat16),
+        (jnp.bfloat16, "float32", jnp.float32),
+        (jnp.float32, "input", jnp.float32),
+    ):
+        for span in (0, 1, 2):
+            params = KernelParams(chunk=16, states_span=span, states_dtype=states_dtype)
+            params = dataclasses.replace(params, interpret=True)
+            x = (k.astype(dtype), v.astype(dtype), gf, gb)
+            shapes = jax.eval_shape(lambda *a, p=params: pallas._states(a, p, False), *x)
+            assert [s.dtype for s in shapes] == [want] * 2, (dtype, states_dtype, span)
+    with pytest.raises(ValueError, match="states_dtype='half' is not one of"):
+        bigla_pallas(q, k, v, gf, gb, params=KernelParams(states_dtype="half", interpret=True))
 
 
 def test_bigla_pallas_saved_states_are_load_bearing(monkeypatch):

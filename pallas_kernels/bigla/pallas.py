@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 SUB_CHUNK = 16  # Triton dots need every dimension >= 16.
+STATES_DTYPES = ("float32", "input")
 HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -71,9 +72,13 @@ class KernelParams:
       to its own, instead of one program per chunk holding every sub-block's partial results
       (which spills registers). The backward then does both directions in one launch (no split,
       no fp32 partials).
-    save_states: long plan: keep the forward's entering states (Sf, Sb, fp32) as residuals of the
+    states_dtype: long plan: the dtype in which the states entering every chunk go through HBM
+      from the states kernels to the chunk kernels: "float32", or "input" (the dtype of q, k, v:
+      bf16 inputs halve that traffic; the chunk kernels' dots read the states in that dtype
+      anyway, their fp32 updates start from the rounded values). Accumulation stays fp32.
+    save_states: long plan: keep the forward's entering states (Sf, Sb) as residuals of the
       custom_vjp, so that the backward's states launches compute only the adjoints dSf, dSb, at the
-      cost of 2 * B * H * NT * K * V * 4 bytes of activation memory per call.
+      cost of 2 * B * H * NT * K * V values (in `states_dtype`) of activation memory per call.
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -86,6 +91,7 @@ class KernelParams:
     states_span: int | None = None
     span_scan: str = "auto"
     sub_blocks: bool = True
+    states_dtype: str = "float32"
     save_states: bool = False
     interpret: bool = False
 
@@ -147,6 +153,8 @@ def _check(q, v, params):
         raise ValueError(f"chunk={bt} must be a power of two >= {SUB_CHUNK}")
     if q.shape[1] < 1:
         raise ValueError(f"need at least one token, got {q.shape=}")
+    if params.states_dtype not in STATES_DTYPES:
+        raise ValueError(f"states_dtype={params.states_dtype!r} is not one of {STATES_DTYPES}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +286,11 @@ def _adjoint_step(ds, q, do, g, reverse, mm):
     """Adjoint [K, V] of the state entering a chunk from the adjoint of the state leaving it."""
     total, x = _decays(g, reverse)
     return jnp.exp(total)[:, None] * ds + _dot(q * jnp.exp(x), do, mm, trans_a=True)
+
+
+def _state(ref):
+    """A [K, V] state block as fp32 (stored in `KernelParams.states_dtype`)."""
+    return ref[...].astype(jnp.float32)
 
 
 def _load_chunk(refs, c, bt, n):
@@ -477,7 +490,7 @@ def _bigla_states_kernel(*refs, n, bt, span, mm, kinds, has_init, summary):
         if not summary:
             for ref, kind in zip(outs, kinds, strict=True):
                 i = i_bwd if _REVERSE[kind] else i_fwd
-                ref[pl.ds(i * K, K), :] = states[kind]
+                ref[pl.ds(i * K, K), :] = states[kind].astype(ref.dtype)
         new, sums = {}, None  # with summary: this step's gate sums (each chunk's once per gate)
         if "sf" in kinds:
             k, v, gf = _load_chunk((k_ref, v_ref, gf_ref), c_fwd, bt, n)
@@ -513,7 +526,7 @@ def _bigla_fwd_chunk_kernel(
 ):
     c = pl.program_id(0)
     rows = _Rows((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
-    out = _fwd_chunk(rows, sf_ref[...], sb_ref[...], mm, exact)
+    out = _fwd_chunk(rows, _state(sf_ref), _state(sb_ref), mm, exact)
     _store_blocks((o_ref,), [(o,) for o in out], c, bt, n)
 
 
@@ -570,7 +583,7 @@ def _bigla_bwd_chunk_kernel(
 ):
     c = pl.program_id(0)
     rows = _bwd_rows((q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), c, bt, n)
-    states = (sf_ref[...], sb_ref[...], dsf_ref[...], dsb_ref[...])
+    states = tuple(map(_state, (sf_ref, sb_ref, dsf_ref, dsb_ref)))
     _store_blocks(out_refs, _bwd_chunk(rows, states, mm, exact), c, bt, n)
 
 
@@ -582,7 +595,7 @@ def _bigla_bwd_dir_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, n, bt, mm, 
     partials, refs = (refs[:3], refs[3:]) if reverse else ((), refs)
     s_ref, u_ref, *out_refs = refs
     rows = _bwd_rows((q_ref, k_ref, v_ref, g_ref, do_ref), c, bt, n)
-    blocks = _bwd_chunk_dir(rows, s_ref[...], u_ref[...], reverse, mm, exact)
+    blocks = _bwd_chunk_dir(rows, _state(s_ref), _state(u_ref), reverse, mm, exact)
     if partials:
         read = _Rows(partials, c, bt, n)
         blocks = [
@@ -628,8 +641,8 @@ def _bigla_fwd_sub_kernel(
     through the chunk's sub-blocks before it (Sf) and after it (Sb)."""
     p, c, i = _sub_block_ids(bt)
     rows = _Rows((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
-    sf = _carried_state(rows, sf_ref[...], i, 3, False, mm)
-    sb = _carried_state(rows, sb_ref[...], i, 4, True, mm)
+    sf = _carried_state(rows, _state(sf_ref), i, 3, False, mm)
+    sb = _carried_state(rows, _state(sb_ref), i, 4, True, mm)
     (o,) = _fwd_chunk(_Rows(rows.refs, p, SUB_CHUNK, n), sf, sb, mm, exact)
     _store_rows(o_ref, p * SUB_CHUNK, o, n)
 
@@ -648,8 +661,8 @@ def _bigla_bwd_sub_kernel(
     sub = _bwd_rows(refs, p, SUB_CHUNK, n)
     grads = []  # per direction (dq, dk, dv, dg) of the sub-block
     for reverse, gi, s_ref, u_ref in ((False, 3, sf_ref, dsf_ref), (True, 4, sb_ref, dsb_ref)):
-        s = _carried_state(rows, s_ref[...], i, gi, reverse, mm)
-        u = _carried_adjoint(rows, u_ref[...], i, gi, reverse, mm)
+        s = _carried_state(rows, _state(s_ref), i, gi, reverse, mm)
+        u = _carried_adjoint(rows, _state(u_ref), i, gi, reverse, mm)
         grads += _bwd_chunk_dir(sub.select((0, 1, 2, gi, 5)), s, u, reverse, mm, exact)
     (dq, dk, dv, dgf), (dq_b, dk_b, dv_b, dgb) = grads
     vals = (dq + dq_b, dk + dk_b, dv + dv_b, dgf, dgb)
@@ -727,6 +740,11 @@ def _span_spec(rows, V):
     return pl.BlockSpec((None, None, rows, V), lambda s, b, h: (b, h, s, 0))
 
 
+def _states_dtype(params, mm):
+    """The dtype of the states entering every chunk in HBM (`KernelParams.states_dtype`)."""
+    return jnp.dtype(mm) if params.states_dtype == "input" else jnp.dtype(jnp.float32)
+
+
 def _states_call(inputs, params, kinds, span, ns, init=None, summary=False, logits=None):
     """One launch of the states kernel for the states `kinds`, grid (NS, B, H). Returns the entering
     states of every chunk, [B, H, NS * span * K, V] each, or with `summary` the spans' own leaving
@@ -737,7 +755,8 @@ def _states_call(inputs, params, kinds, span, ns, init=None, summary=False, logi
     mm = _matmul_dtype(inputs[1].dtype if adjoints else inputs[0].dtype)
     nst = len(kinds)
     rows = K if summary else span * K
-    out_shape = [jax.ShapeDtypeStruct((B, H, ns * rows, V), jnp.float32)] * nst
+    dtype = jnp.float32 if summary else _states_dtype(params, mm)  # summaries feed the XLA scan
+    out_shape = [jax.ShapeDtypeStruct((B, H, ns * rows, V), dtype)] * nst
     out_specs = [_span_spec(rows, V)] * nst
     if summary:
         out_shape += [jax.ShapeDtypeStruct((B, H, ns, K), jnp.float32)] * 2
@@ -837,7 +856,8 @@ def _states(inputs, params, adjoints, logits=None, fwd_states=True):
     )
     init = [x.reshape(B, H, ns * K, V) for x in init]
     if span == 1:
-        return init
+        mm = _matmul_dtype(inputs[1].dtype if adjoints else inputs[0].dtype)
+        return [x.astype(_states_dtype(params, mm)) for x in init]
     return call(span, ns, init=init)
 
 
