@@ -575,10 +575,19 @@ def test_bigla_pallas_lowers_to_triton_for_cuda(exact):
 
 def test_bigla_pallas_saved_states_lower_to_triton_for_cuda():
     """With save_states the backward's adjoint-only states kernels pass the Triton lowering (the
-    sequential and the split plan, log gates and bf16 logits)."""
+    sequential and the split plan, log gates and bf16 logits; states in float32 and in bf16, also
+    with per-chunk programs and the split backward)."""
     B, H, K, V = 2, 3, 32, 64
-    for n, chunk, span, logits in ((130, 64, 0, False), (130, 32, 2, True)):
-        params = KernelParams(chunk=chunk, states_span=span, save_states=True)
+    plans = ((130, 64, 0, False, "float32", True), (130, 32, 2, True, "input", True))
+    plans += ((130, 32, 0, False, "input", False),)
+    for n, chunk, span, logits, states_dtype, sub in plans:
+        params = KernelParams(
+            chunk=chunk,
+            states_span=span,
+            save_states=True,
+            states_dtype=states_dtype,
+            sub_blocks=sub,
+        )
         entry = bigla_pallas_logits if logits else bigla_pallas
 
         def fwd_bwd(q, k, v, gf, gb, do, params=params, entry=entry):
