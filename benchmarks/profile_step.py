@@ -86,6 +86,21 @@ def hlo_bodies(hlo_text: str) -> dict[str, str]:
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w-]+)\((.*)$")
 
 
+def instructions(body: str):
+    """(line, name, opcode, rest after the opening parenthesis) of every instruction of an HLO
+    computation's text."""
+    for line in body.splitlines():
+        m = INSTRUCTION.match(line)
+        if m:
+            yield line, *m.groups()
+
+
+def fused_body(bodies: dict[str, str], rest: str) -> str:
+    """The text of the computation a fusion's `calls=` names ("" if none)."""
+    called = re.search(r"calls=%?([\w.\-]+)", rest)
+    return bodies.get(called.group(1), "") if called else ""
+
+
 def hlo_classes(hlo_text: str) -> dict[str, str]:
     """Op class of every instruction of an optimized HLO module, by instruction name.
 
@@ -111,15 +126,9 @@ def hlo_classes(hlo_text: str) -> dict[str, str]:
 
     classes = {}
     for body in bodies.values():
-        for line in body.splitlines():
-            m = INSTRUCTION.match(line)
-            if not m:
-                continue
-            name, opcode, rest = m.groups()
+        for _, name, opcode, rest in instructions(body):
             if opcode == "fusion":
-                called = re.search(r"calls=%?([\w.\-]+)", rest)
-                body_text = bodies.get(called.group(1), "") if called else ""
-                classes[name] = kind(body_text + " " + rest)
+                classes[name] = kind(fused_body(bodies, rest) + " " + rest)
             elif opcode == "custom-call":
                 # Pallas kernels lower to Triton custom calls; the model's only ones are BiGLA's.
                 triton = "xla.gpu.triton" in rest or "__gpu$" in rest
@@ -162,15 +171,10 @@ def hlo_sites(hlo_text: str) -> dict[str, str]:
     op_name = lambda text: (re.search(r'op_name="([^"]+)"', text) or [None, None])[1]
     sites = {}
     for body in bodies.values():
-        for line in body.splitlines():
-            m = INSTRUCTION.match(line)
-            if not m:
-                continue
-            name, opcode, rest = m.groups()
+        for _, name, opcode, rest in instructions(body):
             found = op_name(rest)
             if found is None and opcode == "fusion":
-                called = re.search(r"calls=%?([\w.\-]+)", rest)
-                inner = bodies.get(called.group(1), "") if called else ""
+                inner = fused_body(bodies, rest)
                 root = [x for x in inner.splitlines() if x.lstrip().startswith("ROOT")]
                 found = op_name(root[0]) if root else None
                 if found is None:
@@ -219,11 +223,7 @@ def hlo_bytes(hlo_text: str) -> dict[str, int]:
     entry = re.search(r"^ENTRY\s+%?([\w.\-]+)", hlo_text, re.M)
     body = bodies.get(entry.group(1), "") if entry else ""
     shapes, ops = {}, []
-    for line in body.splitlines():
-        m = INSTRUCTION.match(line)
-        if not m:
-            continue
-        name, opcode, rest = m.groups()
+    for line, name, opcode, rest in instructions(body):
         shapes[name] = line.split("=", 1)[1].split(f" {opcode}(", 1)[0]
         ops.append((name, opcode, rest))
     free = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}

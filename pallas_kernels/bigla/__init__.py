@@ -134,22 +134,14 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False, sav
 
         return _per_batch_shard(bigla_mosaic, q, k, v, gf, gb)
     _check_pallas_backend(interpret)
-    from pallas_kernels.bigla.pallas import bigla_pallas
+    from pallas_kernels.bigla.pallas import _params, bigla_pallas
 
-    params = _pallas_params(chunk_size, interpret, save_states)
+    params = _params(None, chunk_size, interpret, save_states)
 
     def kernel(*arrays):
         return bigla_pallas(*arrays, params=params)
 
     return _per_batch_shard(kernel, q, k, v, gf, gb)
-
-
-def _pallas_params(chunk_size, interpret, save_states):
-    """The pallas kernels' `KernelParams`: the defaults with the caller's settings."""
-    from pallas_kernels.bigla.pallas import KernelParams
-
-    chunk = {} if chunk_size is None else {"chunk": chunk_size}
-    return KernelParams(interpret=interpret, save_states=save_states, **chunk)
 
 
 def bigla_logits(
@@ -182,9 +174,9 @@ def bigla_logits(
         gf, gb = (jax.nn.log_sigmoid(x.astype(acc)) / normalizer for x in (xf, xb))
         return bigla(q, k, v, gf, gb, impl=impl, chunk_size=chunk_size)
     _check_pallas_backend(interpret)
-    from pallas_kernels.bigla.pallas import bigla_pallas_logits
+    from pallas_kernels.bigla.pallas import _params, bigla_pallas_logits
 
-    params = _pallas_params(chunk_size, interpret, save_states)
+    params = _params(None, chunk_size, interpret, save_states)
 
     def kernel(*arrays):
         return bigla_pallas_logits(*arrays, normalizer=normalizer, params=params)

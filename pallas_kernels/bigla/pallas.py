@@ -740,6 +740,11 @@ def _span_spec(rows, V):
     return pl.BlockSpec((None, None, rows, V), lambda s, b, h: (b, h, s, 0))
 
 
+def _states_mm(inputs, adjoints):
+    """The matmul dtype of a states launch's inputs (k, v, ... or q, k, v, ...)."""
+    return _matmul_dtype(inputs[1].dtype if adjoints else inputs[0].dtype)
+
+
 def _states_dtype(params, mm):
     """The dtype of the states entering every chunk in HBM (`KernelParams.states_dtype`)."""
     return jnp.dtype(mm) if params.states_dtype == "input" else jnp.dtype(jnp.float32)
@@ -752,7 +757,7 @@ def _states_call(inputs, params, kinds, span, ns, init=None, summary=False, logi
     adjoints = "dsf" in kinds
     B, N, H, K = inputs[0].shape
     V = inputs[2].shape[-1] if adjoints else inputs[1].shape[-1]
-    mm = _matmul_dtype(inputs[1].dtype if adjoints else inputs[0].dtype)
+    mm = _states_mm(inputs, adjoints)
     nst = len(kinds)
     rows = K if summary else span * K
     dtype = jnp.float32 if summary else _states_dtype(params, mm)  # summaries feed the XLA scan
@@ -856,8 +861,7 @@ def _states(inputs, params, adjoints, logits=None, fwd_states=True):
     )
     init = [x.reshape(B, H, ns * K, V) for x in init]
     if span == 1:
-        mm = _matmul_dtype(inputs[1].dtype if adjoints else inputs[0].dtype)
-        return [x.astype(_states_dtype(params, mm)) for x in init]
+        return [x.astype(_states_dtype(params, _states_mm(inputs, adjoints))) for x in init]
     return call(span, ns, init=init)
 
 
@@ -964,12 +968,12 @@ def _bigla_bwd(q, k, v, gf, gb, do, params, scale, saved=()):
     return dq, dk, dv, dgf, dgb
 
 
-def _params(params, chunk_size, interpret):
+def _params(params, chunk_size, interpret, save_states=False):
     """The launch settings: `params` if given, else the defaults at chunk_size (if set)."""
     if params is not None:
         return params
     chunk = {} if chunk_size is None else {"chunk": chunk_size}
-    return KernelParams(interpret=interpret, **chunk)
+    return KernelParams(interpret=interpret, save_states=save_states, **chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

@@ -138,8 +138,9 @@ class GatedLinearAttention(nn.Module):
         if len(gates) == 1:
             gates = jnp.split(gates[0], 2, axis=-1)
         gf, gb = (x.reshape(B, N, H, K) for x in gates)  # log gates, or logits for the kernels
-        run = dict(impl=self.bigla_impl, interpret=self.bigla_interpret)
-        run["save_states"] = self.save_states
+        run = dict(
+            impl=self.bigla_impl, interpret=self.bigla_interpret, save_states=self.save_states
+        )
         if self.gates_in_kernel:
             o = bigla_logits(q, k, v, gf, gb, normalizer=GATE_LOGIT_NORMALIZER, **run)
         else:
