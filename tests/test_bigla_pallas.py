@@ -193,8 +193,8 @@ def test_bigla_pallas_input_dtype_states_match_reference(params):
 
 
 def test_states_dtype_is_the_stored_states_dtype():
-    """The states kernels write the entering states in bf16 for bf16 inputs with "input", in
-    float32 otherwise (float32 inputs, or the default); a bad value is rejected."""
+    """The states kernels write the entering states in bf16 for bf16 inputs with "input" (the
+    default), in float32 otherwise (float32 inputs, or "float32"); a bad value is rejected."""
     from pallas_kernels.bigla import pallas
 
     (q, k, v, gf, gb), _ = make_inputs((1, 40, 1, 16, 32), dtype=jnp.bfloat16)
@@ -544,7 +544,9 @@ def test_bigla_pallas_lowers_to_triton_for_cuda(exact):
         (130, 32, 2, True, True): ("fwd_span_summaries", "bwd_span_summaries"),
     }
     for (n, chunk, span, logits, sub), states_kernels in plans.items():
-        params = KernelParams(chunk=chunk, exact_diagonal=exact, states_span=span, sub_blocks=sub)
+        params = KernelParams(
+            chunk=chunk, exact_diagonal=exact, states_span=span, sub_blocks=sub, save_states=False
+        )
         entry = bigla_pallas_logits if logits else bigla_pallas
 
         def fwd_bwd(q, k, v, gf, gb, do, params=params, entry=entry):

@@ -37,7 +37,7 @@ ALL_FORMS = dict(
     fp32_mix=True,
     gates_in_kernel=True,
     mlp_split_up=True,
-    save_states=True,
+    save_states=False,
     stem_impl="patches",
     scan_blocks=True,
     remat="block",
@@ -249,20 +249,23 @@ def test_gla_gates_in_kernel_pallas_matches_plain():
     assert rel_err(wrong["kernel"]["y"], results["plain"]["y"]) > 1e-3
 
 
-def test_gla_save_states_pallas_matches_plain():
-    """save_states on the pallas kernels (interpret mode) at 42 tokens, more than one chunk: the
-    backward reads the forward's states and launches only the adjoint states kernel; values and
-    gradients as the plain layer on the reference BiGLA (float32)."""
-    forms = {"saved": dict(bigla_impl="pallas", bigla_interpret=True, save_states=True)}
+def test_gla_pallas_states_saved_or_recomputed_match_plain():
+    """The pallas kernels (interpret mode) at 42 tokens, more than one chunk, with the forward's
+    states saved (the default: the backward launches only the adjoint states kernel) and
+    recomputed (save_states=False): values and gradients as the plain layer on the reference
+    BiGLA (float32), and the backward's states kernels are the ones each form names."""
+    pallas = dict(bigla_impl="pallas", bigla_interpret=True)
+    forms = {"saved": pallas, "recomputed": dict(pallas, save_states=False)}
     results = _gla_outputs_and_grads(forms, "float32", width=64, grid=(6, 7))
-    for key, want in results["plain"].items():
-        assert_close(f"saved {key}", results["saved"][key], want, 1e-4)
     x = _normal((2, 6, 7, 64), jnp.float32, 0)
-    model = _gla("float32", **forms["saved"])
-    params = model.init(jax.random.key(0), x)
-    grad = jax.grad(lambda p: jnp.sum(model.apply(p, x)))
-    jaxpr = str(jax.make_jaxpr(grad)(params))
-    assert "bigla_bwd_adjoints" in jaxpr and "bigla_bwd_span_summaries" not in jaxpr
+    for form, kwargs in forms.items():
+        for key, want in results["plain"].items():
+            assert_close(f"{form} {key}", results[form][key], want, 1e-4)
+        model = _gla("float32", **kwargs)
+        params = model.init(jax.random.key(0), x)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda p, m=model: jnp.sum(m.apply(p, x))))(params))
+        assert ("bigla_bwd_adjoints" in jaxpr) == (form == "saved"), form
+        assert ("bigla_bwd_span_summaries" in jaxpr) == (form == "recomputed"), form
 
 
 @pytest.mark.parametrize("form", sorted(f for f in GLA_FORMS if "gates_in_kernel" not in f))

@@ -95,7 +95,7 @@ def _auto_impl(K, V, chunk_size):
     return "pallas" if supports(K, V, chunk) else "chunked"
 
 
-def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False, save_states=False):
+def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False, save_states=True):
     """o = (o_fwd + o_bwd) / 2 of the two gated linear recurrences (see `bigla_reference`).
 
     Args:
@@ -110,7 +110,8 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False, sav
         implementation's default (chunked 64, pallas `KernelParams().chunk`).
       interpret: run the pallas kernels in Pallas interpret mode (CPU tests); impl="pallas" only.
       save_states: pallas path: keep the forward's chunk states for the backward
-        (`KernelParams.save_states`: less backward work, more activation memory); the other
+        (`KernelParams.save_states`, default: less backward work, more activation memory; False
+        recomputes them); the other
         implementations ignore it (chunked's autodiff keeps what its backward needs).
 
     Returns:
@@ -155,7 +156,7 @@ def bigla_logits(
     impl="auto",
     chunk_size=None,
     interpret=False,
-    save_states=False,
+    save_states=True,
 ):
     """`bigla` with the gates given as logits: gf = log_sigmoid(xf) / normalizer, gb likewise.
 

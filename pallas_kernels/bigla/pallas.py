@@ -75,10 +75,12 @@ class KernelParams:
     states_dtype: long plan: the dtype in which the states entering every chunk go through HBM
       from the states kernels to the chunk kernels: "float32", or "input" (the dtype of q, k, v:
       bf16 inputs halve that traffic; the chunk kernels' dots read the states in that dtype
-      anyway, their fp32 updates start from the rounded values). Accumulation stays fp32.
+      anyway, their fp32 updates start from the rounded values; the default). Accumulation
+      stays fp32.
     save_states: long plan: keep the forward's entering states (Sf, Sb) as residuals of the
       custom_vjp, so that the backward's states launches compute only the adjoints dSf, dSb, at the
-      cost of 2 * B * H * NT * K * V values (in `states_dtype`) of activation memory per call.
+      cost of 2 * B * H * NT * K * V values (in `states_dtype`) of activation memory per call
+      (the default; False recomputes them in the backward).
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -91,8 +93,8 @@ class KernelParams:
     states_span: int | None = None
     span_scan: str = "auto"
     sub_blocks: bool = True
-    states_dtype: str = "float32"
-    save_states: bool = False
+    states_dtype: str = "input"
+    save_states: bool = True
     interpret: bool = False
 
 
@@ -968,7 +970,7 @@ def _bigla_bwd(q, k, v, gf, gb, do, params, scale, saved=()):
     return dq, dk, dv, dgf, dgb
 
 
-def _params(params, chunk_size, interpret, save_states=False):
+def _params(params, chunk_size, interpret, save_states=True):
     """The launch settings: `params` if given, else the defaults at chunk_size (if set)."""
     if params is not None:
         return params

@@ -56,7 +56,8 @@ class GatedLinearAttention(nn.Module):
         log_sigmoid(x) / 16 where they read a gate, so no float32 gate tensors are written and
         read back; other impls compute the gates in XLA exactly as the plain form does.
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
-        (`bigla(..., save_states=True)`): less backward work, more activation memory.
+        (`bigla(..., save_states=True)`, the default): less backward work, more activation
+        memory; False recomputes them in the backward.
       dtype: compute dtype; gates are computed in float32 (float64 when computing in float64).
     """
 
@@ -71,7 +72,7 @@ class GatedLinearAttention(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = False
     gates_in_kernel: bool = False
-    save_states: bool = False
+    save_states: bool = True
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact

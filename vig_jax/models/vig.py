@@ -46,7 +46,7 @@ class ViGBlock(nn.Module):
     gates_in_kernel: bool = False
     mlp_split_up: bool = False
     split_proj: bool = False
-    save_states: bool = False
+    save_states: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -97,7 +97,7 @@ class ViG(nn.Module):
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
         `GatedLinearAttention`), same parameters; not with fused_proj.
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
-        (see `GatedLinearAttention`).
+        (default; False recomputes them: less memory, slower; see `GatedLinearAttention`).
       stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
         3-channel convolution; same parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
@@ -122,7 +122,7 @@ class ViG(nn.Module):
     gates_in_kernel: bool = False
     mlp_split_up: bool = False
     split_proj: bool = False
-    save_states: bool = False
+    save_states: bool = True
     stem_impl: str = "conv"
     remat: str = "none"
     scan_blocks: bool = False
