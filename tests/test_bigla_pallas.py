@@ -479,6 +479,10 @@ def test_bigla_pallas_gpu_chunk_programs(shape, split):
     "shape", [(2, 130, 2, 64, 128), (16, 196, 6, 32, 64), (2, 4096, 3, 32, 64)]
 )
 def test_bigla_pallas_gpu_sub_blocks(shape, chunk, dtype):
+    if shape[3:] == (64, 128) and chunk == 128 and dtype == jnp.float32:
+        # Triton took 243 s to compile these fp32 kernels on an H200 (chunk 64: 69 s), a third
+        # of the GPU suite; bf16 at chunk 128 and fp32 at chunk 64 cover the same code.
+        pytest.skip("fp32 at K 64, V 128, chunk 128: minutes of Triton compile time")
     check_gpu(shape, dtype, KernelParams(chunk=chunk, sub_blocks=True))
 
 
