@@ -11,6 +11,7 @@ and of forward+backward (`jax.vjp`, all six outputs consumed) of:
   pallas    the fused Pallas kernel, once per `--variant NAME:field=val,...` (fields of
             `KernelParams`), so old and new kernel plans are timed side by side in one call;
   chunked   the pure-jnp chunked form under XLA;
+  mosaic    the Mosaic GPU forward (`bigla_mosaic`, Hopper, bf16) with the Triton backward;
   fla       `fla.ops.gla.chunk_gla` (torch, Triton) when `fla` is importable: both directions as
             one call on the batch [x; flip(x)], the output's halves flipped back and averaged.
 Floor = bytes that must move (inputs read and outputs written once; forward+backward: the forward,
@@ -18,7 +19,9 @@ then the inputs and do read and the five gradients written) / the bandwidth of a
 device-to-device copy measured in the same run. "× floor" = time / floor.
 bf16 q, k, v and do, float32 gates log_sigmoid(3 N(0, 1)) / 16 (typical of ViG). Timing: a jitted
 loop of --inner calls, compiled ahead of time, median of --iters runs (benchmarks/harness.py).
-Results: `<out>.json` and `<out>.md` (default benchmarks/results/bigla).
+Results: `<out>.json` and `<out>.md` (default benchmarks/results/bigla). With `--auto-table PATH`
+(and both pallas and mosaic timed) also the table `impl="auto"` reads
+(pallas_kernels/bigla/auto_table.py): per shape, the faster kernel forward + backward.
 """
 
 import argparse
@@ -35,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import harness  # noqa: E402
+from pallas_kernels.bigla import mosaic  # noqa: E402
 from pallas_kernels.bigla.chunked import bigla_chunked  # noqa: E402
 from pallas_kernels.bigla.pallas import KernelParams, bigla_pallas  # noqa: E402
 from pallas_kernels.bigla.reference import bigla_reference  # noqa: E402
@@ -149,12 +153,49 @@ def fla_call(inputs, do, backward):
 
 
 def impl_fns(variants: dict) -> dict:
-    """{label: jax BiGLA}: pallas once per kernel variant, then chunked."""
+    """{label: jax BiGLA}: pallas once per kernel variant, then chunked and mosaic."""
     fns = {
         f"pallas {name}".strip(): functools.partial(bigla_pallas, params=params)
         for name, params in variants.items()
     }
-    return {**fns, "chunked": functools.partial(bigla_chunked, chunk_size=64)}
+    fns["chunked"] = functools.partial(bigla_chunked, chunk_size=64)
+    return {**fns, "mosaic": functools.partial(mosaic.bigla_mosaic, params=mosaic.MosaicParams())}
+
+
+AUTO_TABLE = '''"""Which GPU kernel `bigla(..., impl="auto")` runs, per GPU and shape, as measured.
+
+Written by `benchmarks/bench_bigla.py --impls pallas mosaic --auto-table <this file>`: one row per
+measured shape with the faster of the Triton ("pallas") and Mosaic GPU ("mosaic") kernels, forward +
+backward. `impl="auto"` takes the row of the same GPU and head dims nearest in (log N, log B·H);
+without one it runs the Triton kernel. Regenerate rather than edit.
+"""
+
+SOURCE = "{source}"
+# impl: the faster kernel; ms: each kernel's time; pass: "fwd_bwd" (or "fwd") as timed.
+ROWS = (
+{rows}
+)  # fmt: skip
+'''
+
+
+def auto_table_source(rows: list, meta: dict) -> str:
+    """The text of pallas_kernels/bigla/auto_table.py: per measured shape where the first pallas
+    variant and mosaic both ran, the faster of the two forward + backward."""
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        ms = {}
+        for r in rows:
+            impl = r["impl"].split()[0]
+            if r["case"] == case and impl in ("pallas", "mosaic") and impl not in ms:
+                ms[impl], (B, N, H, K, V) = r.get("fwd_bwd_ms"), r["shape"]
+        if len(ms) == 2 and all(isinstance(t, float) for t in ms.values()):
+            ms = {k: round(t, 4) for k, t in ms.items()}
+            out.append(
+                f"    dict(device={meta['device']!r}, K={K}, V={V}, N={N}, BH={B * H}, "
+                f"impl={min(ms, key=ms.get)!r},\n         ms={ms!r}, **{{'pass': 'fwd_bwd'}}),"
+            )
+    source = f"bench_bigla.py, commit {meta.get('git_sha')}, {meta['device']}"
+    return AUTO_TABLE.format(source=source, rows="\n".join(out))
 
 
 def parity(shape, dtype, fns: dict, with_fla: bool) -> dict:
@@ -259,8 +300,9 @@ def parse_args(argv=None):
         "--impls",
         nargs="+",
         default=["pallas", "chunked", "fla"],
-        choices=("pallas", "chunked", "fla"),
+        choices=("pallas", "chunked", "fla", "mosaic"),
     )
+    p.add_argument("--auto-table", help="write the impl='auto' table here (needs pallas, mosaic)")
     p.add_argument(
         "--variant",
         action="append",
@@ -297,6 +339,9 @@ def main(argv=None):
         harness.log("fla not importable: no fla column")
     fns = impl_fns(args._variants)
     fns = {k: f for k, f in fns.items() if k.split()[0] in args.impls}
+    if "mosaic" in fns and (dtype != jnp.bfloat16 or _capability() != "9.0"):
+        harness.log("mosaic needs a Hopper GPU and bf16: no mosaic rows")
+        del fns["mosaic"]
     meta = harness.metadata(args)
     meta.update(
         device=jax.devices()[0].device_kind,
@@ -326,6 +371,14 @@ def main(argv=None):
             )
     results.done()
     print(results.markdown(results.doc))
+    if args.auto_table:
+        path = pathlib.Path(args.auto_table)
+        path.write_text(auto_table_source(results.doc["rows"], meta))
+        harness.log(f"wrote {path}")
+
+
+def _capability():
+    return getattr(jax.devices()[0], "compute_capability", None)
 
 
 if __name__ == "__main__":

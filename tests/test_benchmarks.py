@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from benchmarks import harness
+from benchmarks.bench_bigla import auto_table_source
 from benchmarks.bench_vs_vit import markdown as vs_vit_markdown
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
@@ -176,3 +177,27 @@ def test_profile_bytes_count_outputs_and_operands():
     x = jnp.ones(256)  # one fused op: reads x and y, writes the result
     hlo = jax.jit(lambda x, y: x * y + 1).lower(x, x).compile().as_text()
     assert list(hlo_bytes(hlo).values()) == [3 * 256 * 4]
+
+
+def test_auto_table_keeps_the_faster_kernel_of_each_timed_shape():
+    """bench_bigla's --auto-table text: per shape the first pallas variant against mosaic, the
+    faster forward + backward; shapes where one of them failed are left out."""
+    long, short = (8, 4096, 3, 32, 64), (128, 196, 6, 32, 64)
+    rows = [
+        dict(case="s", shape=short, impl="pallas default", fwd_bwd_ms=0.5),
+        dict(case="s", shape=short, impl="pallas w4", fwd_bwd_ms=0.3),  # not the default
+        dict(case="s", shape=short, impl="mosaic", fwd_bwd_ms=0.6),
+        dict(case="l", shape=long, impl="pallas default", fwd_bwd_ms=0.5),
+        dict(case="l", shape=long, impl="chunked", fwd_bwd_ms=0.1),
+        dict(case="l", shape=long, impl="mosaic", fwd_bwd_ms=0.4),
+        dict(case="x", shape=long, impl="pallas default", fwd_bwd_ms=0.5),
+        dict(case="x", shape=long, impl="mosaic", fwd_bwd_ms="OOM"),
+    ]
+    namespace = {}
+    exec(auto_table_source(rows, {"device": "GPU", "git_sha": "abc"}), namespace)
+    assert "abc" in namespace["SOURCE"]
+    got = [(r["N"], r["BH"], r["impl"], r["ms"]) for r in namespace["ROWS"]]
+    assert got == [
+        (196, 768, "pallas", {"pallas": 0.5, "mosaic": 0.6}),
+        (4096, 24, "mosaic", {"pallas": 0.5, "mosaic": 0.4}),
+    ]

@@ -168,13 +168,60 @@ def test_bigla_auto_on_gpu_is_pallas_where_the_kernel_applies(monkeypatch):
     import pallas_kernels.bigla as dispatch
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert dispatch._auto_impl(32, 64, 64) == "pallas"
-    assert dispatch._auto_impl(128, 16, 16) == "pallas"
-    assert dispatch._auto_impl(8, 16, 64) == "chunked"  # K below the kernel's 16
-    assert dispatch._auto_impl(32, 48, 64) == "chunked"  # V not a power of two
-    assert dispatch._auto_impl(32, 64, 48) == "chunked"  # chunk not a power of two
+    monkeypatch.setattr(dispatch, "_device", lambda: ("NVIDIA H200", "9.0"))
+    auto = lambda K, V, chunk: dispatch._auto_impl((2, 196, 3, K), V, jnp.bfloat16, chunk)
+    assert auto(32, 64, 64) == auto(32, 64, None) == "pallas"
+    assert auto(128, 16, 16) == "pallas"
+    assert auto(8, 16, 64) == "chunked"  # K below the kernel's 16
+    assert auto(32, 48, 64) == "chunked"  # V not a power of two
+    assert auto(32, 64, 48) == "chunked"  # chunk not a power of two
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert dispatch._auto_impl(32, 64, 64) == "chunked"
+    assert auto(32, 64, 64) == "chunked"
+
+
+def test_bigla_auto_follows_the_measured_table(monkeypatch):
+    """auto runs mosaic only where the table's nearest row (same GPU and head dims) measured it
+    faster, and only where Mosaic GPU can run: a Hopper GPU, bf16, its head dims, no chunk_size,
+    not for gates given as logits."""
+    import pallas_kernels.bigla as dispatch
+    from pallas_kernels.bigla import auto_table
+
+    rows = (
+        dict(device="H", K=32, V=64, N=196, BH=768, impl="pallas"),
+        dict(device="H", K=32, V=64, N=4096, BH=24, impl="mosaic"),
+        dict(device="H", K=16, V=32, N=4096, BH=24, impl="mosaic"),
+        dict(device="H", K=128, V=128, N=4096, BH=24, impl="mosaic"),  # Mosaic lacks K = 128
+    )
+    monkeypatch.setattr(auto_table, "ROWS", rows)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    device = ["H", "9.0"]
+    monkeypatch.setattr(dispatch, "_device", lambda: tuple(device))
+
+    def auto(B, N, H, K=32, V=64, dtype=jnp.bfloat16, chunk=None, ok=True):
+        return dispatch._auto_impl((B, N, H, K), V, dtype, chunk, ok)
+
+    assert auto(128, 196, 6) == "pallas" and auto(64, 256, 12) == "pallas"  # near the 224² row
+    assert auto(8, 4096, 3) == "mosaic" and auto(2, 16384, 3) == "mosaic"  # near the long row
+    assert auto(8, 4096, 3, K=16, V=32) == "mosaic"
+    assert auto(8, 4096, 3, K=128, V=128) == "pallas"  # the table says mosaic, Mosaic cannot
+    assert auto(8, 4096, 3, K=64, V=64) == "pallas"  # no row for these head dims
+    assert auto(8, 4096, 3, dtype=jnp.float32) == "pallas"
+    assert auto(8, 4096, 3, chunk=32) == "pallas"
+    assert auto(8, 4096, 3, ok=False) == "pallas"
+    device[:] = ["H", "8.0"]
+    assert auto(8, 4096, 3) == "pallas"  # not Hopper
+    device[:] = ["other GPU", "9.0"]
+    assert auto(8, 4096, 3) == "pallas"
+
+
+def test_auto_table_rows_name_their_faster_kernel():
+    from pallas_kernels.bigla import auto_table
+
+    assert auto_table.ROWS and auto_table.SOURCE
+    for row in auto_table.ROWS:
+        assert set(row) == {"device", "K", "V", "N", "BH", "impl", "ms", "pass"}, row
+        assert row["pass"] in ("fwd", "fwd_bwd") and set(row["ms"]) == {"pallas", "mosaic"}
+        assert row["impl"] == min(row["ms"], key=row["ms"].get), row
 
 
 def test_bigla_logits_paths_agree():

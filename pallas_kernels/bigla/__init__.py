@@ -6,7 +6,8 @@ the same arrays:
   chunked    pure-jnp chunked form (intra-chunk matmuls + inter-chunk states): runs anywhere.
   pallas     one Pallas GPU (Triton) kernel computing both directions, with its own backward.
   mosaic     experimental: the forward as a Pallas Mosaic GPU kernel for Hopper (sm_90), the
-             backward from the pallas kernels; bf16 only, never chosen by "auto".
+             backward from the pallas kernels; bf16 only. "auto" picks it only where
+             `auto_table` (measured by benchmarks/bench_bigla.py) says it is faster.
 
 `bigla_logits` takes the gate logits instead of the log gates (the pallas path computes the gates
 inside its kernels).
@@ -15,6 +16,7 @@ Under a mesh (`jax.set_mesh`, or `jax.sharding.use_abstract_mesh` while tracing,
 `vig_jax.train.trainer` does) the pallas path runs per shard of the batch; see `_per_batch_shard`.
 """
 
+import math
 import numbers
 
 import jax
@@ -85,12 +87,40 @@ def _check_mosaic_backend():
         )
 
 
-def _auto_impl(K, V, chunk_size):
-    """pallas on a GPU when the kernel takes the head dims and chunk size, else chunked."""
+def _device():
+    """(device kind, compute capability) of the first device, e.g. ("NVIDIA H200", "9.0")."""
+    device = jax.devices()[0]
+    return device.device_kind, getattr(device, "compute_capability", None)
+
+
+def _measured_impl(device_kind, K, V, N, BH):
+    """The impl of `auto_table.ROWS`' row for this GPU and head dims nearest in (log N, log B·H),
+    or None when no row has them."""
+    from pallas_kernels.bigla import auto_table
+
+    rows = [r for r in auto_table.ROWS if (r["device"], r["K"], r["V"]) == (device_kind, K, V)]
+    if not rows:
+        return None
+    far = lambda r: abs(math.log(r["N"] / N)) + abs(math.log(r["BH"] / BH))
+    return min(rows, key=far)["impl"]
+
+
+def _auto_impl(shape, V, dtype, chunk_size, mosaic_ok=True):
+    """On a GPU: the measured faster kernel (`auto_table`) where Mosaic GPU can run it (Hopper,
+    bf16, its head dims, no chunk_size given), else pallas where the kernel takes the head dims and
+    chunk size; chunked otherwise (and off the GPU)."""
     if jax.default_backend() != "gpu":
         return "chunked"
     from pallas_kernels.bigla.pallas import KernelParams, supports
 
+    B, N, H, K = shape
+    if mosaic_ok and chunk_size is None and dtype == jnp.bfloat16:
+        kind, capability = _device()
+        if capability == "9.0" and _measured_impl(kind, K, V, N, B * H) == "mosaic":
+            from pallas_kernels.bigla import mosaic
+
+            if mosaic.supports(K, V):
+                return "mosaic"
     chunk = KernelParams().chunk if chunk_size is None else chunk_size
     return "pallas" if supports(K, V, chunk) else "chunked"
 
@@ -103,9 +133,10 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False, sav
       v: [B, N, H, V], same dtype as q and k (float16, bfloat16, float32 or float64).
       gf, gb: [B, N, H, K] log-space gates (<= 0) of the forward and backward direction, any float
         dtype; pass float32 for low-precision q/k/v.
-      impl: "auto" (pallas on a GPU for the head dims and chunk sizes it takes, see
-        `pallas.supports`; chunked otherwise), "reference", "chunked", "pallas" or "mosaic"
-        (experimental, Hopper only: `mosaic.bigla_mosaic`; chunk_size does not apply).
+      impl: "auto" (on a GPU pallas for the head dims and chunk sizes it takes, see
+        `pallas.supports`, or mosaic where `auto_table` measured it faster; chunked otherwise),
+        "reference", "chunked", "pallas" or "mosaic" (experimental, Hopper only:
+        `mosaic.bigla_mosaic`; chunk_size does not apply).
       chunk_size: tokens per chunk of the chunked and pallas paths (any N works); None: each
         implementation's default (chunked 64, pallas `KernelParams().chunk`).
       interpret: run the pallas kernels in Pallas interpret mode (CPU tests); impl="pallas" only.
@@ -122,7 +153,7 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False, sav
     """
     _check(q, k, v, gf, gb, impl, chunk_size, interpret)
     if impl == "auto":
-        impl = _auto_impl(q.shape[-1], v.shape[-1], chunk_size)
+        impl = _auto_impl(q.shape, v.shape[-1], q.dtype, chunk_size)
     if impl == "reference":
         return bigla_reference(q, k, v, gf, gb)
     if impl == "chunked":
@@ -168,8 +199,8 @@ def bigla_logits(
     if not normalizer > 0:
         raise ValueError(f"normalizer={normalizer!r} must be positive")
     _check(q, k, v, xf, xb, impl, chunk_size, interpret)
-    if impl == "auto":
-        impl = _auto_impl(q.shape[-1], v.shape[-1], chunk_size)
+    if impl == "auto":  # the Mosaic path has no gates-from-logits entry
+        impl = _auto_impl(q.shape, v.shape[-1], q.dtype, chunk_size, mosaic_ok=False)
     if impl != "pallas":
         acc = jnp.promote_types(xf.dtype, jnp.float32)
         gf, gb = (jax.nn.log_sigmoid(x.astype(acc)) / normalizer for x in (xf, xb))
