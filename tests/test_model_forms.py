@@ -38,6 +38,7 @@ ALL_FORMS = dict(
     gates_in_kernel=True,
     mlp_split_up=True,
     save_states=False,
+    bigla_chunk=16,
     stem_impl="patches",
     scan_blocks=True,
     remat="block",
@@ -266,6 +267,22 @@ def test_gla_pallas_states_saved_or_recomputed_match_plain():
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda p, m=model: jnp.sum(m.apply(p, x))))(params))
         assert ("bigla_bwd_adjoints" in jaxpr) == (form == "saved"), form
         assert ("bigla_bwd_span_summaries" in jaxpr) == (form == "recomputed"), form
+
+
+@pytest.mark.parametrize("gates_in_kernel", [False, True])
+def test_gla_hands_its_bigla_settings_to_the_kernel(gates_in_kernel, monkeypatch):
+    """bigla_chunk and save_states reach bigla / bigla_logits (None and True by default)."""
+    seen = []
+    for name in ("bigla", "bigla_logits"):
+        real = getattr(gla, name)
+        record = lambda *a, real=real, **kw: seen.append(kw) or real(*a, **kw)
+        monkeypatch.setattr(gla, name, record)
+    x = _normal((1, 4, 4, 16), jnp.float32, 0)
+    for kwargs in ({}, dict(bigla_chunk=16, save_states=False)):
+        model = _gla("float32", gates_in_kernel=gates_in_kernel, **kwargs)
+        jax.make_jaxpr(model.init)(jax.random.key(0), x)
+    got = [(kw["chunk_size"], kw["save_states"]) for kw in seen]
+    assert got == [(None, True), (16, False)], got
 
 
 @pytest.mark.parametrize("form", sorted(f for f in GLA_FORMS if "gates_in_kernel" not in f))

@@ -58,6 +58,8 @@ class GatedLinearAttention(nn.Module):
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
         (`bigla(..., save_states=True)`, the default): less backward work, more activation
         memory; False recomputes them in the backward.
+      bigla_chunk: BiGLA's chunk size (`bigla(..., chunk_size=)`); None: each implementation's
+        default.
       dtype: compute dtype; gates are computed in float32 (float64 when computing in float64).
     """
 
@@ -73,6 +75,7 @@ class GatedLinearAttention(nn.Module):
     fp32_mix: bool = False
     gates_in_kernel: bool = False
     save_states: bool = True
+    bigla_chunk: int | None = None
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -140,7 +143,10 @@ class GatedLinearAttention(nn.Module):
             gates = jnp.split(gates[0], 2, axis=-1)
         gf, gb = (x.reshape(B, N, H, K) for x in gates)  # log gates, or logits for the kernels
         run = dict(
-            impl=self.bigla_impl, interpret=self.bigla_interpret, save_states=self.save_states
+            impl=self.bigla_impl,
+            interpret=self.bigla_interpret,
+            save_states=self.save_states,
+            chunk_size=self.bigla_chunk,
         )
         if self.gates_in_kernel:
             o = bigla_logits(q, k, v, gf, gb, normalizer=GATE_LOGIT_NORMALIZER, **run)

@@ -51,6 +51,7 @@ class ViGHBlock(nn.Module):
     mlp_split_up: bool = False
     split_proj: bool = False
     save_states: bool = True
+    bigla_chunk: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -70,6 +71,7 @@ class ViGHBlock(nn.Module):
             fp32_mix=self.fp32_mix,
             gates_in_kernel=self.gates_in_kernel,
             save_states=self.save_states,
+            bigla_chunk=self.bigla_chunk,
             dtype=self.dtype,
             name="attn",
         )(y)
@@ -98,6 +100,7 @@ class ViGH(nn.Module):
         `GatedLinearAttention`), same parameters; not with fused_proj.
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
         (default; False recomputes them: less memory, slower; see `GatedLinearAttention`).
+      bigla_chunk: BiGLA's chunk size; None: each implementation's default.
       stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
         3-channel convolution; same parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
@@ -120,6 +123,7 @@ class ViGH(nn.Module):
     mlp_split_up: bool = False
     split_proj: bool = False
     save_states: bool = True
+    bigla_chunk: int | None = None
     stem_impl: str = "conv"
     remat: str = "none"
     scan_blocks: bool = False
@@ -148,6 +152,7 @@ class ViGH(nn.Module):
                     self.mlp_split_up,
                     self.split_proj,
                     self.save_states,
+                    self.bigla_chunk,
                 )
                 for _ in range(depth)
             ]
