@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import harness  # noqa: E402
-from pallas_kernels.bigla import mosaic  # noqa: E402
+from pallas_kernels.bigla import _device, mosaic  # noqa: E402
 from pallas_kernels.bigla.chunked import bigla_chunked  # noqa: E402
 from pallas_kernels.bigla.pallas import KernelParams, bigla_pallas  # noqa: E402
 from pallas_kernels.bigla.reference import bigla_reference  # noqa: E402
@@ -339,7 +339,7 @@ def main(argv=None):
         harness.log("fla not importable: no fla column")
     fns = impl_fns(args._variants)
     fns = {k: f for k, f in fns.items() if k.split()[0] in args.impls}
-    if "mosaic" in fns and (dtype != jnp.bfloat16 or _capability() != "9.0"):
+    if "mosaic" in fns and (dtype != jnp.bfloat16 or _device()[1] != "9.0"):
         harness.log("mosaic needs a Hopper GPU and bf16: no mosaic rows")
         del fns["mosaic"]
     meta = harness.metadata(args)
@@ -375,10 +375,6 @@ def main(argv=None):
         path = pathlib.Path(args.auto_table)
         path.write_text(auto_table_source(results.doc["rows"], meta))
         harness.log(f"wrote {path}")
-
-
-def _capability():
-    return getattr(jax.devices()[0], "compute_capability", None)
 
 
 if __name__ == "__main__":

@@ -520,13 +520,27 @@ def test_bigla_pallas_gpu_very_negative_gates_finite(exact):
     )
 
 
+def lower_fwd_bwd_for_cuda(params, n, logits, B=2, H=3, K=32, V=64):
+    """StableHLO text of forward + backward of `bigla_pallas` (or `bigla_pallas_logits` on bf16
+    logits) cross-lowered for CUDA on the CPU: bf16 q, k, v, do [B, n, H, *], float32 gates."""
+    entry = bigla_pallas_logits if logits else bigla_pallas
+
+    def fwd_bwd(q, k, v, gf, gb, do):
+        o, vjp = jax.vjp(lambda *x: entry(*x, params=params), q, k, v, gf, gb)
+        return o, vjp(do)
+
+    gate = jnp.bfloat16 if logits else jnp.float32
+    dims = ((K, jnp.bfloat16),) * 2 + ((V, jnp.bfloat16),) + ((K, gate),) * 2
+    shapes = [jax.ShapeDtypeStruct((B, n, H, d), dt) for d, dt in (*dims, (V, jnp.bfloat16))]
+    return jax.jit(fwd_bwd).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
 def test_bigla_pallas_lowers_to_triton_for_cuda(exact):
     """Cross-lowers forward + backward of every plan for CUDA on the CPU (no GPU needed): every
     kernel must pass the Pallas Triton lowering (power-of-two tensors, dot shapes, forward cumsum).
     Also the gates-from-logits entry (bf16 logits) on the short and the split states plans.
     """
-    B, H, K, V = 2, 3, 32, 64
     plans = {  # N, chunk, states_span, logits, sub_blocks -> kernels besides the chunk kernels
         (49, 128, None, False, False): (),  # short plan
         (130, 128, 0, False, False): ("fwd_states", "bwd_states"),  # sequential states
@@ -551,21 +565,7 @@ def test_bigla_pallas_lowers_to_triton_for_cuda(exact):
         params = KernelParams(
             chunk=chunk, exact_diagonal=exact, states_span=span, sub_blocks=sub, save_states=False
         )
-        entry = bigla_pallas_logits if logits else bigla_pallas
-
-        def fwd_bwd(q, k, v, gf, gb, do, params=params, entry=entry):
-            o, vjp = jax.vjp(lambda *x: entry(*x, params=params), q, k, v, gf, gb)
-            return o, vjp(do)
-
-        gate_dtype = jnp.bfloat16 if logits else jnp.float32
-        shapes = [
-            jax.ShapeDtypeStruct((B, n, H, d), dt)
-            for d, dt in ((K, jnp.bfloat16),) * 2
-            + ((V, jnp.bfloat16),)
-            + ((K, gate_dtype),) * 2
-            + ((V, jnp.bfloat16),)
-        ]
-        text = jax.jit(fwd_bwd).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        text = lower_fwd_bwd_for_cuda(params, n, logits)
         for name in states_kernels:
             assert f"bigla_{name}" in text, (n, chunk, span, name)
         if not states_kernels:
@@ -583,7 +583,6 @@ def test_bigla_pallas_saved_states_lower_to_triton_for_cuda():
     """With save_states the backward's adjoint-only states kernels pass the Triton lowering (the
     sequential and the split plan, log gates and bf16 logits; states in float32 and in bf16, also
     with per-chunk programs and the split backward)."""
-    B, H, K, V = 2, 3, 32, 64
     plans = ((130, 64, 0, False, "float32", True), (130, 32, 2, True, "input", True))
     plans += ((130, 32, 0, False, "input", False),)
     for n, chunk, span, logits, states_dtype, sub in plans:
@@ -594,16 +593,7 @@ def test_bigla_pallas_saved_states_lower_to_triton_for_cuda():
             states_dtype=states_dtype,
             sub_blocks=sub,
         )
-        entry = bigla_pallas_logits if logits else bigla_pallas
-
-        def fwd_bwd(q, k, v, gf, gb, do, params=params, entry=entry):
-            o, vjp = jax.vjp(lambda *x: entry(*x, params=params), q, k, v, gf, gb)
-            return o, vjp(do)
-
-        gate = jnp.bfloat16 if logits else jnp.float32
-        dims = ((K, jnp.bfloat16),) * 2 + ((V, jnp.bfloat16),) + ((K, gate),) * 2
-        shapes = [jax.ShapeDtypeStruct((B, n, H, d), dt) for d, dt in (*dims, (V, jnp.bfloat16))]
-        text = jax.jit(fwd_bwd).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        text = lower_fwd_bwd_for_cuda(params, n, logits)
         assert "bigla_bwd_adjoints_states" in text or span == 1, (n, span)
         assert "bigla_bwd_states" not in text and "bigla_bwd_span_summaries" not in text
         if span:

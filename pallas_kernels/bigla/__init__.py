@@ -77,20 +77,19 @@ def _per_batch_shard(fn, *arrays):
     return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*arrays)
 
 
+def _device():
+    """(device kind, compute capability) of the first device, e.g. ("NVIDIA H200", "9.0")."""
+    device = jax.devices()[0]
+    return device.device_kind, getattr(device, "compute_capability", None)
+
+
 def _check_mosaic_backend():
-    devices = jax.devices()
-    capability = getattr(devices[0], "compute_capability", None)
+    capability = _device()[1]
     if jax.default_backend() != "gpu" or capability != "9.0":
         raise ValueError(
             "impl='mosaic' needs a Hopper GPU (compute capability 9.0); got backend "
             f"{jax.default_backend()!r}, compute capability {capability!r}: use impl='pallas'"
         )
-
-
-def _device():
-    """(device kind, compute capability) of the first device, e.g. ("NVIDIA H200", "9.0")."""
-    device = jax.devices()[0]
-    return device.device_kind, getattr(device, "compute_capability", None)
 
 
 def _measured_impl(device_kind, K, V, N, BH):
@@ -142,8 +141,8 @@ def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False, sav
       interpret: run the pallas kernels in Pallas interpret mode (CPU tests); impl="pallas" only.
       save_states: pallas path: keep the forward's chunk states for the backward
         (`KernelParams.save_states`, default: less backward work, more activation memory; False
-        recomputes them); the other
-        implementations ignore it (chunked's autodiff keeps what its backward needs).
+        recomputes them); the other implementations ignore it (chunked's autodiff keeps what its
+        backward needs).
 
     Returns:
       o: [B, N, H, V] in the dtype of v, accumulated in float32 (float64 for float64 inputs).

@@ -836,8 +836,8 @@ def _scan_spans(totals, owns, reverses, method):
 
 def _states(inputs, params, adjoints, logits=None, fwd_states=True):
     """Entering states of every chunk: Sf, Sb (and dSf, dSb; without `fwd_states` dSf, dSb only),
-    [B, H, NTp * K, V] fp32 each, with NTp >= NT (chunks past NT are padding: zero inputs, which
-    change no state).
+    [B, H, NTp * K, V] each in `_states_dtype`, with NTp >= NT (chunks past NT are padding: zero
+    inputs, which change no state).
 
     Sequential plan (span 0): one program per (b, h) walks all NT chunks. Split plan: spans of
     `span` chunks; a summary launch gives every span's own leaving states and gate totals, a scan
