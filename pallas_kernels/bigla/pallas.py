@@ -49,8 +49,10 @@ HEAD_DIMS = (16, 32, 64, 128)
 class KernelParams:
     """Non-differentiable settings of the kernels (the single static argument of the custom_vjp).
 
-    chunk: BT, rows per chunk (a multiple of SUB_CHUNK and a power of two). 32 with sub_blocks:
-      the fastest forward + backward at ViG-S 224 and ViG-T 1024 of 32, 64, 128 (H200; notes).
+    chunk: BT, rows per chunk (a multiple of SUB_CHUNK and a power of two). 16, one sub-block
+      per chunk (no states carried through a chunk's other sub-blocks): forward + backward 18%
+      faster than 32 at ViG-S 224 and 4-5% at ViG-T 1024 and 2048 with saved bf16 states; 64 and
+      128 were slower still (H200; notes).
     short_max_chunks: use the one-program-per-(b, h) plan when ceil(N / chunk) is at most this.
     num_warps: Triton warps per program; num_stages: Triton software-pipelining stages. 2 and 2:
       forward + backward 10-18% faster than 4 and 1 at every ViG shape timed (H200; notes).
@@ -84,7 +86,7 @@ class KernelParams:
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
-    chunk: int = 32
+    chunk: int = 16
     short_max_chunks: int = 1
     num_warps: int = 2
     num_stages: int = 2
