@@ -245,7 +245,8 @@ def test_gla_layer_bf16_keeps_gates_and_norm_statistics_in_float32(form, monkeyp
 
     def record_bigla(q, k, v, gf, gb, **kwargs):
         gates.extend([gf, gb])
-        return bigla(q, k, v, gf, gb, **kwargs)
+        calls["bigla"] = bigla(q, k, v, gf, gb, **kwargs)
+        return calls["bigla"]
 
     bigla = gla.bigla
     monkeypatch.setattr(gla, "bigla", record_bigla)
@@ -258,6 +259,24 @@ def test_gla_layer_bf16_keeps_gates_and_norm_statistics_in_float32(form, monkeyp
         [np.asarray(g, np.float64).reshape(logits.shape[:2] + (-1,)) for g in gates], -1
     )
     assert np.max(np.abs(got - want) / np.abs(want)) < F32_ISLAND_TOL, "gates"
+    if form.get("fp32_mix"):  # norms, mix and SiLU in float32 (norm_mix), rounded once
+        o = np.asarray(calls["bigla"], np.float64)  # [B, N, H, V]
+        (xs,), mix_logits = (np.asarray(a, np.float64) for a in calls["mix_gate"])
+        split = lambda a: a.reshape(o.shape)
+        norm = lambda y, name: (
+            y
+            / np.sqrt(np.mean(y * y, -1, keepdims=True) + EPS)
+            * params[name]["scale"].astype(np.float64)
+        )
+        mix = _sigmoid(split(mix_logits))
+        want = _silu(norm(o, "o_norm") * mix + norm(split(xs), "local_norm") * (1 - mix))
+        (got,), _ = calls["out"]
+        got = np.asarray(got, np.float64).reshape(o.shape)
+        assert got.dtype == np.float64 and calls["out"][0][0].dtype == jnp.bfloat16
+        big = np.abs(want) > 1e-3 * np.abs(want).max()
+        err = np.max(np.abs(got - want)[big] / np.abs(want)[big])
+        assert err < BF16_UNIT * (1 + 1e-3), f"fp32 mix chain: elementwise relative error {err:.2e}"
+        return
     for name in ("o_norm", "local_norm"):
         (inputs,), out = calls[name]
         y = np.asarray(inputs, np.float64)

@@ -250,6 +250,21 @@ def test_gla_gates_in_kernel_pallas_matches_plain():
     assert rel_err(wrong["kernel"]["y"], results["plain"]["y"]) > 1e-3
 
 
+def test_gla_fp32_mix_runs_the_norm_mix_kernel_with_pallas():
+    """fp32_mix where BiGLA runs its pallas kernels (interpret mode): the output mix is the
+    norm_mix kernel, with values and gradients of the plain layer on the reference BiGLA (float32);
+    on the reference BiGLA the same form stays in XLA (no norm_mix kernel)."""
+    x = _normal((2, 4, 4, 64), jnp.float32, 0)
+    pallas = dict(bigla_impl="pallas", bigla_interpret=True)
+    for kwargs, kernel in ((dict(fp32_mix=True, **pallas), True), (dict(fp32_mix=True), False)):
+        model = _gla("float32", **kwargs)
+        jaxpr = str(jax.make_jaxpr(model.init)(jax.random.key(0), x))
+        assert ("norm_mix" in jaxpr) == kernel, kwargs
+    results = _gla_outputs_and_grads({"kernel": dict(fp32_mix=True, **pallas)}, "float32", width=64)
+    for key, want in results["plain"].items():
+        assert_close(f"fp32_mix kernel {key}", results["kernel"][key], want, 1e-4)
+
+
 def test_gla_pallas_states_saved_or_recomputed_match_plain():
     """The pallas kernels (interpret mode) at 42 tokens, more than one chunk, with the forward's
     states saved (the default: the backward launches only the adjoint states kernel) and

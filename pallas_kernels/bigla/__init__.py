@@ -59,8 +59,9 @@ def _check_pallas_backend(interpret):
         )
 
 
-def _per_batch_shard(fn, *arrays):
-    """`fn(*arrays)`, run by each device on its slice of the batch when a mesh is in context.
+def _per_batch_shard(fn, *arrays, replicated=()):
+    """`fn(*arrays, *replicated)`, run by each device on its slice of the batch of `arrays` (and
+    all of `replicated`) when a mesh is in context.
 
     A Pallas call is opaque to XLA's SPMD partitioner, which therefore gathers the operands of a
     batch-sharded kernel onto every device and computes the whole batch on each. Under a context
@@ -71,10 +72,12 @@ def _per_batch_shard(fn, *arrays):
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or arrays[0].shape[0] % mesh.size:
-        return fn(*arrays)
+        return fn(*arrays, *replicated)
     spec = PartitionSpec(mesh.axis_names)
+    in_specs = (spec,) * len(arrays) + (PartitionSpec(),) * len(replicated)
     # check_vma=False: pallas_call has no rule for varying-manual-axes types.
-    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*arrays)
+    run = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)
+    return run(*arrays, *replicated)
 
 
 def _device():

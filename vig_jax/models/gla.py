@@ -11,9 +11,11 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.bigla import bigla, bigla_logits
+from pallas_kernels.norm_mix import norm_mix
 from vig_jax.models.layers import (
     DenseParams,
     DepthwiseConv3x3,
+    NormScale,
     RMSNorm,
     linear,
     stats_dtype,
@@ -51,7 +53,9 @@ class GatedLinearAttention(nn.Module):
       dwconv: "conv" (XLA grouped convolution) or "shift" (nine shifted multiply-adds).
       fp32_mix: the RMSNorms of o and xs, the sigmoid mix and the output SiLU as one float32 chain,
         rounded to `dtype` once before the output projection (the plain form rounds the two
-        norms and the mix gate to `dtype` first; the same numbers in float32).
+        norms and the mix gate to `dtype` first; the same numbers in float32). Where BiGLA runs
+        its Pallas kernel (a GPU, or bigla_interpret) the chain's forward is one Pallas kernel
+        too (`pallas_kernels.norm_mix`), its backward XLA's.
       gates_in_kernel: hand BiGLA the gate logits (`bigla_logits`): the pallas kernels compute
         log_sigmoid(x) / 16 where they read a gate, so no float32 gate tensors are written and
         read back; other impls compute the gates in XLA exactly as the plain form does.
@@ -155,9 +159,21 @@ class GatedLinearAttention(nn.Module):
         o = checkpoint_name(o, BIGLA_OUTPUT)  # [B, N, H, V]; saved by remat "block"
         if mix_logits is None:
             mix_logits = dense(D, "mix_gate", use_bias=True)(xs)
+        if self.fp32_mix:
+            o = norm_mix(
+                o,
+                xs,
+                mix_logits,
+                NormScale(V, name="o_norm")(),
+                NormScale(V, name="local_norm")(),
+                eps=NORM_EPS,
+                out_act=self.use_out_act,
+                impl="reference" if self.bigla_impl in ("reference", "chunked") else "auto",
+                interpret=self.bigla_interpret,
+            )
+            return dense(D, "out")(o).reshape(B, h, w, D)
         mix_logits = mix_logits.reshape(B, N, H, V)
-        # fp32_mix: norms return float32, the chain below stays float32 until the last cast.
-        chain = acc if self.fp32_mix else self.dtype
+        chain = self.dtype
         o = RMSNorm(NORM_EPS, chain, name="o_norm")(o)  # [B, N, H, V]
         local = RMSNorm(NORM_EPS, chain, name="local_norm")(xs.reshape(B, N, H, V))
         mix = nn.sigmoid(mix_logits.astype(chain))

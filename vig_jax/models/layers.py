@@ -180,6 +180,18 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(acc)).astype(self.dtype)
 
 
+class NormScale(nn.Module):
+    """The parameter an RMSNorm(features) creates ("scale", ones), for code that applies it itself
+    (`pallas_kernels.norm_mix`): the parameter tree stays that of the RMSNorm."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        """Returns scale [features], float32."""
+        return self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm over the last (channel) axis, eps 1e-5: torch's LayerNorm and official LayerNorm2d.
 

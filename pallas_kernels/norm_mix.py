@@ -1,0 +1,158 @@
+"""The GLA layer's output mix as one Pallas GPU (Triton) kernel: kernel, launcher, custom_vjp and
+reference together.
+
+    y = RMSNorm_V(o) * sigmoid(m) + RMSNorm_V(xs) * (1 - sigmoid(m)),   then SiLU(y) if `out_act`
+
+per token and head: o is BiGLA's output [B, N, H, V], xs the depthwise-conv features and m the mix
+gate's logits, both [B, N, H * V] seen as [B, N, H, V]; RMSNorm_V normalises each head's V values
+(x / sqrt(mean(x^2) + eps) * scale, one scale of size V for all heads). Everything runs in float32
+and is rounded to the input dtype once (the layer's `fp32_mix` form).
+
+XLA runs this chain as a row reduction over rows of V = 64 values plus elementwise passes; at ViG-S
+224² on an H200 they moved about 1.5x the bytes of one pass and reached ~1.9 TB/s (profile_step).
+The kernel reads o, xs and m once and writes y once: one program per 64 tokens of one (b, h).
+
+The backward is the reference's (`jax.vjp` in XLA): the kernel is a forward-pass fusion. Under a
+mesh it runs per shard of the batch, as BiGLA's kernels do (`bigla._per_batch_shard`).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.bigla import _per_batch_shard
+
+IMPLS = ("auto", "reference", "pallas")
+ROWS = 64  # tokens per program
+HEAD_DIMS = (16, 32, 64, 128)  # V the kernel takes (Triton blocks are powers of two)
+
+
+def norm_mix_reference(o, xs, m, o_scale, xs_scale, *, eps, out_act):
+    """The definition: o [B, N, H, V]; xs, m [B, N, H * V]; scales [V] -> [B, N, H * V] in xs.dtype.
+
+    Computed in float32 (float64 for float64 inputs) and rounded once.
+    """
+    B, N, H, V = o.shape
+    acc = jnp.promote_types(xs.dtype, jnp.float32)
+
+    def rms(x, scale):
+        x = x.astype(acc)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+        return y * scale.astype(acc)
+
+    mix = jax.nn.sigmoid(m.reshape(B, N, H, V).astype(acc))
+    y = rms(o, o_scale) * mix + rms(xs.reshape(B, N, H, V), xs_scale) * (1 - mix)
+    if out_act:
+        y = jax.nn.silu(y)
+    return y.reshape(B, N, H * V).astype(xs.dtype)
+
+
+def _kernel(o_ref, xs_ref, m_ref, os_ref, xss_ref, y_ref, *, n, eps, out_act):
+    start = pl.program_id(0) * ROWS
+    mask = (start + jnp.arange(ROWS, dtype=jnp.int32) < n)[:, None]
+
+    def load(ref):  # [ROWS, V] float32; rows past N read 0 and are never stored
+        x = pltriton.load(ref.at[pl.ds(start, ROWS), :], mask=mask, other=0.0)
+        return x.astype(jnp.float32)
+
+    def rms(x, scale_ref):
+        inv = jax.lax.rsqrt(jnp.mean(x * x, axis=1, keepdims=True) + eps)
+        return x * inv * scale_ref[...].astype(jnp.float32)[None, :]
+
+    mix = jax.nn.sigmoid(load(m_ref))
+    y = rms(load(o_ref), os_ref) * mix + rms(load(xs_ref), xss_ref) * (1.0 - mix)
+    if out_act:
+        y = y * jax.nn.sigmoid(y)
+    pltriton.store(y_ref.at[pl.ds(start, ROWS), :], y.astype(y_ref.dtype), mask=mask)
+
+
+def _forward(o, xs, m, o_scale, xs_scale, eps, out_act, interpret):
+    B, N, H, V = o.shape
+    xs, m = xs.reshape(B, N, H, V), m.reshape(B, N, H, V)
+    tokens = pl.BlockSpec((None, N, None, V), lambda c, b, h: (b, 0, h, 0))  # [N, V] of (b, h)
+    scale = pl.BlockSpec((V,), lambda c, b, h: (0,))
+    y = pl.pallas_call(
+        functools.partial(_kernel, n=N, eps=eps, out_act=out_act),
+        grid=(pl.cdiv(N, ROWS), B, H),
+        in_specs=[tokens, tokens, tokens, scale, scale],
+        out_specs=tokens,
+        out_shape=jax.ShapeDtypeStruct(o.shape, xs.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="norm_mix",
+    )(o, xs, m, o_scale, xs_scale)
+    return y.reshape(B, N, H * V)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _norm_mix(o, xs, m, o_scale, xs_scale, eps, out_act, interpret):
+    return _forward(o, xs, m, o_scale, xs_scale, eps, out_act, interpret)
+
+
+def _vjp_fwd(o, xs, m, o_scale, xs_scale, eps, out_act, interpret):
+    y = _forward(o, xs, m, o_scale, xs_scale, eps, out_act, interpret)
+    return y, (o, xs, m, o_scale, xs_scale)
+
+
+def _vjp_bwd(eps, out_act, interpret, residuals, dy):
+    ref = functools.partial(norm_mix_reference, eps=eps, out_act=out_act)
+    return jax.vjp(ref, *residuals)[1](dy)
+
+
+_norm_mix.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def kernel_runs(o_shape, dtype, impl="auto", interpret=False):
+    """Whether `norm_mix` runs the Pallas kernel for o of this shape and dtype (else the reference):
+    impl "pallas", or "auto" on a GPU, with V in HEAD_DIMS and a 16/32-bit float dtype."""
+    if impl == "reference":
+        return False
+    if impl == "pallas" or interpret:
+        return True
+    takes = o_shape[-1] in HEAD_DIMS and jnp.dtype(dtype).itemsize <= 4
+    return takes and jax.default_backend() == "gpu"
+
+
+def norm_mix(o, xs, m, o_scale, xs_scale, *, eps, out_act, impl="auto", interpret=False):
+    """The GLA output mix (module docstring); differentiable.
+
+    Args:
+      o: [B, N, H, V] BiGLA output, any float dtype.
+      xs, m: [B, N, H * V] features and mix-gate logits, one dtype (that of the result).
+      o_scale, xs_scale: [V] RMSNorm scales (any float dtype; used in float32).
+      eps: RMSNorm epsilon; out_act: SiLU on the result.
+      impl: "auto" (the kernel on a GPU where it takes V and the dtype, else the reference),
+        "pallas" or "reference".
+      interpret: run the kernel in Pallas interpret mode (CPU tests); implies the kernel.
+
+    Returns:
+      [B, N, H * V] in xs.dtype.
+
+    Raises:
+      ValueError: on an unknown impl, mismatched shapes or dtypes, or a V or dtype the kernel
+        does not take with impl="pallas".
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    if o.ndim != 4:
+        raise ValueError(f"o must be [B, N, H, V], got {o.shape=}")
+    B, N, H, V = o.shape
+    for name, x in (("xs", xs), ("m", m)):
+        if x.shape != (B, N, H * V) or x.dtype != xs.dtype:
+            raise ValueError(f"{name} must be [B, N, H * V] = {(B, N, H * V)} in {xs.dtype}, "
+                             f"got {x.shape} {x.dtype}")  # fmt: skip
+    for name, s in (("o_scale", o_scale), ("xs_scale", xs_scale)):
+        if s.shape != (V,):
+            raise ValueError(f"{name} must be [V] = [{V}], got {s.shape}")
+    if not kernel_runs(o.shape, xs.dtype, impl, interpret):
+        return norm_mix_reference(o, xs, m, o_scale, xs_scale, eps=eps, out_act=out_act)
+    if V not in HEAD_DIMS or max(jnp.dtype(x.dtype).itemsize for x in (o, xs)) > 4:
+        raise ValueError(f"the norm_mix kernel needs V in {HEAD_DIMS} and 16/32-bit floats; got "
+                         f"{V=}, {o.dtype}, {xs.dtype}")  # fmt: skip
+    kernel = functools.partial(
+        _norm_mix, eps=float(eps), out_act=bool(out_act), interpret=interpret
+    )
+    return _per_batch_shard(kernel, o, xs, m, replicated=(o_scale, xs_scale))
