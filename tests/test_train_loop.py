@@ -285,3 +285,13 @@ def test_input_wait_tells_an_input_bound_loop_from_a_device_bound_one():
         wait.next(ready)
         time.sleep(0.02)  # the "step": the batch was always there
     assert wait.fraction() < 0.2
+
+
+def test_workers_that_leave_the_training_process_too_few_cores_are_named():
+    from vig_jax.train.loop import SPARE_CORES, workers_cores_warning
+
+    assert workers_cores_warning(0, 2) is None  # no workers: the loop reads the data itself
+    assert workers_cores_warning(20, 24) is None and SPARE_CORES == 4
+    msg = workers_cores_warning(16, 16)
+    assert "data.num_workers=16 on 16 cores" in msg and "at most 12" in msg and "\n" not in msg
+    assert "at most 1 " in workers_cores_warning(2, 2)

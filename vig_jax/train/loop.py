@@ -35,8 +35,37 @@ from vig_jax.train.workdir import WorkdirLock, truncate_metrics
 __all__ = ["EvalBatches", "NonFiniteLossError", "evaluate", "train_and_evaluate"]
 
 
+# Cores a training process needs beside its input workers: on the H200 host, ViG-S (224², batch
+# 128) on JPEGs with 20 workers on 24 cores trained within 1% of its speed on a repeated batch;
+# with 22 workers on 22 cores it lost 29% without waiting for batches (docs/data.md).
+SPARE_CORES = 4
+
+
+def workers_cores_warning(num_workers: int, cores: int) -> str | None:
+    """A one-line warning when `num_workers` input workers leave the training process fewer than
+    SPARE_CORES of the `cores` it may run on, else None."""
+    if num_workers == 0 or cores - num_workers >= SPARE_CORES:
+        return None
+    return (
+        f"data.num_workers={num_workers} on {cores} cores leaves the training process "
+        f"{max(cores - num_workers, 0)} of its own: its step dispatch then competes with the "
+        f"workers (29% slower measured); use at most {max(cores - SPARE_CORES, 1)} (docs/data.md)"
+    )
+
+
+def _available_cores() -> int:
+    """CPU cores this process may run on (its affinity, e.g. under taskset), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _train_iterator(config, shard_batch: int):
     d = config.data
+    warning = workers_cores_warning(d.num_workers, _available_cores())
+    if warning:
+        _say(warning)
     batches = data.make_train_iterator(
         dataset=d.dataset,
         data_dir=d.data_dir,
