@@ -477,3 +477,32 @@ def test_bad_forms_raise():
         _tiny("vig_h", remat="some").init(jax.random.key(0), images, train=False)
     with pytest.raises(ValueError, match=r"stem impl 'fft' must be one of \('conv', 'patches'\)"):
         _tiny("vig", stem_impl="fft").init(jax.random.key(0), images, train=False)
+
+
+def test_every_layer_form_is_a_field_of_both_models_and_reaches_the_layer():
+    """gla.LAYER_FORMS: the GLA fields ViG and ViG-H pass to every block's layer unchanged."""
+    import dataclasses
+
+    from vig_jax.models import model_class
+    from vig_jax.models.gla import LAYER_FORMS, GatedLinearAttention
+
+    layer = {f.name for f in dataclasses.fields(GatedLinearAttention)}
+    set_by_the_block = {"num_heads", "use_act_in_conv", "use_out_act", "dtype", "parent", "name"}
+    for name in ("vig_t", "vig_h_t"):
+        fields = {f.name for f in dataclasses.fields(model_class(name))}
+        assert fields & layer - set_by_the_block == set(LAYER_FORMS), name
+    seen = []
+    real = GatedLinearAttention.__call__
+
+    def record(self, x):
+        seen.append({f: getattr(self, f) for f in LAYER_FORMS})
+        return real(self, x)
+
+    forms = dict(fused_proj=True, dwconv="shift", bigla_chunk=16, save_states=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GatedLinearAttention, "__call__", record)
+        for family in sorted(TINY):
+            model = _tiny(family, **forms)
+            x = jnp.zeros((1, 32, 32, 3))
+            jax.eval_shape(lambda m=model, x=x: m.init(jax.random.key(0), x, train=False))
+    assert len(seen) > 2 and all(s | forms == s for s in seen), seen

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax.core import FrozenDict
 from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.bigla import bigla, bigla_logits
@@ -23,6 +24,26 @@ from vig_jax.models.layers import (
     xavier_uniform,
 )
 from vig_jax.models.stack import BIGLA_OUTPUT
+
+# The GatedLinearAttention fields a model passes through unchanged to every GLA layer (BiGLA's
+# implementation and settings, and the layer's execution forms); ViG and ViG-H have each as a field.
+LAYER_FORMS = (
+    "bigla_impl",
+    "bigla_interpret",
+    "fused_proj",
+    "split_proj",
+    "dwconv",
+    "fp32_mix",
+    "gates_in_kernel",
+    "save_states",
+    "bigla_chunk",
+)
+
+
+def layer_forms(model: nn.Module) -> FrozenDict:
+    """{field: value} of LAYER_FORMS read off a model, for its blocks' GLA layers."""
+    return FrozenDict({name: getattr(model, name) for name in LAYER_FORMS})
+
 
 GATE_LOW_RANK = 16  # gk_proj: D -> 16 -> 2 * key_dim
 GATE_LOGIT_NORMALIZER = 16.0  # gates = log_sigmoid(.) / 16

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax.core import FrozenDict
 
 from vig_jax.models import stack
-from vig_jax.models.gla import GatedLinearAttention
+from vig_jax.models.gla import GatedLinearAttention, layer_forms
 from vig_jax.models.layers import (
     DropPath,
     PatchEmbed,
@@ -37,17 +38,9 @@ class ViGBlock(nn.Module):
     use_act_in_conv: bool
     use_out_act: bool
     drop_path: float
-    bigla_impl: str
-    bigla_interpret: bool
     dtype: jnp.dtype
-    fused_proj: bool = False
-    dwconv: str = "conv"
-    fp32_mix: bool = False
-    gates_in_kernel: bool = False
+    gla: FrozenDict = FrozenDict()  # GatedLinearAttention fields of gla.LAYER_FORMS
     mlp_split_up: bool = False
-    split_proj: bool = False
-    save_states: bool = True
-    bigla_chunk: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -59,17 +52,9 @@ class ViGBlock(nn.Module):
             self.use_act_in_conv,
             self.use_out_act,
             xavier_init=True,
-            bigla_impl=self.bigla_impl,
-            bigla_interpret=self.bigla_interpret,
-            fused_proj=self.fused_proj,
-            split_proj=self.split_proj,
-            dwconv=self.dwconv,
-            fp32_mix=self.fp32_mix,
-            gates_in_kernel=self.gates_in_kernel,
-            save_states=self.save_states,
-            bigla_chunk=self.bigla_chunk,
             dtype=self.dtype,
             name="attn",
+            **self.gla,
         )(y)
         x = x + drop_path(y, train=train)
         y = RMSNorm(NORM_EPS, self.dtype, name="mlp_norm")(x)
@@ -149,17 +134,9 @@ class ViG(nn.Module):
                 self.use_act_in_conv,
                 self.use_out_act,
                 float(rate),
-                self.bigla_impl,
-                self.bigla_interpret,
                 self.dtype,
-                self.fused_proj,
-                self.dwconv,
-                self.fp32_mix,
-                self.gates_in_kernel,
+                layer_forms(self),
                 self.mlp_split_up,
-                self.split_proj,
-                self.save_states,
-                self.bigla_chunk,
             )
             for rate in rates
         ]

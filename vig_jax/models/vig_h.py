@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax.core import FrozenDict
 
 from vig_jax.models import stack
-from vig_jax.models.gla import GatedLinearAttention
+from vig_jax.models.gla import GatedLinearAttention, layer_forms
 from vig_jax.models.layers import (
     ConvNorm,
     DropPath,
@@ -41,17 +42,9 @@ class ViGHBlock(nn.Module):
 
     num_heads: int
     drop_path: float
-    bigla_impl: str
-    bigla_interpret: bool
     dtype: jnp.dtype
-    fused_proj: bool = False
-    dwconv: str = "conv"
-    fp32_mix: bool = False
-    gates_in_kernel: bool = False
+    gla: FrozenDict = FrozenDict()  # GatedLinearAttention fields of gla.LAYER_FORMS
     mlp_split_up: bool = False
-    split_proj: bool = False
-    save_states: bool = True
-    bigla_chunk: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -63,17 +56,9 @@ class ViGHBlock(nn.Module):
             use_act_in_conv=False,
             use_out_act=False,
             xavier_init=False,
-            bigla_impl=self.bigla_impl,
-            bigla_interpret=self.bigla_interpret,
-            fused_proj=self.fused_proj,
-            split_proj=self.split_proj,
-            dwconv=self.dwconv,
-            fp32_mix=self.fp32_mix,
-            gates_in_kernel=self.gates_in_kernel,
-            save_states=self.save_states,
-            bigla_chunk=self.bigla_chunk,
             dtype=self.dtype,
             name="attn",
+            **self.gla,
         )(y)
         x = x + drop_path(y, train=train)
         y = LayerNorm(dtype=self.dtype, name="mlp_norm")(x)
@@ -140,19 +125,7 @@ class ViGH(nn.Module):
         self.stages = [
             [
                 ViGHBlock(
-                    heads,
-                    float(next(rates)),
-                    self.bigla_impl,
-                    self.bigla_interpret,
-                    self.dtype,
-                    self.fused_proj,
-                    self.dwconv,
-                    self.fp32_mix,
-                    self.gates_in_kernel,
-                    self.mlp_split_up,
-                    self.split_proj,
-                    self.save_states,
-                    self.bigla_chunk,
+                    heads, float(next(rates)), self.dtype, layer_forms(self), self.mlp_split_up
                 )
                 for _ in range(depth)
             ]
