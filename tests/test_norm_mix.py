@@ -55,22 +55,44 @@ def test_norm_mix_interpret_matches_float64_reference(shape, dtype, out_act):
     assert rel_err(reference64(args, not out_act), want) > 100 * tol
 
 
-def test_norm_mix_gradients_are_the_reference_gradients():
-    # float32, all five inputs: the kernel's custom_vjp against autodiff of the float64 reference.
-    args = make_inputs(2, 37, 2, 32, jnp.float32, seed=1)
-    w = jnp.cos(jnp.arange(2 * 37 * 64, dtype=jnp.float32)).reshape(2, 37, 64)
+def grads(fn, args, w, out_act, **kw):
+    """Gradients of sum(fn(*args) * w) with respect to all five inputs."""
+    loss = lambda *a: jnp.sum(fn(*a, eps=EPS, out_act=out_act, **kw).astype(jnp.float32) * w)
+    return jax.grad(loss, argnums=range(5))(*args)
 
-    def loss(fn):
-        return lambda *a: jnp.sum(fn(*a, eps=EPS, out_act=True) * w.astype(a[1].dtype))
 
-    kernel = lambda *a, **k: norm_mix(*a, **k, interpret=True)
-    got = run_fast(jax.grad(loss(kernel), argnums=range(5)), *args)
+def grads64(args, w, out_act):
     with jax.enable_x64():
         args64 = [jnp.asarray(np.asarray(a, np.float64)) for a in args]
-        want = jax.grad(loss(norm_mix_reference), argnums=range(5))(*args64)
-    for name, g, r in zip(("do", "dxs", "dm", "d_o_scale", "d_xs_scale"), got, want, strict=True):
-        assert g.dtype == jnp.float32
-        assert_close(name, g, r, 1e-5)
+        return grads(norm_mix_reference, args64, jnp.asarray(np.asarray(w, np.float64)), out_act)
+
+
+GRAD_NAMES = ("do", "dxs", "dm", "d_o_scale", "d_xs_scale")
+
+
+@pytest.mark.parametrize(
+    "backward, dtype, out_act",
+    [
+        ("pallas", jnp.float32, True),
+        ("pallas", jnp.bfloat16, False),
+        ("reference", jnp.float32, True),
+    ],
+    ids=["kernel-f32-silu", "kernel-bf16", "xla-f32-silu"],
+)
+def test_norm_mix_gradients_match_float64(backward, dtype, out_act):
+    # 37 tokens: one partial block of 64 rows, whose masked rows must add nothing to the scales.
+    args = make_inputs(2, 37, 2, 32, dtype, seed=1)
+    w = jnp.cos(jnp.arange(2 * 37 * 64, dtype=jnp.float32)).reshape(2, 37, 64)
+    kernel = lambda *a, **k: norm_mix(*a, **k, interpret=True, backward=backward)
+    got = run_fast(lambda *a: grads(kernel, a, w, out_act), *args)
+    want = grads64(args, w, out_act)
+    tol = 1e-5 if dtype == jnp.float32 else 2 * BF16_TOL
+    for name, g, r, a in zip(GRAD_NAMES, got, want, args, strict=True):
+        assert g.dtype == a.dtype, name
+        assert_close(name, g, r, tol)
+    # Negative control: the gradients without (or with) the SiLU are far from these.
+    other = grads64(args, w, not out_act)
+    assert max(rel_err(o, r) for o, r in zip(other, want, strict=True)) > 100 * tol
 
 
 def test_norm_mix_runs_per_batch_shard_under_a_mesh():
@@ -90,6 +112,38 @@ def test_norm_mix_runs_per_batch_shard_under_a_mesh():
     got = compiled(*sharded)
     assert got.sharding.spec == PartitionSpec("data")
     assert_close("norm_mix under a mesh", got, reference64(args, False), F32_TOL)
+    # Gradients: the replicated scales' are summed over the shards.
+    w = jnp.sin(jnp.arange(got.size, dtype=jnp.float32)).reshape(got.shape)
+
+    def grads_under_mesh(*a):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return grads(lambda *b, **k: norm_mix(*b, **k, interpret=True), a, w, False)
+
+    got = jax.jit(grads_under_mesh).lower(*sharded).compile(FAST_COMPILE)(*sharded)
+    for name, g, r in zip(GRAD_NAMES, got, grads64(args, w, False), strict=True):
+        assert_close(f"{name} under a mesh", g, r, 1e-5)
+
+
+def test_norm_mix_kernels_lower_to_triton_for_cuda():
+    """Forward and backward kernels cross-lowered for CUDA on the CPU (ViG-S 224² head shape)."""
+
+    def fwd_bwd(*a):
+        y, vjp = jax.vjp(lambda *b: norm_mix(*b, eps=EPS, out_act=True, impl="pallas"), *a[:5])
+        return y, vjp(a[5])
+
+    B, N, H, V = 2, 196, 6, 64
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    scale = jax.ShapeDtypeStruct((V,), jnp.float32)
+    shapes = (
+        bf16(B, N, H, V),
+        bf16(B, N, H * V),
+        bf16(B, N, H * V),
+        scale,
+        scale,
+        bf16(B, N, H * V),
+    )
+    text = jax.jit(fwd_bwd).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "norm_mix_bwd" in text and text.count("norm_mix") >= 2
 
 
 def test_norm_mix_chooses_and_rejects():
@@ -99,6 +153,7 @@ def test_norm_mix_chooses_and_rejects():
     assert not kernel_runs(o.shape, o.dtype, impl="reference", interpret=True)
     cases = [
         (dict(impl="triton"), "impl="),
+        (dict(backward="xla"), "backward="),
         (dict(xs=xs[..., :-1]), "xs must be"),
         (dict(m=m.astype(jnp.bfloat16)), "m must be"),
         (dict(o_scale=s1[:-1]), "o_scale must be"),
@@ -118,11 +173,13 @@ def test_norm_mix_chooses_and_rejects():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("shape", [(4, 70, 3, 32), (16, 196, 6, 64)], ids=["small", "vig_s"])
 def test_norm_mix_gpu_matches_reference(shape, dtype):
+    """The compiled kernels: forward and the five gradients against float64."""
     args = make_inputs(*shape, dtype)
     got = jax.jit(lambda *a: norm_mix(*a, eps=EPS, out_act=True, impl="pallas"))(*args)
-    assert_close(
-        "norm_mix (GPU)",
-        got,
-        reference64(args, True),
-        4 * F32_TOL if dtype == jnp.float32 else BF16_TOL,
-    )
+    f32 = dtype == jnp.float32
+    assert_close("norm_mix (GPU)", got, reference64(args, True), 4 * F32_TOL if f32 else BF16_TOL)
+    w = jnp.cos(jnp.arange(got.size, dtype=jnp.float32)).reshape(got.shape)
+    kernel = lambda *a, **k: norm_mix(*a, **k, impl="pallas")
+    got = jax.jit(lambda *a: grads(kernel, a, w, True))(*args)
+    for name, g, r in zip(GRAD_NAMES, got, grads64(args, w, True), strict=True):
+        assert_close(f"{name} (GPU)", g, r, 1e-4 if f32 else 2 * BF16_TOL)
