@@ -117,7 +117,8 @@ def test_norm_mix_runs_per_batch_shard_under_a_mesh():
 
     def grads_under_mesh(*a):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return grads(lambda *b, **k: norm_mix(*b, **k, interpret=True), a, w, False)
+            kernel = lambda *b, **k: norm_mix(*b, **k, interpret=True, backward="pallas")
+            return grads(kernel, a, w, False)
 
     got = jax.jit(grads_under_mesh).lower(*sharded).compile(FAST_COMPILE)(*sharded)
     for name, g, r in zip(GRAD_NAMES, got, grads64(args, w, False), strict=True):
@@ -128,7 +129,8 @@ def test_norm_mix_kernels_lower_to_triton_for_cuda():
     """Forward and backward kernels cross-lowered for CUDA on the CPU (ViG-S 224² head shape)."""
 
     def fwd_bwd(*a):
-        y, vjp = jax.vjp(lambda *b: norm_mix(*b, eps=EPS, out_act=True, impl="pallas"), *a[:5])
+        f = lambda *b: norm_mix(*b, eps=EPS, out_act=True, impl="pallas", backward="pallas")
+        y, vjp = jax.vjp(f, *a[:5])
         return y, vjp(a[5])
 
     B, N, H, V = 2, 196, 6, 64
@@ -179,7 +181,7 @@ def test_norm_mix_gpu_matches_reference(shape, dtype):
     f32 = dtype == jnp.float32
     assert_close("norm_mix (GPU)", got, reference64(args, True), 4 * F32_TOL if f32 else BF16_TOL)
     w = jnp.cos(jnp.arange(got.size, dtype=jnp.float32)).reshape(got.shape)
-    kernel = lambda *a, **k: norm_mix(*a, **k, impl="pallas")
+    kernel = lambda *a, **k: norm_mix(*a, **k, impl="pallas", backward="pallas")
     got = jax.jit(lambda *a: grads(kernel, a, w, True))(*args)
     for name, g, r in zip(GRAD_NAMES, got, grads64(args, w, True), strict=True):
         assert_close(f"{name} (GPU)", g, r, 1e-4 if f32 else 2 * BF16_TOL)
