@@ -193,12 +193,11 @@ class GatedLinearAttention(nn.Module):
                 interpret=self.bigla_interpret,
             )
             return dense(D, "out")(o).reshape(B, h, w, D)
-        mix_logits = mix_logits.reshape(B, N, H, V)
-        chain = self.dtype
-        o = RMSNorm(NORM_EPS, chain, name="o_norm")(o)  # [B, N, H, V]
-        local = RMSNorm(NORM_EPS, chain, name="local_norm")(xs.reshape(B, N, H, V))
-        mix = nn.sigmoid(mix_logits.astype(chain))
+        # The plain form: each norm and the mix rounded to `dtype` (statistics in float32).
+        o = RMSNorm(NORM_EPS, self.dtype, name="o_norm")(o)  # [B, N, H, V]
+        local = RMSNorm(NORM_EPS, self.dtype, name="local_norm")(xs.reshape(B, N, H, V))
+        mix = nn.sigmoid(mix_logits.reshape(B, N, H, V).astype(self.dtype))
         o = (o * mix + local * (1 - mix)).reshape(B, N, D)
         if self.use_out_act:
             o = nn.silu(o)
-        return dense(D, "out")(o.astype(self.dtype)).reshape(B, h, w, D)
+        return dense(D, "out")(o).reshape(B, h, w, D)
