@@ -192,15 +192,19 @@ def _vjp_bwd(eps, out_act, interpret, backward, residuals, dy):
 _norm_mix.defvjp(_vjp_fwd, _vjp_bwd)
 
 
+def _takes(V, dtype):
+    """Whether the kernel takes head dim V and inputs of `dtype` (16/32-bit floats)."""
+    return V in HEAD_DIMS and jnp.dtype(dtype).itemsize <= 4
+
+
 def kernel_runs(o_shape, dtype, impl="auto", interpret=False):
-    """Whether `norm_mix` runs the Pallas kernel for o of this shape and dtype (else the reference):
-    impl "pallas", or "auto" on a GPU, with V in HEAD_DIMS and a 16/32-bit float dtype."""
+    """Whether `norm_mix` runs the Pallas kernel for o of this shape and inputs of `dtype` (else the
+    reference): impl "pallas", or "auto" on a GPU where `_takes` the head dim and dtype."""
     if impl == "reference":
         return False
     if impl == "pallas" or interpret:
         return True
-    takes = o_shape[-1] in HEAD_DIMS and jnp.dtype(dtype).itemsize <= 4
-    return takes and jax.default_backend() == "gpu"
+    return _takes(o_shape[-1], dtype) and jax.default_backend() == "gpu"
 
 
 def norm_mix(
@@ -241,9 +245,10 @@ def norm_mix(
     for name, s in (("o_scale", o_scale), ("xs_scale", xs_scale)):
         if s.shape != (V,):
             raise ValueError(f"{name} must be [V] = [{V}], got {s.shape}")
-    if not kernel_runs(o.shape, xs.dtype, impl, interpret):
+    dtype = jnp.promote_types(o.dtype, xs.dtype)  # 16/32-bit iff both are
+    if not kernel_runs(o.shape, dtype, impl, interpret):
         return norm_mix_reference(o, xs, m, o_scale, xs_scale, eps=eps, out_act=out_act)
-    if V not in HEAD_DIMS or max(jnp.dtype(x.dtype).itemsize for x in (o, xs)) > 4:
+    if not _takes(V, dtype):
         raise ValueError(f"the norm_mix kernel needs V in {HEAD_DIMS} and 16/32-bit floats; got "
                          f"{V=}, {o.dtype}, {xs.dtype}")  # fmt: skip
     kernel = functools.partial(

@@ -26,10 +26,14 @@ def make_inputs(B, N, H, V, dtype, seed=0):
     return [x.astype(dtype) for x in (o, xs, m)] + [s1, s2]
 
 
+def to64(arrays):
+    """The arrays as float64 jax arrays (call under jax.enable_x64)."""
+    return [jnp.asarray(np.asarray(a, np.float64)) for a in arrays]
+
+
 def reference64(args, out_act):
     with jax.enable_x64():
-        args64 = [jnp.asarray(np.asarray(a, np.float64)) for a in args]
-        return np.asarray(norm_mix_reference(*args64, eps=EPS, out_act=out_act))
+        return np.asarray(norm_mix_reference(*to64(args), eps=EPS, out_act=out_act))
 
 
 @pytest.mark.parametrize(
@@ -63,8 +67,8 @@ def grads(fn, args, w, out_act, **kw):
 
 def grads64(args, w, out_act):
     with jax.enable_x64():
-        args64 = [jnp.asarray(np.asarray(a, np.float64)) for a in args]
-        return grads(norm_mix_reference, args64, jnp.asarray(np.asarray(w, np.float64)), out_act)
+        *args64, w64 = to64([*args, w])
+        return grads(norm_mix_reference, args64, w64, out_act)
 
 
 GRAD_NAMES = ("do", "dxs", "dm", "d_o_scale", "d_xs_scale")
