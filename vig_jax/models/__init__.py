@@ -66,7 +66,7 @@ def create_model(
         dims=(32, 64, 128, 256) for ViG-H, bigla_interpret=True. Execution forms that keep the
         parameters (ViG and ViG-H; see the model docstrings): fused_proj=True, dwconv="shift",
         fp32_mix=True, gates_in_kernel=True, mlp_split_up=True, split_proj=True, save_states=False,
-        bigla_chunk=16, scan_blocks=True;
+        bigla_chunk=32, scan_blocks=True;
         remat="none" | "block" | "full" (also DeiT).
 
     Raises:
