@@ -12,9 +12,9 @@ XLA runs this chain as a row reduction over rows of V = 64 values plus elementwi
 224² on an H200 they moved about 1.5x the bytes of one pass and reached ~1.9 TB/s (profile_step).
 The kernel reads o, xs and m once and writes y once: one program per 64 tokens of one (b, h).
 
-The backward is XLA's vjp of the reference, or with `backward="pallas"` a second kernel of the same
-shape (the gradients of o, xs and m per row, and each program's partial sums of the two scales'
-gradients, summed in XLA; not yet compiled on a GPU or timed). Under a mesh both run per shard of
+The backward is a second kernel of the same shape (the gradients of o, xs and m per row, and each
+program's partial sums of the two scales' gradients, summed in XLA), or with
+`backward="reference"` XLA's vjp of the reference. Under a mesh both run per shard of
 the batch, as BiGLA's kernels do (`bigla._per_batch_shard`). On an H200 the layer with the forward
 kernel and XLA's backward inferred 3-5% faster than the plain bf16 chain and trained 1.5-4% slower
 (benchmarks/notes_bigla.md, v14).
@@ -208,7 +208,7 @@ def kernel_runs(o_shape, dtype, impl="auto", interpret=False):
 
 
 def norm_mix(
-    o, xs, m, o_scale, xs_scale, *, eps, out_act, impl="auto", interpret=False, backward="reference"
+    o, xs, m, o_scale, xs_scale, *, eps, out_act, impl="auto", interpret=False, backward="pallas"
 ):
     """The GLA output mix (module docstring); differentiable.
 
@@ -220,9 +220,8 @@ def norm_mix(
       impl: "auto" (the kernel on a GPU where it takes V and the dtype, else the reference),
         "pallas" or "reference".
       interpret: run the kernel in Pallas interpret mode (CPU tests); implies the kernel.
-      backward: with the kernel, the gradients from XLA's vjp of the reference ("reference", the
-        default, timed on a GPU) or from the backward kernel ("pallas": tested in interpret mode
-        and cross-lowered, not yet compiled on a GPU or timed).
+      backward: with the kernel, the gradients from the backward kernel ("pallas", the default;
+        compiled and tested on an H200) or from XLA's vjp of the reference ("reference").
 
     Returns:
       [B, N, H * V] in xs.dtype.

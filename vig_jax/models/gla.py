@@ -75,8 +75,8 @@ class GatedLinearAttention(nn.Module):
       fp32_mix: the RMSNorms of o and xs, the sigmoid mix and the output SiLU as one float32 chain,
         rounded to `dtype` once before the output projection (the plain form rounds the two
         norms and the mix gate to `dtype` first; the same numbers in float32). Where BiGLA runs
-        its Pallas kernel (a GPU, or bigla_interpret) the chain's forward is one Pallas kernel
-        too (`pallas_kernels.norm_mix`), its backward XLA's.
+        its Pallas kernel (a GPU, or bigla_interpret) the chain runs as Pallas kernels too
+        (`pallas_kernels.norm_mix`, forward and backward).
       gates_in_kernel: hand BiGLA the gate logits (`bigla_logits`): the pallas kernels compute
         log_sigmoid(x) / 16 where they read a gate, so no float32 gate tensors are written and
         read back; other impls compute the gates in XLA exactly as the plain form does.
