@@ -194,7 +194,9 @@ def test_bigla_pallas_input_dtype_states_match_reference(params):
 
 def test_states_dtype_is_the_stored_states_dtype():
     """The states kernels write the entering states in bf16 for bf16 inputs with "input" (the
-    default), in float32 otherwise (float32 inputs, or "float32"); a bad value is rejected."""
+    default), in float32 otherwise (float32 inputs, or "float32"); a bad value is rejected.
+    Every plan hands the chunk kernels exactly NT chunks, also span 2 at NT = 3 (a last span
+    past NT: compiled in float32, longer arrays gave a wrong dk, see `pallas._states`)."""
     from pallas_kernels.bigla import pallas
 
     (q, k, v, gf, gb), _ = make_inputs((1, 40, 1, 16, 32), dtype=jnp.bfloat16)
@@ -209,6 +211,7 @@ def test_states_dtype_is_the_stored_states_dtype():
             x = (k.astype(dtype), v.astype(dtype), gf, gb)
             shapes = jax.eval_shape(lambda *a, p=params: pallas._states(a, p, False), *x)
             assert [s.dtype for s in shapes] == [want] * 2, (dtype, states_dtype, span)
+            assert [s.shape for s in shapes] == [(1, 1, 3 * 16, 32)] * 2, span  # NT = 3 chunks
     with pytest.raises(ValueError, match="states_dtype='half' is not one of"):
         bigla_pallas(q, k, v, gf, gb, params=KernelParams(states_dtype="half", interpret=True))
 
@@ -488,7 +491,7 @@ def test_bigla_pallas_gpu_sub_blocks(shape, chunk, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("span", [None, 0, 8], ids=["auto-span1", "sequential", "span8"])
+@pytest.mark.parametrize("span", [None, 0, 8], ids=["auto", "sequential", "span8"])
 def test_bigla_pallas_gpu_long_n_states_plans(span, dtype):
     """Long N, small batch (B * H = 2, NT = 128): the states plans side by side."""
     check_gpu((1, 8192, 2, 32, 64), dtype, KernelParams(states_span=span))

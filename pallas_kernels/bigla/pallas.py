@@ -838,8 +838,7 @@ def _scan_spans(totals, owns, reverses, method):
 
 def _states(inputs, params, adjoints, logits=None, fwd_states=True):
     """Entering states of every chunk: Sf, Sb (and dSf, dSb; without `fwd_states` dSf, dSb only),
-    [B, H, NTp * K, V] each in `_states_dtype`, with NTp >= NT (chunks past NT are padding: zero
-    inputs, which change no state).
+    [B, H, NT * K, V] each in `_states_dtype`.
 
     Sequential plan (span 0): one program per (b, h) walks all NT chunks. Split plan: spans of
     `span` chunks; a summary launch gives every span's own leaving states and gate totals, a scan
@@ -866,7 +865,12 @@ def _states(inputs, params, adjoints, logits=None, fwd_states=True):
     init = [x.reshape(B, H, ns * K, V) for x in init]
     if span == 1:
         return [x.astype(_states_dtype(params, _states_mm(inputs, adjoints))) for x in init]
-    return call(span, ns, init=init)
+    states = call(span, ns, init=init)
+    # A last span past NT leaves padding chunks; the chunk kernels get exactly NT chunks. Compiled
+    # on an H200, the float32 backward sub-block kernel returned wrong dk and dgb (16% off) from
+    # states arrays one chunk longer (span 3 at NT = 512; bf16, interpret mode and NT-chunk
+    # arrays were right).
+    return [x[:, :, : nt * K] for x in states] if ns * span > nt else states
 
 
 def _state_spec(K, V, per_chunk=1):
