@@ -79,15 +79,18 @@ class ViG(nn.Module):
         grids use its bicubic resize. A fine-tune at another resolution may learn a table of its
         own grid, resized once from the pretrained one (`vig_jax.train.init_from`).
       fused_proj, dwconv, fp32_mix, gates_in_kernel: forms of the GLA layer (see
-        `GatedLinearAttention`); the parameters are the same for all of them.
+        `GatedLinearAttention`); the parameters are the same for all of them. fp32_mix is on by
+        default here: on an H200 it inferred 3-4% and trained 0-3% faster than the plain bf16
+        chain (ViG-S 224², ViG-T 1024²; same call).
       mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters.
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
         `GatedLinearAttention`), same parameters; not with fused_proj.
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
         (default; False recomputes them: less memory, slower; see `GatedLinearAttention`).
       bigla_chunk: BiGLA's chunk size; None: each implementation's default.
-      stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
-        3-channel convolution; same parameters.
+      stem_impl: "patches" (patch extraction + one matmul; the default: 2-3% faster inference
+        than "conv" on an H200) or "conv" for the stem's first, 3-channel convolution; same
+        parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
       scan_blocks: run the blocks as one lax.scan (compiles one block instead of `depth`); same
         parameters; stochastic depth draws other masks than the unrolled loop.
@@ -106,13 +109,13 @@ class ViG(nn.Module):
     bigla_interpret: bool = False
     fused_proj: bool = False
     dwconv: str = "conv"
-    fp32_mix: bool = False
+    fp32_mix: bool = True
     gates_in_kernel: bool = False
     mlp_split_up: bool = False
     split_proj: bool = False
     save_states: bool = True
     bigla_chunk: int | None = None
-    stem_impl: str = "conv"
+    stem_impl: str = "patches"
     remat: str = "none"
     scan_blocks: bool = False
     dtype: jnp.dtype = jnp.float32
