@@ -40,7 +40,7 @@ class ViGBlock(nn.Module):
     drop_path: float
     dtype: jnp.dtype
     gla: FrozenDict = FrozenDict()  # GatedLinearAttention fields of gla.LAYER_FORMS
-    mlp_split_up: bool = False
+    mlp_split_up: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -82,7 +82,8 @@ class ViG(nn.Module):
         `GatedLinearAttention`); the parameters are the same for all of them. fp32_mix is on by
         default here: on an H200 it inferred 3-4% and trained 0-3% faster than the plain bf16
         chain (ViG-S 224², ViG-T 1024²; same call).
-      mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters.
+      mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters;
+        on by default here (training 2% faster at ViG-S 224², 7% at ViG-T 1024² on an H200).
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
         `GatedLinearAttention`), same parameters; not with fused_proj.
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
@@ -111,7 +112,7 @@ class ViG(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = True
     gates_in_kernel: bool = False
-    mlp_split_up: bool = False
+    mlp_split_up: bool = True
     split_proj: bool = False
     save_states: bool = True
     bigla_chunk: int | None = None
