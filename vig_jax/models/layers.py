@@ -243,8 +243,9 @@ class SwiGLU(nn.Module):
         )
         if self.split_up:
             w_up, _ = DenseParams(2 * self.hidden, False, self.kernel_init, name="up")(x.shape[-1])
-            a = linear(x, w_up[:, : self.hidden], self.dtype)  # [..., I]
-            b = linear(x, w_up[:, self.hidden :], self.dtype)
+            with jax.named_scope("up"):  # the matmuls' place in profiles, as the plain form's
+                a = linear(x, w_up[:, : self.hidden], self.dtype)  # [..., I]
+                b = linear(x, w_up[:, self.hidden :], self.dtype)
         else:
             a, b = jnp.split(dense(2 * self.hidden, "up")(x), 2, axis=-1)  # [..., I] each
         return dense(x.shape[-1], "down")(nn.silu(a) * b)
