@@ -44,6 +44,11 @@ def data_section(*, dataset, image_size, batch_size, eval_batch_size, num_worker
     # Benchmark only: train on the pipeline's first batch at every step (no input cost after it),
     # to compare the loop's img/s with and without the input pipeline (`docs/data.md`).
     d.repeat_first_batch = False
+    # A directory: the first evaluation writes its transformed uint8 batches there and later ones
+    # (also after a restart) read them memory-mapped instead of decoding again (ImageNet's
+    # validation split at 224²: 7.5 GB). None: every evaluation reads the pipeline (small splits
+    # are kept in host memory anyway, `train.loop.EvalBatches`).
+    d.eval_cache_dir = config_dict.placeholder(str)
     d.augment = augment  # host-side, per example (`vig_jax.data.transforms.TrainTransform`)
     d.mean = IMAGENET_MEAN
     d.std = IMAGENET_STD

@@ -263,3 +263,24 @@ def test_training_loop_takes_repeat_first_batch_from_the_config(data_dir, capsys
     assert "every step trains on the first batch" in capsys.readouterr().out  # never silent
     _assert_batches_equal(_take(it, 2)[1:], _take(it, 1))
     it.close()
+
+
+def test_eval_batches_kept_on_disk_equal_the_pipelines(data_dir, tmp_path):
+    """`data.eval_cache_dir` on the real split: the batches read back from disk equal the
+    pipeline's; preparing the data again (a new dataset_info.json) is seen by the fingerprint."""
+    import ml_collections
+
+    from vig_jax.train.loop import EvalBatches
+
+    config = ml_collections.ConfigDict()
+    config.data = dict(dataset=DEMO, data_dir=data_dir, eval_split="validation", image_size=32,
+                       crop_pct=0.875, eval_batch_size=128, num_workers=0, read_threads=2,
+                       eval_cache_dir=str(tmp_path))  # fmt: skip
+    want = list(_eval(data_dir))
+    first = list(EvalBatches(config, max_bytes=0))
+    stored = list(EvalBatches(config, max_bytes=0))
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    _assert_batches_equal(first, want)
+    _assert_batches_equal(stored, want)
+    fingerprint = data.split_fingerprint(DEMO, data_dir, "validation")
+    assert fingerprint["num_examples"] == 1000 and fingerprint["prepared_ns"] > 0

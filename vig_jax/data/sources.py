@@ -7,6 +7,7 @@ we only read it.
 """
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,6 +85,21 @@ def dataset_info(dataset: str, data_dir: str | None) -> DatasetInfo:
         num_examples={name: split.num_examples for name, split in info.splits.items()},
         image_shape=tuple(info.features["image"].shape),
     )
+
+
+def split_fingerprint(dataset: str, data_dir: str | None, split: str) -> dict[str, Any]:
+    """What identifies the prepared data of `split`: where it lies, its TFDS version, its size and
+    when its dataset_info.json was written (preparing it again changes that)."""
+    builder = get_builder(dataset, data_dir)
+    info_file = os.path.join(builder.data_dir, "dataset_info.json")
+    return {
+        "dataset": dataset,
+        "data_dir": os.path.abspath(builder.data_dir),
+        "version": str(builder.info.version),
+        "split": split,
+        "num_examples": len(data_source(dataset, data_dir, split, decode_images=False)),
+        "prepared_ns": os.stat(info_file).st_mtime_ns,
+    }
 
 
 def data_source(
