@@ -14,10 +14,10 @@ The kernel reads o, xs and m once and writes y once: one program per 64 tokens o
 
 The backward is a second kernel of the same shape (the gradients of o, xs and m per row, and each
 program's partial sums of the two scales' gradients, summed in XLA), or with
-`backward="reference"` XLA's vjp of the reference. Under a mesh both run per shard of
-the batch, as BiGLA's kernels do (`bigla._per_batch_shard`). On an H200 the layer with the forward
-kernel and XLA's backward inferred 3-5% faster than the plain bf16 chain and trained 1.5-4% slower
-(benchmarks/notes_bigla.md, v14).
+`backward="reference"` XLA's vjp of the reference. Under a mesh both run per shard of the batch,
+as BiGLA's kernels do (`bigla._per_batch_shard`). On an H200 the layer with both kernels inferred
+3-4% faster than the plain bf16 chain and trained as fast or up to 3% faster; with XLA's backward it
+had trained 1.5-4% slower (benchmarks/notes_bigla.md, v14 and v15).
 """
 
 import functools
