@@ -25,7 +25,9 @@
    workers' start-up (seconds) once per evaluation. With --transport, also the training pipeline's
    shape (batched MapDataset -> to_iter_dataset -> mp_prefetch, the same workers and threads) with a
    map that returns a pre-made image (no read, decode or transform): the ceiling that moving batches
-   from the workers to this process and onto the device sets (mode "transport").
+   from the workers to this process and onto the device sets (mode "transport"). Last, mode
+   "eval_replay": one pass of evaluation batches written to disk and replayed memory-mapped
+   (`config.data.eval_cache_dir`, `vig_jax.data.batch_store`), timed once.
 
 Writes OUT/input.json and OUT/input.md.
 """
@@ -51,7 +53,8 @@ from benchmarks.harness import git_sha  # noqa: E402
 from configs import common  # noqa: E402
 from vig_jax import data  # noqa: E402
 from vig_jax.data import imagenet_like, mix, prepare, sources, transforms, writer  # noqa: E402
-from vig_jax.data.pipeline import READ_THREADS, TrainIterator  # noqa: E402
+from vig_jax.data.batch_store import BatchStore  # noqa: E402
+from vig_jax.data.pipeline import READ_THREADS, TrainIterator, iterate  # noqa: E402
 from vig_jax.train import sharding  # noqa: E402
 
 DATASET = "input_bench"
@@ -239,6 +242,28 @@ def run_eval(data_dir, workers, threads, s, put) -> dict:
     return _time_stream(TrainIterator(batches, workers, threads), s, put)
 
 
+def run_eval_replay(data_dir, workers, threads, s, put) -> dict:
+    """Evaluation batches replayed from disk (`config.data.eval_cache_dir`): one pass of the eval
+    transform over the split is written to a `BatchStore` (with `workers` workers), then its
+    batches are read back memory-mapped, cycled, and timed as the other modes."""
+    source = sources.data_source(DATASET, data_dir, "train", decode_images=False)
+    key = {"bench": DATASET, "images": len(source), "size": s["image_size"], "batch": s["batch"]}
+    store = BatchStore(pathlib.Path(data_dir).parent / "eval_replay", key)
+    if not store.complete():
+        transform = transforms.EvalTransform(s["image_size"], 0.875)
+        batches = grain.MapDataset.source(source).map(transform)
+        with store.writer() as written:
+            for batch in iterate(batches.batch(s["batch"], drop_remainder=True), workers, threads):
+                written.add(batch)
+            written.commit()
+
+    def cycle():
+        while True:
+            yield from store.read()
+
+    return _time_stream(cycle(), s, put)
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"# Input pipeline ({result['device']}, {result['cpu_count']} CPUs, "
@@ -286,10 +311,12 @@ def main(argv=None) -> int:
     modes = [("train", run_train), ("eval", run_eval)]
     if s["transport"]:
         modes.append(("transport", run_transport))
+    modes.append(("eval_replay", run_eval_replay))
     runs = []
     for mode, run in modes:
-        for workers in s["workers"]:
-            for threads in s["threads"]:
+        # The replay reads no pipeline: timed once (its workers only write the store first).
+        for workers in s["workers"][-1:] if mode == "eval_replay" else s["workers"]:
+            for threads in s["threads"][:1] if mode == "eval_replay" else s["threads"]:
                 r = run(data_dir, workers, threads, s, put)
                 row = {"mode": mode, "workers": workers, "threads": threads, **r}
                 row["img_per_s"] = r["images"] / r["seconds"]

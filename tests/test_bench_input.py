@@ -17,7 +17,8 @@ def test_smoke_writes_every_run_and_the_dataset_facts(tmp_path):
     args = ["--smoke", "--out-dir", out, "--images", 20, "--workers", 0, "--seconds", 0.2]
     run_benchmark(SCRIPT, *args, cache_dir=tmp_path / "cache", timeout=300)
     result = json.loads((out / "input.json").read_text())
-    assert [(r["mode"], r["workers"]) for r in result["runs"]] == [("train", 0), ("eval", 0)]
+    modes = [(r["mode"], r["workers"]) for r in result["runs"]]
+    assert modes == [("train", 0), ("eval", 0), ("eval_replay", 0)]
     assert all(r["img_per_s"] > 0 and r["images"] > 0 for r in result["runs"])
     assert set(result["stage_ms"]) == {
         "read",

@@ -41,9 +41,11 @@ READ_THREADS = 4  # per process (each worker, or this process without workers)
 _PREFETCH_BATCHES = 8
 
 
-def _iterate(
+def iterate(
     dataset: grain.MapDataset, num_workers: int, read_threads: int
 ) -> grain.DatasetIterator:
+    """An iterator over `dataset` (batches), read by `read_threads` threads in this process or in
+    each of `num_workers` grain worker processes."""
     options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=_PREFETCH_BATCHES)
     iter_dataset = dataset.to_iter_dataset(options)
     if num_workers > 0:
@@ -119,7 +121,7 @@ class TrainIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
-            self._iterator = _iterate(
+            self._iterator = iterate(
                 self._batches[self._position :], self._num_workers, self._read_threads
             )
         batch = next(self._iterator)
@@ -235,4 +237,4 @@ def make_eval_iterator(
     padded = grain.MapDataset.range(num_batches * batch_size).map(
         _PaddedEvalExample(shard, image_size)
     )
-    return _iterate(padded.batch(batch_size), num_workers, read_threads)
+    return iterate(padded.batch(batch_size), num_workers, read_threads)
