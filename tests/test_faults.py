@@ -224,12 +224,12 @@ def test_every_corrupt_file_of_the_newest_checkpoint_falls_back(
 
 
 def _failing_writer(monkeypatch, error, after_steps=()):
-    """Orbax's JSON writer (data/metadata, written in the save thread) raises `error` for the
-    checkpoints of steps not in `after_steps`."""
+    """Orbax's JSON writer of the data item (data/metadata, written in the save thread) raises
+    `error` for the checkpoints of steps not in `after_steps` (the checksums item is written)."""
     real = json_checkpoint_handler.JsonCheckpointHandler._save_fn
 
     async def save_fn(self, x, directory):
-        if x.get("batches") in after_steps:
+        if "batches" not in x or x["batches"] in after_steps:
             return await real(self, x, directory)
         if error == "stall":  # writes after orbax's timeout (3 s here) has given up on it
             await asyncio.sleep(6)

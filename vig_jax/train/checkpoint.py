@@ -1,10 +1,12 @@
 """Orbax checkpoints of the train state and the data iterator; the only module importing orbax.
 
-A checkpoint at step s holds `state/` (the whole TrainState: params, opt_state, ema, key, step)
-and `data/` (the data iterator state as JSON), so a restored run continues exactly where the saved
-one was. Saves are asynchronous: the arrays are copied off the device, then written in a thread
-while training continues; orbax only makes a step directory visible once it is complete, so a
-SIGKILL mid-write leaves the previous checkpoint as the latest.
+A checkpoint at step s holds `state/` (the whole TrainState: params, opt_state, ema, key, step),
+`data/` (the data iterator state as JSON) and `checksums/` (one checksum per array of the state,
+computed on the devices before the save), so a restored run continues exactly where the saved one
+was, or the restore fails (the checksums catch a damaged chunk that tensorstore still decodes
+without error). Saves are asynchronous: the arrays are copied off the device, then written in a
+thread while training continues; orbax only makes a step directory visible once it is complete, so
+a SIGKILL mid-write leaves the previous checkpoint as the latest.
 
 Faults (docs/faults.md): a save that fails or stalls in its thread is reported by `check()`, which
 the loop calls after every step, as a `CheckpointSaveError` naming the path and the cause;
@@ -19,6 +21,7 @@ import shutil
 import time
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -48,10 +51,14 @@ def _path_name(key) -> str:
     return str(key)
 
 
+def _named_leaves(tree) -> dict:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {"/".join(map(_path_name, path)): leaf for path, leaf in leaves}
+
+
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
     """{"params/a/kernel": shape} of a pytree of arrays or of orbax array metadata."""
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {"/".join(map(_path_name, path)): tuple(leaf.shape) for path, leaf in leaves}
+    return {path: tuple(leaf.shape) for path, leaf in _named_leaves(tree).items()}
 
 
 def _difference(saved: dict, wanted: dict) -> str:
@@ -70,6 +77,39 @@ def _difference(saved: dict, wanted: dict) -> str:
         if items
     ]
     return "; ".join(parts)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """uint32 sum of the leaf's bits, each 32-bit word weighted by an odd number of its position
+    (mod 2^32): any change of one word changes it, a garbled run of words almost surely."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    x = x.reshape(-1)
+    if x.dtype == jnp.bool_:
+        words = x.astype(jnp.uint32)
+    elif x.dtype.itemsize < 4:
+        narrow = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+        words = jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+    else:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # 64-bit: two words
+    weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | jnp.uint32(1)
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(state) -> dict:
+    return jax.tree.map(_leaf_checksum, state)
+
+
+def state_checksums(state) -> dict[str, int]:
+    """{"params/a/kernel": checksum} of every array of `state` (`_leaf_checksum`), computed on the
+    devices where the arrays are (a sharded array gets one checksum of all of it)."""
+    sums = jax.device_get(_checksums(state))
+    return {path: int(value) for path, value in _named_leaves(sums).items()}
+
+
+class ChecksumError(ValueError):
+    """A restored checkpoint's arrays differ from the checksums saved with them."""
 
 
 class Checkpointer:
@@ -118,7 +158,9 @@ class Checkpointer:
         """
         self.check(block=True)
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            checksums=ocp.args.JsonSave(state_checksums(state)),
         )
         try:
             self._manager.save(step, args=args, force=True)
@@ -152,10 +194,21 @@ class Checkpointer:
           abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` set: the arrays are
             read straight into that layout (each process reads only its shards).
         """
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-        )
-        restored = self._manager.restore(step, args=args)
+        items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        checked = (self.directory / str(step) / "checksums").exists()  # not before checksums
+        if checked:
+            items["checksums"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if checked:
+            # tensorstore reads a garbled chunk of a data file without an error when it still
+            # decodes; the checksums saved with the state catch it.
+            got, want = state_checksums(restored["state"]), restored["checksums"]
+            wrong = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+            if wrong:
+                raise ChecksumError(
+                    f"{len(wrong)} array(s) differ from their saved checksums: "
+                    f"{', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}"
+                )
         data_state = restored["data"]
         if set(data_state) == {"value"}:
             # Checkpoints before the fault work wrapped the iterator state as {"value": state}.
