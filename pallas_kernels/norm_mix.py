@@ -25,9 +25,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.bigla import _per_batch_shard
+from pallas_kernels.bigla.pallas import _load_rows, _store_rows, triton_call
 
 IMPLS = ("auto", "reference", "pallas")
 BACKWARDS = ("pallas", "reference")
@@ -59,15 +59,8 @@ def _rows(n):
     """(load, store) of this program's ROWS tokens of N = n: load(ref) -> [ROWS, V] float32 (rows
     past N read 0), store(ref, val) writes the rows before N."""
     start = pl.program_id(0) * ROWS
-    mask = (start + jnp.arange(ROWS, dtype=jnp.int32) < n)[:, None]
-
-    def load(ref):
-        x = pltriton.load(ref.at[pl.ds(start, ROWS), :], mask=mask, other=0.0)
-        return x.astype(jnp.float32)
-
-    def store(ref, val):
-        pltriton.store(ref.at[pl.ds(start, ROWS), :], val.astype(ref.dtype), mask=mask)
-
+    load = lambda ref: _load_rows(ref, start, ROWS, n).astype(jnp.float32)
+    store = lambda ref, val: _store_rows(ref, start, val, n)
     return load, store
 
 
@@ -115,16 +108,8 @@ def _bwd_kernel(o_ref, xs_ref, m_ref, os_ref, xss_ref, dy_ref, *out_refs, n, eps
 
 
 def _launch(kernel, name, grid, in_specs, out_specs, out_shape, interpret):
-    return pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret,
-        name=name,
-    )
+    return triton_call(kernel, name, grid, in_specs, out_specs, out_shape, num_warps=4,
+                       num_stages=1, interpret=interpret)  # fmt: skip
 
 
 def _specs(B, N, H, V):

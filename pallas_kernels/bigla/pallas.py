@@ -708,21 +708,28 @@ def _with_logits(kernel, scale, gates, grads):
     return wrapped
 
 
-def _call(kernel, name, grid, in_specs, out_specs, out_shape, params, logits=None):
-    if logits is not None:
-        kernel = _with_logits(kernel, *logits)
+def triton_call(kernel, name, grid, in_specs, out_specs, out_shape, *, num_warps, num_stages,
+                interpret):  # fmt: skip
+    """`pl.pallas_call` on the Triton backend with its launch settings (also norm_mix's kernels)."""
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=pltriton.CompilerParams(
-            num_warps=params.num_warps, num_stages=params.num_stages
-        ),
-        interpret=params.interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
         name=name,
     )
+
+
+def _call(kernel, name, grid, in_specs, out_specs, out_shape, params, logits=None):
+    if logits is not None:
+        kernel = _with_logits(kernel, *logits)
+    settings = dict(
+        num_warps=params.num_warps, num_stages=params.num_stages, interpret=params.interpret
+    )
+    return triton_call(kernel, name, grid, in_specs, out_specs, out_shape, **settings)
 
 
 def _states_span(B, H, nt, params):
