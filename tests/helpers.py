@@ -19,6 +19,16 @@ def run_fast(fn, *args):
     return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
 
 
+def patch_bigla(monkeypatch, fn):
+    """Replaces BiGLA inside the models by fn(q, k, v, gf, gb, **kw): the GLA layer's `bigla` and
+    the one `bigla_packed` (the layer's default entry) hands XLA's slices to off the pallas path."""
+    import pallas_kernels.bigla
+    from vig_jax.models import gla
+
+    monkeypatch.setattr(gla, "bigla", fn)
+    monkeypatch.setattr(pallas_kernels.bigla, "bigla", fn)
+
+
 def rel_err(got, want):
     """max |got - want| / max |want| in float64 (NaN if either has a NaN)."""
     got = np.asarray(got, np.float64)

@@ -13,8 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.bigla import bigla
-from pallas_kernels.bigla.pallas import KernelParams, bigla_pallas, bigla_pallas_logits
+from pallas_kernels.bigla import bigla, bigla_packed
+from pallas_kernels.bigla.pallas import (
+    KernelParams,
+    bigla_pallas,
+    bigla_pallas_logits,
+    bigla_pallas_packed,
+    split_packed,
+)
 from pallas_kernels.bigla.reference import bigla_reference
 from tests.helpers import FAST_COMPILE, GRAD_NAMES, assert_close, rel_err, run_fast
 
@@ -601,3 +607,119 @@ def test_bigla_pallas_saved_states_lower_to_triton_for_cuda():
         assert "bigla_bwd_states" not in text and "bigla_bwd_span_summaries" not in text
         if span:
             assert "bigla_bwd_adjoints_span_summaries" in text
+
+
+def make_packed(shape, dtype, logits, seed=0):
+    """qkv [B, N, H (2K + V)] in dtype, gates [B, N, 2 H K] (log gates float32, or logits in
+    dtype), cotangent do [B, N, H, V]: as the GLA layer hands them to `bigla_packed`."""
+    B, N, H, K, V = shape
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    qkv = jax.random.normal(ks[0], (B, N, H * (2 * K + V))).astype(dtype)
+    x = 3 * jax.random.normal(ks[1], (B, N, 2 * H * K))
+    gates = x.astype(dtype) if logits else jax.nn.log_sigmoid(x) / 16
+    return qkv, gates, jax.random.normal(ks[2], (B, N, H, V)).astype(dtype)
+
+
+# shape, params, logits: the sub-block programs with the split states plan (bf16, the model's
+# form), log gates in float32 with the sequential states plan, and the one-program (short) plan.
+PACKED_CASES = [
+    pytest.param((2, 50, 2, 16, 32), KernelParams(), True, id="N50-span-logits"),
+    pytest.param((1, 40, 2, 16, 32), KernelParams(states_span=0), False, id="N40-sequential"),
+    pytest.param((2, 12, 2, 32, 64), KernelParams(), False, id="N12-short"),
+]
+
+
+@pytest.mark.parametrize("shape,params,logits", PACKED_CASES)
+def test_bigla_pallas_packed_equals_unpacked(shape, params, logits):
+    """`bigla_pallas_packed` reads q (scaled), k, v and both gates in place from qkv and gates and
+    writes dqkv and dgates whole: o and both gradients equal those of the unpacked kernels on XLA's
+    slices (interpret mode; the packed kernel scales q and dq itself, as XLA does in its dtype)."""
+    dtype = jnp.bfloat16 if logits else jnp.float32
+    qkv, gates, do = make_packed(shape, dtype, logits)
+    B, N, H, K, V = shape
+    layout = dict(num_heads=H, key_dim=H * K, q_scale=K**-0.5)
+    norm = dict(normalizer=16.0) if logits else {}
+    entry = bigla_pallas_logits if logits else bigla_pallas
+    params = dataclasses.replace(params, interpret=True)
+
+    def unpacked(qkv, gates):
+        return entry(*split_packed(qkv, gates, H, H * K, K**-0.5), params=params, **norm)
+
+    def packed(qkv, gates):
+        return bigla_pallas_packed(qkv, gates, params=params, **layout, **norm)
+
+    want = jax.jit(lambda *a: fwd_and_grads(unpacked, a[:2], a[2]))(qkv, gates, do)
+    got = jax.jit(lambda *a: fwd_and_grads(packed, a[:2], a[2]))(qkv, gates, do)
+    for name, g, w in zip(("o", "dqkv", "dgates"), got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, g.dtype)
+        assert_close(name, g, w, 1e-6)
+
+
+def test_bigla_packed_layout_is_load_bearing():
+    """Negative controls: with [gf | gb] swapped, or with q read unscaled, the packed kernel's
+    output moves (interpret mode); and the dispatcher's chunked path (XLA slices) matches it."""
+    shape = (1, 40, 2, 16, 32)
+    qkv, gates, _ = make_packed(shape, jnp.float32, False)
+    layout = dict(num_heads=2, key_dim=32, q_scale=0.25)
+    run = lambda g, **kw: bigla_packed(qkv, g, impl="pallas", interpret=True, **{**layout, **kw})
+    o = run(gates)
+    swapped = jnp.concatenate(jnp.split(gates, 2, axis=-1)[::-1], axis=-1)
+    assert rel_err(run(swapped), o) > 1e-2
+    assert rel_err(run(gates, q_scale=1.0), o) > 1e-2
+    chunked = bigla_packed(qkv, gates, impl="chunked", **layout)
+    assert_close("o chunked", chunked, o, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "qkv_shape,gates_shape,heads,key_dim,match",
+    [
+        ((1, 8, 96), (1, 8, 48), 2, 32, "gates"),  # gates width must be 2 key_dim
+        ((1, 8, 96), (1, 8, 64), 3, 32, "multiples of num_heads"),
+        ((1, 8, 64), (1, 8, 64), 2, 32, "value_dim"),  # no columns left for v
+        ((8, 96), (8, 64), 2, 32, "qkv"),
+    ],
+)
+def test_bigla_packed_rejects_inconsistent_shapes(qkv_shape, gates_shape, heads, key_dim, match):
+    qkv, gates = jnp.zeros(qkv_shape), jnp.zeros(gates_shape)
+    with pytest.raises(ValueError, match=match):
+        bigla_packed(qkv, gates, num_heads=heads, key_dim=key_dim, impl="chunked")
+
+
+def test_bigla_pallas_packed_lowers_to_triton_for_cuda():
+    """Forward + backward of the packed entry cross-lower for CUDA (the column windows of `_Cols`
+    pass the Triton lowering): sub-block programs with the split states plan on bf16 logits."""
+    B, N, H, K, V = 2, 130, 3, 32, 64
+
+    def fwd_bwd(qkv, gates, do):
+        f = lambda a, b: bigla_pallas_packed(
+            a, b, num_heads=H, key_dim=H * K, q_scale=K**-0.5, normalizer=16.0
+        )
+        o, vjp = jax.vjp(f, qkv, gates)
+        return o, vjp(do)
+
+    shapes = [(B, N, H * (2 * K + V)), (B, N, 2 * H * K), (B, N, H, V)]
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+    text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "bigla_fwd_sub_blocks" in text and "bigla_bwd_sub_blocks" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("logits", [False, True], ids=["log_gates", "logits"])
+def test_bigla_pallas_packed_gpu_matches_unpacked(logits):
+    """Compiled: the packed kernels at ViG-S 224's head shape (bf16) against the unpacked ones on
+    XLA's slices (same kernels, same rounding points: equal to bf16 rounding of dq's scale)."""
+    B, N, H, K, V = 8, 196, 6, 32, 64
+    qkv, gates, do = make_packed((B, N, H, K, V), jnp.bfloat16, logits)
+    norm = dict(normalizer=16.0) if logits else {}
+    entry = bigla_pallas_logits if logits else bigla_pallas
+
+    def unpacked(qkv, gates):
+        return entry(*split_packed(qkv, gates, H, H * K, K**-0.5), **norm)
+
+    def packed(qkv, gates):
+        return bigla_pallas_packed(qkv, gates, num_heads=H, key_dim=H * K, q_scale=K**-0.5, **norm)
+
+    want = jax.jit(lambda *a: fwd_and_grads(unpacked, a[:2], a[2]))(qkv, gates, do)
+    got = jax.jit(lambda *a: fwd_and_grads(packed, a[:2], a[2]))(qkv, gates, do)
+    for name, g, w in zip(("o", "dqkv", "dgates"), got, want, strict=True):
+        assert_close(name, g, w, 1e-2)

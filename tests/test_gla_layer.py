@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from tests.helpers import assert_close, rel_err
+from tests.helpers import assert_close, patch_bigla, rel_err
 from vig_jax.models import gla
 
 EPS = 1e-6  # RMSNorm eps of the spec
@@ -249,7 +249,7 @@ def test_gla_layer_bf16_keeps_gates_and_norm_statistics_in_float32(form, monkeyp
         return calls["bigla"]
 
     bigla = gla.bigla
-    monkeypatch.setattr(gla, "bigla", record_bigla)
+    patch_bigla(monkeypatch, record_bigla)
     with nn.intercept_methods(record_calls):
         layer.apply({"params": params}, jnp.asarray(x, jnp.bfloat16))
 

@@ -177,6 +177,7 @@ GLA_FORMS = {
     "split_proj_gates_in_kernel": dict(split_proj=True, gates_in_kernel=True),
     # Off the pallas path the gates come from the same XLA ops; the kernel's own gates below.
     "gates_in_kernel": dict(gates_in_kernel=True),
+    "unpacked": dict(packed_bigla=False),  # "plain" hands BiGLA qkv and the gates packed
 }
 
 
@@ -200,20 +201,32 @@ def _gla_outputs_and_grads(forms, dtype, width=16, grid=(4, 6)):
     return results
 
 
-def test_gla_split_proj_backward_concatenates_no_gradients():
-    """split_proj's reason to exist: the plain layer's backward concatenates the gradients of q, k,
-    v (and of the two gates' logits) into the fused projections' outputs; with split_proj it does
-    not (the plain layer's concatenations are the negative control of the check)."""
-    x = _normal((1, 4, 4, 16), jnp.float32, 0)
+def test_gla_split_proj_and_packed_backward_concatenate_no_gradients():
+    """The reason for split_proj and for packed_bigla on the pallas kernels: the backward of a
+    layer whose BiGLA reads q, k, v and the gates as slices concatenates their gradients into the
+    projections' outputs; with split_proj (separate projections) or the pallas kernels reading
+    them in place (packed_bigla, the default) it does not. The slicing layers, the plain one on
+    the reference BiGLA (packed but unpacked by XLA) and the pallas one with packed_bigla=False,
+    are the negative controls of the check."""
+    x = _normal((1, 4, 4, 64), jnp.float32, 0)
+    pallas = dict(bigla_impl="pallas", bigla_interpret=True)
     concats = {}
-    for name, forms in (("plain", {}), ("split", dict(split_proj=True))):
-        model = _gla("float32", **forms)
-        params = model.init(jax.random.key(0), x)
+    forms = {
+        "plain": {},
+        "unpacked pallas": dict(pallas, packed_bigla=False),
+        "split": dict(split_proj=True),
+        "packed pallas": pallas,
+    }
+    for name, kwargs in forms.items():
+        model = _gla("float32", **kwargs)
+        params = jax.eval_shape(model.init, jax.random.key(0), x)
         f = lambda p, x, m=model: m.apply(p, x)
         jaxpr = jax.make_jaxpr(lambda p, x, f=f: jax.vjp(f, p, x)[1](x))(params, x).jaxpr
-        concats[name] = {w: _activation_concats(jaxpr, w) for w in (2 * 8 + 16, 2 * 8)}
-    assert all(concats["plain"].values()), concats["plain"]  # [dq | dk | dv] and [dxf | dxb]
-    assert not any(concats["split"].values()), concats["split"]
+        concats[name] = {w: _activation_concats(jaxpr, w) for w in (2 * 32 + 64, 2 * 32)}
+    for name in ("plain", "unpacked pallas"):  # [dq | dk | dv] and [dxf | dxb]
+        assert all(concats[name].values()), (name, concats[name])
+    for name in ("split", "packed pallas"):
+        assert not any(concats[name].values()), (name, concats[name])
 
 
 def test_gla_fused_and_split_proj_are_exclusive():
@@ -286,9 +299,9 @@ def test_gla_pallas_states_saved_or_recomputed_match_plain():
 
 @pytest.mark.parametrize("gates_in_kernel", [False, True])
 def test_gla_hands_its_bigla_settings_to_the_kernel(gates_in_kernel, monkeypatch):
-    """bigla_chunk and save_states reach bigla / bigla_logits (None and True by default)."""
+    """bigla_chunk and save_states reach BiGLA's entry point (None and True by default)."""
     seen = []
-    for name in ("bigla", "bigla_logits"):
+    for name in ("bigla", "bigla_logits", "bigla_packed"):
         real = getattr(gla, name)
         record = lambda *a, real=real, **kw: seen.append(kw) or real(*a, **kw)
         monkeypatch.setattr(gla, name, record)
@@ -303,16 +316,21 @@ def test_gla_hands_its_bigla_settings_to_the_kernel(gates_in_kernel, monkeypatch
 @pytest.mark.parametrize("form", sorted(f for f in GLA_FORMS if "gates_in_kernel" not in f))
 def test_gla_form_keeps_float32_gates_and_norm_statistics(form, monkeypatch):
     """bf16 compute: BiGLA gets float32 gates, and every rsqrt (norm statistics) is float32."""
-    seen, real_bigla = [], gla.bigla
+    seen, real_bigla, real_packed = [], gla.bigla, gla.bigla_packed
 
     def recording_bigla(q, k, v, gf, gb, **kw):
         seen.append((gf.dtype, gb.dtype))
         return real_bigla(q, k, v, gf, gb, **kw)
 
+    def recording_packed(qkv, gates, **kw):
+        seen.append((gates.dtype, gates.dtype))
+        return real_packed(qkv, gates, **kw)
+
     x = _normal((1, 4, 4, 16), jnp.bfloat16, 0)
     model = _gla("bfloat16", **GLA_FORMS[form])
     params = model.init(jax.random.key(0), x)
     monkeypatch.setattr(gla, "bigla", recording_bigla)
+    monkeypatch.setattr(gla, "bigla_packed", recording_packed)
     jaxpr = jax.make_jaxpr(lambda p: model.apply(p, x))(params)
     assert seen == [(jnp.float32, jnp.float32)]
     rsqrt = [e for e in jaxpr.eqns if e.primitive.name == "rsqrt"]

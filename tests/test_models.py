@@ -10,10 +10,10 @@ from flax.traverse_util import flatten_dict
 
 from pallas_kernels.bigla import bigla
 from tests.conftest import golden_file
-from tests.helpers import assert_close, rel_err
+from tests.helpers import assert_close, patch_bigla, rel_err
 from vig_jax import models
 from vig_jax.convert import convert_state_dict
-from vig_jax.models import create_model, gla, list_models
+from vig_jax.models import create_model, list_models
 from vig_jax.models.layers import DropPath
 
 # Golden models: 10 classes, reduced depth (spec/golden.md); built from the registry with overrides.
@@ -110,7 +110,7 @@ def _sum_of_directions_bigla(q, k, v, gf, gb, **kw):
 def test_golden_parity_fails_when_bigla_is_broken(filename, broken, min_err, monkeypatch, x64):
     """Negative control: the golden files tell a model with a broken BiGLA from the official one,
     by far more than the parity tolerance (the unit-scale parameters make the branch matter)."""
-    monkeypatch.setattr(gla, "bigla", broken)
+    patch_bigla(monkeypatch, broken)
     errors = [
         (name, rel_err(got, want), tol)
         for name, got, want, tol in _golden_errors(filename, "float64")
@@ -130,9 +130,11 @@ def test_golden_vig_h_eval_path_equals_training_path_up_to_norm_eps(x64):
         want = golden[f"logits{i}"]
         tol = 1e-6 * (1 + np.abs(want).max()) / np.abs(want).max()
         assert rel_err(golden[f"logits_eval{i}"], want) < tol / 10
+    calls = []  # the sum must be what ran
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gla, "bigla", _sum_of_directions_bigla)
+        patch_bigla(patch, lambda *a, **kw: calls.append(1) or _sum_of_directions_bigla(*a, **kw))
         summed = _golden_errors("vig_h_t_small.npz", "float64")
+    assert calls
     for name, got, _, tol in summed:
         i = name.split(" ")[1][-1]
         assert_close(name + " (sum of directions)", got, golden[f"logits_eval{i}"], tol)

@@ -10,7 +10,8 @@ the same arrays:
              `auto_table` (measured by benchmarks/bench_bigla.py) says it is faster.
 
 `bigla_logits` takes the gate logits instead of the log gates (the pallas path computes the gates
-inside its kernels).
+inside its kernels); `bigla_packed` takes q, k, v as one [B, N, .] array and both gates as another,
+as a model's projections produce them (the pallas path reads them in place).
 
 Under a mesh (`jax.set_mesh`, or `jax.sharding.use_abstract_mesh` while tracing, as
 `vig_jax.train.trainer` does) the pallas path runs per shard of the batch; see `_per_batch_shard`.
@@ -218,4 +219,55 @@ def bigla_logits(
     return _per_batch_shard(kernel, q, k, v, xf, xb)
 
 
-__all__ = ["IMPLS", "bigla", "bigla_logits", "bigla_reference"]
+def bigla_packed(
+    qkv,
+    gates,
+    *,
+    num_heads,
+    key_dim,
+    q_scale=1.0,
+    normalizer=None,
+    impl="auto",
+    chunk_size=None,
+    interpret=False,
+    save_states=True,
+):
+    """`bigla` (with `normalizer`, `bigla_logits`) on the arrays a model's projections produce.
+
+    qkv: [B, N, 2 key_dim + H V] = [q | k | v], each head-major (channel = head * d + i), q read
+    as q * q_scale rounded to qkv's dtype (ViG: K^-1/2); gates: [B, N, 2 key_dim] = [gf | gb],
+    log gates, or logits when `normalizer` is set. The pallas path reads q, k, v and the gates in
+    place and its backward writes dqkv and dgates whole (`pallas.bigla_pallas_packed`): no XLA
+    pass slices them apart or concatenates their gradients. The other implementations get the
+    slices. Returns o [B, N, H, V] in qkv.dtype; other arguments and errors as `bigla`.
+    """
+    from pallas_kernels.bigla.pallas import check_packed, split_packed
+
+    K, V = check_packed(qkv, gates, num_heads, key_dim)
+    B, N, _ = qkv.shape
+    for name, x in (("qkv", qkv), ("gates", gates)):
+        if x.dtype not in _FLOATS:
+            raise ValueError(f"{name}.dtype={x.dtype} is not a float dtype of {_FLOATS}")
+    if impl == "auto":  # the Mosaic path reads separate arrays: pallas or chunked
+        impl = _auto_impl((B, N, num_heads, K), V, qkv.dtype, chunk_size, mosaic_ok=False)
+    if impl != "pallas":
+        arrays = split_packed(qkv, gates, num_heads, key_dim, q_scale)
+        run = dict(impl=impl, chunk_size=chunk_size, interpret=interpret, save_states=save_states)
+        if normalizer is None:
+            return bigla(*arrays, **run)
+        return bigla_logits(*arrays, normalizer=normalizer, **run)
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None")
+    _check_pallas_backend(interpret)
+    from pallas_kernels.bigla.pallas import _params, bigla_pallas_packed
+
+    params = _params(None, chunk_size, interpret, save_states)
+    layout = dict(num_heads=num_heads, key_dim=key_dim, q_scale=q_scale, normalizer=normalizer)
+
+    def kernel(qkv, gates):
+        return bigla_pallas_packed(qkv, gates, params=params, **layout)
+
+    return _per_batch_shard(kernel, qkv, gates)
+
+
+__all__ = ["IMPLS", "bigla", "bigla_logits", "bigla_packed", "bigla_reference"]

@@ -185,14 +185,40 @@ def _log_sigmoid(x):
     return jnp.minimum(x, 0.0) - jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
+class _Cols:
+    """Columns [col, col + width) of a [N, C] ref (one head of a packed [B, N, C] input or
+    output, `_Packed`), read as if they were a [N, width] ref: values times `scale` (rounded back
+    to the ref's dtype, as XLA scales q), and stored values (gradients) times `scale`."""
+
+    def __init__(self, ref, col, width, scale=1.0):
+        self.ref, self.col, self.scale = ref, col, scale
+        self.shape, self.dtype = (ref.shape[0], width), ref.dtype
+
+    def rows(self, start, rows):
+        return self.ref.at[pl.ds(start, rows), pl.ds(self.col, self.shape[1])]
+
+    def factor(self):
+        """The scale as applied: rounded to the ref's dtype (the model's q * scale in bf16)."""
+        return jnp.asarray(self.scale, self.dtype).astype(jnp.float32)
+
+
+def _rows_at(ref, start, rows):
+    """The [rows, d] window of a [N, d] ref or `_Cols` view at row `start`."""
+    return ref.rows(start, rows) if isinstance(ref, _Cols) else ref.at[pl.ds(start, rows), :]
+
+
 def _load_rows(ref, start, rows, n):
-    """Rows [start, start + rows) of a [N, d] ref; rows past N read 0 (neutral both ways), also as
-    gates of a `_Logits` ref (masked after the log_sigmoid, which maps 0 to -log 2)."""
+    """Rows [start, start + rows) of a [N, d] ref (or `_Cols` view); rows past N read 0 (neutral
+    both ways), also as gates of a `_Logits` ref (masked after the log_sigmoid, which maps 0 to
+    -log 2)."""
     mask = (start + jnp.arange(rows, dtype=jnp.int32) < n)[:, None]
     if isinstance(ref, _Logits):
-        x = pltriton.load(ref.ref.at[pl.ds(start, rows), :], mask=mask, other=0.0)
+        x = pltriton.load(_rows_at(ref.ref, start, rows), mask=mask, other=0.0)
         return jnp.where(mask, _log_sigmoid(x.astype(jnp.float32)) * ref.scale, 0.0)
-    return pltriton.load(ref.at[pl.ds(start, rows), :], mask=mask, other=0.0)
+    x = pltriton.load(_rows_at(ref, start, rows), mask=mask, other=0.0)
+    if isinstance(ref, _Cols) and ref.scale != 1.0:
+        x = (x.astype(jnp.float32) * ref.factor()).astype(x.dtype)
+    return x
 
 
 def _store_rows(ref, start, val, n):
@@ -200,7 +226,9 @@ def _store_rows(ref, start, val, n):
     if isinstance(ref, _LogitGrads):
         x = _load_rows(ref.x_ref, start, val.shape[0], n).astype(jnp.float32)
         val, ref = val * (ref.scale / (1.0 + jnp.exp(x))), ref.ref  # sigmoid(-x); e^x = inf -> 0
-    pltriton.store(ref.at[pl.ds(start, val.shape[0]), :], val.astype(ref.dtype), mask=mask)
+    if isinstance(ref, _Cols) and ref.scale != 1.0:
+        val = val * ref.factor()
+    pltriton.store(_rows_at(ref, start, val.shape[0]), val.astype(ref.dtype), mask=mask)
 
 
 def _dir_cumsum(x, reverse):
@@ -678,12 +706,77 @@ def _bigla_bwd_sub_kernel(
 # Launchers.
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Packed:
+    """A kernel input or output [B, N, H, width] stored as columns of a [B, N, C] array: head h
+    is columns [col + h * width, col + (h + 1) * width), read times `scale` and its gradient
+    stored times `scale` (`_Cols`). Outputs packed into one array share its ShapeDtypeStruct."""
+
+    array: object
+    heads: int
+    col: int
+    width: int
+    scale: float = 1.0
+
+    @property
+    def shape(self):
+        return (*self.array.shape[:2], self.heads, self.width)
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+
 def _token_spec(x, grid_rank):
-    """[B, N, H, d] array -> [N, d] view of one (b, h); grid (B, H) or (NT, B, H)."""
-    shape = (None, x.shape[1], None, x.shape[3])
+    """[B, N, H, d] array -> [N, d] view of one (b, h); a packed [B, N, C] one (`_Packed`) ->
+    [N, C] of one b (the kernel reads its head's columns, `_Cols`); grid (B, H) or (NT, B, H)."""
+    x = x.array if isinstance(x, _Packed) else x
+    if len(x.shape) == 3:
+        shape, index = (None, x.shape[1], x.shape[2]), lambda b: (b, 0, 0)
+    else:
+        shape, index = (None, x.shape[1], None, x.shape[3]), None
     if grid_rank == 2:
-        return pl.BlockSpec(shape, lambda b, h: (b, 0, h, 0))
-    return pl.BlockSpec(shape, lambda c, b, h: (b, 0, h, 0))
+        return pl.BlockSpec(shape, lambda b, h: index(b) if index else (b, 0, h, 0))
+    return pl.BlockSpec(shape, lambda c, b, h: index(b) if index else (b, 0, h, 0))
+
+
+def _packed_io(kernel, tokens, n_extra, outs, grid_rank, logits=None):
+    """What a pallas_call of `kernel` takes for token inputs and outputs that may be `_Packed`:
+    (the kernel on the call's refs, the arrays to pass for `tokens`, the call's outputs).
+
+    `kernel` sees every token input and output as its own [N, d] ref (a `_Cols` view for a packed
+    one, of the head of the program's last grid axis), with `logits` applied (`_with_logits`);
+    the call passes each packed array as is and writes outputs packed into one array once.
+    `n_extra`: inputs after the tokens (states), passed through."""
+    if logits is not None:
+        kernel = _with_logits(kernel, *logits)
+    calls, index = [], []  # the call's outputs; the one each output is written to
+    for o in outs:
+        array = o.array if isinstance(o, _Packed) else o
+        same = [j for j, c in enumerate(calls) if isinstance(o, _Packed) and c is array]
+        index.append(same[0] if same else len(calls))
+        calls += [] if same else [array]
+    arrays = [t.array if isinstance(t, _Packed) else t for t in tokens]
+    if not any(isinstance(x, _Packed) for x in (*tokens, *outs)):
+        return kernel, arrays, calls
+
+    def view(ref, x, h):
+        if not isinstance(x, _Packed):
+            return ref
+        return _Cols(ref, x.col + h * x.width, x.width, x.scale)
+
+    def wrapped(*refs):
+        h = pl.program_id(grid_rank - 1)
+        n_in = len(tokens) + n_extra
+        ins, outs_ = refs[:n_in], refs[n_in:]
+        views = [view(r, t, h) for r, t in zip(ins, tokens, strict=False)]
+        views += [
+            *ins[len(tokens) :],
+            *(view(outs_[j], o, h) for j, o in zip(index, outs, strict=True)),
+        ]
+        kernel(*views)
+
+    return wrapped, arrays, calls
 
 
 def _logits(scale, gates, grads=0):
@@ -723,9 +816,7 @@ def triton_call(kernel, name, grid, in_specs, out_specs, out_shape, *, num_warps
     )
 
 
-def _call(kernel, name, grid, in_specs, out_specs, out_shape, params, logits=None):
-    if logits is not None:
-        kernel = _with_logits(kernel, *logits)
+def _call(kernel, name, grid, in_specs, out_specs, out_shape, params):
     settings = dict(
         num_warps=params.num_warps, num_stages=params.num_stages, interpret=params.interpret
     )
@@ -791,6 +882,7 @@ def _states_call(inputs, params, kinds, span, ns, init=None, summary=False, logi
     what = "_adjoints" if "sf" not in kinds else ""  # the backward on saved forward states
     name = "bigla_" + ("bwd" if adjoints else "fwd") + what
     name += "_span_summaries" if summary else "_states"
+    kernel, arrays, out_shape = _packed_io(kernel, inputs, len(init), out_shape, 3, logits)
     return _call(
         kernel,
         name,
@@ -799,8 +891,7 @@ def _states_call(inputs, params, kinds, span, ns, init=None, summary=False, logi
         out_specs,
         out_shape,
         params,
-        logits,
-    )(*inputs, *init)
+    )(*arrays, *init)
 
 
 def _scan_spans(totals, owns, reverses, method):
@@ -888,8 +979,9 @@ def _state_spec(K, V, per_chunk=1):
 def _launch(kernel, name, params, tokens, outs, states=(), logits=None, sub=False, **statics):
     """One launch of a token-layout kernel: grid (B, H) without states (short plan), (NT, B, H)
     with the chunks' states (long plan), or with `sub` (ceil(N / 16), B, H), one program per
-    sub-block. tokens: [B, N, H, d] arrays, then states [B, H, NTp * K, V]; outs: [B, N, H, d]
-    ShapeDtypeStructs. Returns the list of outputs."""
+    sub-block. tokens: [B, N, H, d] arrays (or `_Packed`), then states [B, H, NTp * K, V]; outs:
+    [B, N, H, d] ShapeDtypeStructs (or `_Packed` ones). Returns the list of the call's outputs
+    (outputs packed into one array: that array, once)."""
     B, N, H, K = tokens[0].shape
     rank = 3 if states else 2
     rows = SUB_CHUNK if sub else params.chunk
@@ -905,15 +997,28 @@ def _launch(kernel, name, params, tokens, outs, states=(), logits=None, sub=Fals
         exact=params.exact_diagonal,
         **statics,
     )
-    out_specs = [_token_spec(x, rank) for x in outs]
-    return _call(kernel, name, grid, in_specs, out_specs, list(outs), params, logits)(
-        *tokens, *states
-    )
+    kernel, arrays, out_shape = _packed_io(kernel, tokens, len(states), outs, rank, logits)
+    out_specs = [_token_spec(x, rank) for x in out_shape]
+    return _call(kernel, name, grid, in_specs, out_specs, out_shape, params)(*arrays, *states)
 
 
 def _gates_in(g, scale):
-    """Gates as the kernels read them: log gates in fp32; logits (scale set) as they come."""
-    return g if scale is not None else g.astype(jnp.float32)
+    """Gates as the kernels read them: log gates in fp32; logits (scale set) as they come. Packed
+    log gates come in fp32 (`bigla_pallas_packed`)."""
+    return g if scale is not None or isinstance(g, _Packed) else g.astype(jnp.float32)
+
+
+def _grad_outs(inputs):
+    """The backward's outputs: one per input ([B, N, H, d], its dtype), or for packed inputs
+    packed alike into one array per input array."""
+    arrays, outs = {}, []
+    for x in inputs:
+        if isinstance(x, _Packed):
+            array = jax.ShapeDtypeStruct(x.array.shape, x.array.dtype)
+            outs.append(dataclasses.replace(x, array=arrays.setdefault(id(x.array), array)))
+        else:
+            outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return outs
 
 
 def _bigla_fwd(q, k, v, gf, gb, params, scale):
@@ -938,8 +1043,9 @@ def _bigla_fwd(q, k, v, gf, gb, params, scale):
 
 def _bigla_bwd(q, k, v, gf, gb, do, params, scale, saved=()):
     """(dq, dk, dv, dgf, dgb) with the shapes and dtypes of the inputs (dgf, dgb: gradients of
-    the logits when `scale` is set). saved: the forward's (Sf, Sb) (`save_states`), or ()."""
-    outs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, gf, gb)]
+    the logits when `scale` is set), or for `_Packed` inputs their arrays' gradients (dqkv,
+    dgates). saved: the forward's (Sf, Sb) (`save_states`), or ()."""
+    outs = _grad_outs((q, k, v, gf, gb))
     tokens = (q, k, v, _gates_in(gf, scale), _gates_in(gb, scale), do.astype(v.dtype))
     logits = _logits(scale, (3, 4), 2)
     if _use_short_path(q.shape[1], params):
@@ -1007,6 +1113,109 @@ def _bigla_vjp_bwd(params, scale, residuals, do):
 
 
 _bigla.defvjp(_bigla_vjp_fwd, _bigla_vjp_bwd)
+
+
+def _unpack(qkv, gates, layout):
+    """q, k, v, gf, gb as `_Packed` columns of qkv [B, N, H (2K + V)] ([q | k | v], each
+    head-major) and gates [B, N, 2 H K] ([gf | gb]); layout (H, K, V, q_scale)."""
+    H, K, V, q_scale = layout
+    hk = H * K
+    return (
+        _Packed(qkv, H, 0, K, q_scale),
+        _Packed(qkv, H, hk, K),
+        _Packed(qkv, H, 2 * hk, V),
+        _Packed(gates, H, 0, K),
+        _Packed(gates, H, hk, K),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _bigla_packed(qkv, gates, params, scale, layout):
+    return _bigla_fwd(*_unpack(qkv, gates, layout), params, scale)[0]
+
+
+def _bigla_packed_vjp_fwd(qkv, gates, params, scale, layout):
+    o, states = _bigla_fwd(*_unpack(qkv, gates, layout), params, scale)
+    return o, ((qkv, gates), states if params.save_states else ())
+
+
+def _bigla_packed_vjp_bwd(params, scale, layout, residuals, do):
+    (qkv, gates), saved = residuals
+    return tuple(_bigla_bwd(*_unpack(qkv, gates, layout), do, params, scale, saved))
+
+
+_bigla_packed.defvjp(_bigla_packed_vjp_fwd, _bigla_packed_vjp_bwd)
+
+
+def split_packed(qkv, gates, num_heads, key_dim, q_scale=1.0):
+    """(q, k, v, gf, gb) as [B, N, H, d] arrays from packed qkv and gates (`bigla_pallas_packed`),
+    q times q_scale in qkv's dtype: what XLA hands the unpacked entry points."""
+    B, N, _ = qkv.shape
+    H = num_heads
+    q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
+    q = q * jnp.asarray(q_scale, qkv.dtype)
+    gf, gb = jnp.split(gates, 2, axis=-1)
+    return tuple(x.reshape(B, N, H, x.shape[-1] // H) for x in (q, k, v, gf, gb))
+
+
+def check_packed(qkv, gates, num_heads, key_dim):
+    """(K, V) per head of packed qkv [B, N, 2 key_dim + H V] and gates [B, N, 2 key_dim]; a
+    one-line ValueError on anything else."""
+    if qkv.ndim != 3 or gates.ndim != 3 or gates.shape != (*qkv.shape[:2], 2 * key_dim):
+        raise ValueError(
+            f"need qkv [B, N, 2 key_dim + value_dim] and gates [B, N, 2 key_dim] with {key_dim=}; "
+            f"got {qkv.shape=}, {gates.shape=}"
+        )
+    value_dim = qkv.shape[-1] - 2 * key_dim
+    if num_heads < 1 or key_dim % num_heads or value_dim < 1 or value_dim % num_heads:
+        raise ValueError(
+            f"{key_dim=} and value_dim={value_dim} (qkv width {qkv.shape[-1]} - 2 key_dim) must "
+            f"be positive multiples of num_heads={num_heads}"
+        )
+    return key_dim // num_heads, value_dim // num_heads
+
+
+def bigla_pallas_packed(
+    qkv, gates, *, num_heads, key_dim, q_scale=1.0, normalizer=None, chunk_size=None,
+    interpret=False, params=None,
+):  # fmt: skip
+    """`bigla_pallas` (or with `normalizer`, `bigla_pallas_logits`) on q, k, v and the gates read
+    in place from the arrays a model's projections produce: no XLA pass slices them apart, and
+    the backward writes dqkv and dgates as single arrays (no concatenation).
+
+    Args:
+      qkv: [B, N, 2 key_dim + H V] = [q | k | v], each head-major (channel = head * d + i).
+      gates: [B, N, 2 key_dim] = [gf | gb] log gates (float32 on the way in), or logits with
+        `normalizer` (any float dtype).
+      num_heads: H; key_dim: H K.
+      q_scale: q is read as q * q_scale rounded to qkv's dtype (ViG: K^-1/2), and its gradient
+        scaled alike.
+      normalizer: None for log gates; else gates are log_sigmoid(x) / normalizer.
+      chunk_size, interpret, params: as `bigla_pallas`.
+
+    Returns:
+      o: [B, N, H, V] in qkv.dtype.
+
+    Raises:
+      ValueError: on inconsistent shapes, unsupported K, V or chunk size, or a normalizer <= 0.
+    """
+    K, V = check_packed(qkv, gates, num_heads, key_dim)
+    params = _params(params, chunk_size, interpret)
+    scale = None
+    if normalizer is not None:
+        if not normalizer > 0:
+            raise ValueError(f"normalizer={normalizer!r} must be positive")
+        scale = 1.0 / float(normalizer)
+    else:
+        gates = gates.astype(jnp.float32)
+    layout = (num_heads, K, V, float(q_scale))
+    if not params.sub_blocks and _split_backward(K, params):
+        # The split backward's two launches would each write half of a packed gradient array.
+        q, k, v, gf, gb = split_packed(qkv, gates, num_heads, key_dim, q_scale)
+        _check(q, v, params)
+        return _bigla(q, k, v, gf, gb, params, scale)
+    _check(_Packed(qkv, num_heads, 0, K), _Packed(qkv, num_heads, 0, V), params)
+    return _bigla_packed(qkv, gates, params, scale, layout)
 
 
 def bigla_pallas(q, k, v, gf, gb, *, chunk_size=None, interpret=False, params=None):

@@ -11,7 +11,7 @@ from flax import linen as nn
 from flax.core import FrozenDict
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels.bigla import bigla, bigla_logits
+from pallas_kernels.bigla import bigla, bigla_logits, bigla_packed
 from pallas_kernels.norm_mix import norm_mix
 from vig_jax.models.layers import (
     DenseParams,
@@ -37,6 +37,7 @@ LAYER_FORMS = (
     "gates_in_kernel",
     "save_states",
     "bigla_chunk",
+    "packed_bigla",
 )
 
 
@@ -85,6 +86,11 @@ class GatedLinearAttention(nn.Module):
         memory; False recomputes them in the backward.
       bigla_chunk: BiGLA's chunk size (`bigla(..., chunk_size=)`); None: each implementation's
         default.
+      packed_bigla: hand BiGLA the qkv projection's output and the gates whole
+        (`bigla_packed`): its pallas kernels read q, k, v and both gates in place, and their
+        backward writes the gradients whole, so no XLA pass slices them apart (forward) or
+        concatenates their gradients (backward); the same numbers (not with split_proj, whose
+        projections are separate arrays already).
       dtype: compute dtype; gates are computed in float32 (float64 when computing in float64).
     """
 
@@ -101,6 +107,7 @@ class GatedLinearAttention(nn.Module):
     gates_in_kernel: bool = False
     save_states: bool = True
     bigla_chunk: int | None = None
+    packed_bigla: bool = True
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -147,10 +154,12 @@ class GatedLinearAttention(nn.Module):
             qkv = dense(2 * key_dim + D, "qkv")(xs)  # [B, N, 2 key_dim + D] = [q | k | v]
             down = dense(GATE_LOW_RANK, "gate_down")(xs)  # [B, N, 16]
             mix_logits = None  # computed after BiGLA, where the plain form has it
-        if not self.split_proj:
+        packed = self.packed_bigla and not self.split_proj
+        if not self.split_proj and not packed:
             q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
             q = q.reshape(B, N, H, K) * jnp.asarray(K**-0.5, self.dtype)
-        q, k, v = q.reshape(B, N, H, K), k.reshape(B, N, H, K), v.reshape(B, N, H, V)
+        if not packed:
+            q, k, v = q.reshape(B, N, H, K), k.reshape(B, N, H, K), v.reshape(B, N, H, V)
 
         # The gate logits: both directions' [xf | xb] from one matmul, or each from its own.
         if self.split_proj:
@@ -164,19 +173,20 @@ class GatedLinearAttention(nn.Module):
         if not self.gates_in_kernel:
             # log_sigmoid of low-precision logits loses the small gates that matter most: float32.
             gates = [jax.nn.log_sigmoid(x.astype(acc)) / GATE_LOGIT_NORMALIZER for x in gates]
-        if len(gates) == 1:
-            gates = jnp.split(gates[0], 2, axis=-1)
-        gf, gb = (x.reshape(B, N, H, K) for x in gates)  # log gates, or logits for the kernels
         run = dict(
             impl=self.bigla_impl,
             interpret=self.bigla_interpret,
             save_states=self.save_states,
             chunk_size=self.bigla_chunk,
         )
-        if self.gates_in_kernel:
-            o = bigla_logits(q, k, v, gf, gb, normalizer=GATE_LOGIT_NORMALIZER, **run)
+        if packed:
+            normalizer = GATE_LOGIT_NORMALIZER if self.gates_in_kernel else None
+            o = bigla_packed(
+                qkv, gates[0], num_heads=H, key_dim=key_dim, q_scale=K**-0.5,
+                normalizer=normalizer, **run,
+            )  # fmt: skip
         else:
-            o = bigla(q, k, v, gf, gb, **run)
+            o = self._bigla(q, k, v, gates, run)
         o = checkpoint_name(o, BIGLA_OUTPUT)  # [B, N, H, V]; saved by remat "block"
         if mix_logits is None:
             mix_logits = dense(D, "mix_gate", use_bias=True)(xs)
@@ -201,3 +211,14 @@ class GatedLinearAttention(nn.Module):
         if self.use_out_act:
             o = nn.silu(o)
         return dense(D, "out")(o).reshape(B, h, w, D)
+
+    def _bigla(self, q, k, v, gates, run):
+        """BiGLA on separate q, k, v [B, N, H, d] and the gates as one [B, N, 2 key_dim] array
+        (split here) or two."""
+        B, N, H, K = q.shape
+        if len(gates) == 1:
+            gates = jnp.split(gates[0], 2, axis=-1)
+        gf, gb = (x.reshape(B, N, H, K) for x in gates)  # log gates, or logits for the kernels
+        if self.gates_in_kernel:
+            return bigla_logits(q, k, v, gf, gb, normalizer=GATE_LOGIT_NORMALIZER, **run)
+        return bigla(q, k, v, gf, gb, **run)

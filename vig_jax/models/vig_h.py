@@ -86,6 +86,9 @@ class ViGH(nn.Module):
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
         (default; False recomputes them: less memory, slower; see `GatedLinearAttention`).
       bigla_chunk: BiGLA's chunk size; None: each implementation's default.
+      packed_bigla: BiGLA reads q, k, v and the gates in place from the projections' outputs
+        (`GatedLinearAttention.packed_bigla`; default): the same numbers without the XLA passes
+        that slice them apart and concatenate their gradients.
       stem_impl: "conv" or "patches" (patch extraction + one matmul) for the stem's first,
         3-channel convolution; same parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
@@ -109,6 +112,7 @@ class ViGH(nn.Module):
     split_proj: bool = False
     save_states: bool = True
     bigla_chunk: int | None = None
+    packed_bigla: bool = True
     stem_impl: str = "conv"
     remat: str = "none"
     scan_blocks: bool = False
