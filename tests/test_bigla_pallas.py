@@ -122,6 +122,11 @@ INTERPRET_CASES = [
         "very_negative",
         id="N100-gates-10-exact-sub",
     ),
+    # Chunks of one sub-block with float32 copies of the states and the leaving state built for
+    # the gates' tail (lean_states=False; the default keeps them stored and skips it).
+    pytest.param(
+        (2, 40, 1, 16, 32), KernelParams(chunk=16, lean_states=False), "typical", id="N40-not-lean"
+    ),
     # The one-program plan over several chunks (the benchmark's --sweep can select it).
     pytest.param(
         (1, 40, 1, 16, 32),

@@ -83,6 +83,12 @@ class KernelParams:
       custom_vjp, so that the backward's states launches compute only the adjoints dSf, dSb, at the
       cost of 2 * B * H * NT * K * V values (in `states_dtype`) of activation memory per call
       (the default; False recomputes them in the backward).
+    lean_states: chunks of one sub-block (chunk 16): the chunk kernels keep the states they read
+      in their stored dtype (`states_dtype`; they only feed dots, which take that dtype anyway)
+      instead of float32 copies, and the backward takes the gates' tail from the entering state
+      and its dk term instead of building the state leaving the chunk: two fewer [K, V] float32
+      tensors and one dot fewer per direction in the backward program, whose 2 warps ran at 255
+      registers per thread with local-memory spills (ncu, H200, ViG-S 224).
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -97,6 +103,7 @@ class KernelParams:
     sub_blocks: bool = True
     states_dtype: str = "input"
     save_states: bool = True
+    lean_states: bool = True
     interpret: bool = False
 
 
@@ -320,9 +327,9 @@ def _adjoint_step(ds, q, do, g, reverse, mm):
     return jnp.exp(total)[:, None] * ds + _dot(q * jnp.exp(x), do, mm, trans_a=True)
 
 
-def _state(ref):
-    """A [K, V] state block as fp32 (stored in `KernelParams.states_dtype`)."""
-    return ref[...].astype(jnp.float32)
+def _state(ref, lean=False):
+    """A [K, V] state block as fp32, or with `lean` as stored (`KernelParams.states_dtype`)."""
+    return ref[...] if lean else ref[...].astype(jnp.float32)
 
 
 def _load_chunk(refs, c, bt, n):
@@ -380,13 +387,39 @@ def _fwd_chunk(rows, sf, sb, mm, exact):
     return [0.5 * (acc[i] + _dot(diag[i], rows(2, i), mm)) for i in range(nb)]
 
 
-def _bwd_chunk_dir(rows, s_in, u_out, reverse, mm, exact):
+def _bwd_block_dir(rows, s, u, reverse, mm, exact):
+    """`_bwd_chunk_dir` of a chunk of one sub-block (`KernelParams.lean_states`): s and u stay in
+    their stored dtype (dot operands only), and the gates' tail needs no state leaving the chunk:
+    sum_v S_out u = e^T sum_v S u + sum_t k (v u^T) e^(T - X), whose second term is the dk term's
+    (k * dk summed over the rows), and whose first is the diagonal of the [K, K] product S u^T."""
+    q, k, v, g, do = (rows(j, 0) for j in range(5))
+    total, x = _decays(g, reverse)
+    ekx = jnp.exp(total[None, :] - x)
+    dq = _dot(do, s, mm, trans_b=True) * jnp.exp(x)
+    dk = _dot(v, u, mm, trans_b=True) * ekx
+    dv = _dot(k * ekx, u, mm)
+    eye = _diag_mask(s.shape[0], False) & _diag_mask(s.shape[0], True)
+    su = jnp.sum(jnp.where(eye, _dot(s, u, _matmul_dtype(s.dtype), trans_b=True), 0.0), axis=1)
+    tail = jnp.exp(total) * su + jnp.sum(k * dk, axis=0)  # [K]: fla's b_dgk
+    ddiag = _dot(do, v, mm, trans_b=True)  # dD = do' v^T: [BC, BC]
+    d, dq_diag, dk_diag = _diag_grads(q, k, x, ddiag, reverse, exact, mm)
+    dq, dk = dq + dq_diag, dk + dk_diag
+    dv = dv + _dot(d, do, mm, trans_a=True)
+    r = q * dq - k * dk  # dL/dX of this direction's gates
+    total_r, x_r = _decays(r, reverse)
+    return dq, dk, dv, tail[None, :] + total_r[None, :] - x_r + r
+
+
+def _bwd_chunk_dir(rows, s_in, u_out, reverse, mm, exact, lean=False):
     """One direction's share of one chunk's gradients per sub-block: (dq, dk, dv, dg), [BC, d] fp32.
 
     rows: `_Rows` of (q, k, v, g, do') with g this direction's gates and do' = do / 2.
     s_in: the direction's state entering the chunk; u_out: the adjoint of its state leaving it.
+    lean: `KernelParams.lean_states` (a chunk of one sub-block takes `_bwd_block_dir`).
     """
     nb = rows.nb
+    if lean and nb == 1:
+        return [_bwd_block_dir(rows, s_in, u_out, reverse, mm, exact)]
     q_, k_, v_, g_, do_ = (functools.partial(rows, j) for j in range(5))  # q_(i): sub-block i
     order = list(range(nb))[::-1] if reverse else list(range(nb))
     decays = [_decays(g_(i), reverse) for i in range(nb)]
@@ -428,14 +461,14 @@ def _bwd_chunk_dir(rows, s_in, u_out, reverse, mm, exact):
     return [(dq[i], dk[i], dv[i], dg[i]) for i in range(nb)]
 
 
-def _bwd_chunk(rows, states, mm, exact):
+def _bwd_chunk(rows, states, mm, exact, lean=False):
     """Gradients of one chunk per sub-block, both directions: (dq, dk, dv, dgf, dgb), [BC, d] fp32.
 
     rows: `_Rows` of (q, k, v, gf, gb, do') with do' = do / 2.
     states: (Sf entering, Sb entering, dSf = adjoint of Sf leaving, dSb = adjoint of Sb leaving).
     """
-    f = _bwd_chunk_dir(rows.select((0, 1, 2, 3, 5)), states[0], states[2], False, mm, exact)
-    b = _bwd_chunk_dir(rows.select((0, 1, 2, 4, 5)), states[1], states[3], True, mm, exact)
+    f = _bwd_chunk_dir(rows.select((0, 1, 2, 3, 5)), states[0], states[2], False, mm, exact, lean)
+    b = _bwd_chunk_dir(rows.select((0, 1, 2, 4, 5)), states[1], states[3], True, mm, exact, lean)
     return [
         (*(x + y for x, y in zip(fi[:3], bi[:3], strict=True)), fi[3], bi[3])
         for fi, bi in zip(f, b, strict=True)
@@ -554,11 +587,11 @@ def _bigla_states_kernel(*refs, n, bt, span, mm, kinds, has_init, summary):
 
 
 def _bigla_fwd_chunk_kernel(
-    q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm, exact
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm, exact, lean
 ):
     c = pl.program_id(0)
     rows = _Rows((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
-    out = _fwd_chunk(rows, _state(sf_ref), _state(sb_ref), mm, exact)
+    out = _fwd_chunk(rows, _state(sf_ref, lean), _state(sb_ref, lean), mm, exact)
     _store_blocks((o_ref,), [(o,) for o in out], c, bt, n)
 
 
@@ -612,14 +645,17 @@ def _bigla_bwd_chunk_kernel(
     bt,
     mm,
     exact,
+    lean,
 ):
     c = pl.program_id(0)
     rows = _bwd_rows((q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref), c, bt, n)
-    states = tuple(map(_state, (sf_ref, sb_ref, dsf_ref, dsb_ref)))
-    _store_blocks(out_refs, _bwd_chunk(rows, states, mm, exact), c, bt, n)
+    states = tuple(_state(r, lean) for r in (sf_ref, sb_ref, dsf_ref, dsb_ref))
+    _store_blocks(out_refs, _bwd_chunk(rows, states, mm, exact, lean), c, bt, n)
 
 
-def _bigla_bwd_dir_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, n, bt, mm, exact, reverse):
+def _bigla_bwd_dir_kernel(
+    q_ref, k_ref, v_ref, g_ref, do_ref, *refs, n, bt, mm, exact, reverse, lean
+):
     """One direction of the backward chunk kernel (split_backward). Forward direction: refs are
     (S, dS, out dq, dk, dv, dgf); writes dq, dk, dv as fp32 partials. Backward direction: refs are
     (partial dq, dk, dv, S, dS, out dq, dk, dv, dgb); adds its own terms to the partials."""
@@ -627,7 +663,9 @@ def _bigla_bwd_dir_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, n, bt, mm, 
     partials, refs = (refs[:3], refs[3:]) if reverse else ((), refs)
     s_ref, u_ref, *out_refs = refs
     rows = _bwd_rows((q_ref, k_ref, v_ref, g_ref, do_ref), c, bt, n)
-    blocks = _bwd_chunk_dir(rows, _state(s_ref), _state(u_ref), reverse, mm, exact)
+    blocks = _bwd_chunk_dir(
+        rows, _state(s_ref, lean), _state(u_ref, lean), reverse, mm, exact, lean
+    )
     if partials:
         read = _Rows(partials, c, bt, n)
         blocks = [
@@ -647,16 +685,22 @@ def _walk(s, i, nb, toward_right, step):
 
 def _carried_state(rows, s, i, gi, reverse, mm):
     """A direction's state entering sub-block i, from s entering the chunk in that direction
-    (rows: the chunk's `_Rows`, k and v at 1 and 2, the direction's gates at gi)."""
+    (rows: the chunk's `_Rows`, k and v at 1 and 2, the direction's gates at gi). A chunk of one
+    sub-block returns s as it is (in its stored dtype under `lean_states`)."""
+    if rows.nb == 1:
+        return s
     step = lambda s, j: _state_step(s, rows(1, j), rows(2, j), rows(gi, j), reverse, mm)
-    return _walk(s, i, rows.nb, not reverse, step)
+    return _walk(s.astype(jnp.float32), i, rows.nb, not reverse, step)
 
 
 def _carried_adjoint(rows, u, i, gi, reverse, mm):
     """The adjoint of a direction's state leaving sub-block i, from u, the adjoint of that state
-    leaving the chunk (rows: q at 0, do' at 5); it runs against the direction."""
+    leaving the chunk (rows: q at 0, do' at 5); it runs against the direction. As
+    `_carried_state` for a chunk of one sub-block."""
+    if rows.nb == 1:
+        return u
     step = lambda u, j: _adjoint_step(u, rows(0, j), rows(5, j), rows(gi, j), reverse, mm)
-    return _walk(u, i, rows.nb, reverse, step)
+    return _walk(u.astype(jnp.float32), i, rows.nb, reverse, step)
 
 
 def _sub_block_ids(bt):
@@ -667,21 +711,21 @@ def _sub_block_ids(bt):
 
 
 def _bigla_fwd_sub_kernel(
-    q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm, exact
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm, exact, lean
 ):
     """o of one 16-row sub-block (`sub_blocks`): its entering states from its chunk's, carried
     through the chunk's sub-blocks before it (Sf) and after it (Sb)."""
     p, c, i = _sub_block_ids(bt)
     rows = _Rows((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
-    sf = _carried_state(rows, _state(sf_ref), i, 3, False, mm)
-    sb = _carried_state(rows, _state(sb_ref), i, 4, True, mm)
+    sf = _carried_state(rows, _state(sf_ref, lean), i, 3, False, mm)
+    sb = _carried_state(rows, _state(sb_ref, lean), i, 4, True, mm)
     (o,) = _fwd_chunk(_Rows(rows.refs, p, SUB_CHUNK, n), sf, sb, mm, exact)
     _store_rows(o_ref, p * SUB_CHUNK, o, n)
 
 
 def _bigla_bwd_sub_kernel(
     q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, sf_ref, sb_ref, dsf_ref, dsb_ref, *out_refs,
-    n, bt, mm, exact,
+    n, bt, mm, exact, lean,
 ):  # fmt: skip
     """Gradients of one 16-row sub-block, both directions (`sub_blocks`). Per direction, its state
     entering the sub-block and the adjoint of its state leaving it come from the chunk's (the
@@ -693,9 +737,9 @@ def _bigla_bwd_sub_kernel(
     sub = _bwd_rows(refs, p, SUB_CHUNK, n)
     grads = []  # per direction (dq, dk, dv, dg) of the sub-block
     for reverse, gi, s_ref, u_ref in ((False, 3, sf_ref, dsf_ref), (True, 4, sb_ref, dsb_ref)):
-        s = _carried_state(rows, _state(s_ref), i, gi, reverse, mm)
-        u = _carried_adjoint(rows, _state(u_ref), i, gi, reverse, mm)
-        grads += _bwd_chunk_dir(sub.select((0, 1, 2, gi, 5)), s, u, reverse, mm, exact)
+        s = _carried_state(rows, _state(s_ref, lean), i, gi, reverse, mm)
+        u = _carried_adjoint(rows, _state(u_ref, lean), i, gi, reverse, mm)
+        grads += _bwd_chunk_dir(sub.select((0, 1, 2, gi, 5)), s, u, reverse, mm, exact, lean)
     (dq, dk, dv, dgf), (dq_b, dk_b, dv_b, dgb) = grads
     vals = (dq + dq_b, dk + dk_b, dv + dv_b, dgf, dgb)
     for ref, val in zip(out_refs, vals, strict=True):
@@ -989,6 +1033,8 @@ def _launch(kernel, name, params, tokens, outs, states=(), logits=None, sub=Fals
     in_specs = [_token_spec(x, rank) for x in tokens]
     per_chunk = params.chunk // rows
     in_specs += [_state_spec(K, x.shape[-1], per_chunk) for x in states]
+    if states:  # the long plan's chunk kernels
+        statics["lean"] = params.lean_states
     kernel = functools.partial(
         kernel,
         n=N,
