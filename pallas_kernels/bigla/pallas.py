@@ -89,6 +89,9 @@ class KernelParams:
       and its dk term instead of building the state leaving the chunk: two fewer [K, V] float32
       tensors and one dot fewer per direction in the backward program, whose 2 warps ran at 255
       registers per thread with local-memory spills (ncu, H200, ViG-S 224).
+    fwd_warps, bwd_warps: Triton warps of the long plan's forward and backward chunk (or
+      sub-block) kernels; None: num_warps (the states kernels and the split backward take
+      num_warps).
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -104,6 +107,8 @@ class KernelParams:
     states_dtype: str = "input"
     save_states: bool = True
     lean_states: bool = True
+    fwd_warps: int | None = None
+    bwd_warps: int | None = None
     interpret: bool = False
 
 
@@ -860,9 +865,11 @@ def triton_call(kernel, name, grid, in_specs, out_specs, out_shape, *, num_warps
     )
 
 
-def _call(kernel, name, grid, in_specs, out_specs, out_shape, params):
+def _call(kernel, name, grid, in_specs, out_specs, out_shape, params, warps=None):
     settings = dict(
-        num_warps=params.num_warps, num_stages=params.num_stages, interpret=params.interpret
+        num_warps=warps or params.num_warps,
+        num_stages=params.num_stages,
+        interpret=params.interpret,
     )
     return triton_call(kernel, name, grid, in_specs, out_specs, out_shape, **settings)
 
@@ -1020,7 +1027,9 @@ def _state_spec(K, V, per_chunk=1):
     return pl.BlockSpec((None, None, K, V), lambda c, b, h: (b, h, c // per_chunk, 0))
 
 
-def _launch(kernel, name, params, tokens, outs, states=(), logits=None, sub=False, **statics):
+def _launch(
+    kernel, name, params, tokens, outs, states=(), logits=None, sub=False, warps=None, **statics
+):
     """One launch of a token-layout kernel: grid (B, H) without states (short plan), (NT, B, H)
     with the chunks' states (long plan), or with `sub` (ceil(N / 16), B, H), one program per
     sub-block. tokens: [B, N, H, d] arrays (or `_Packed`), then states [B, H, NTp * K, V]; outs:
@@ -1045,7 +1054,8 @@ def _launch(kernel, name, params, tokens, outs, states=(), logits=None, sub=Fals
     )
     kernel, arrays, out_shape = _packed_io(kernel, tokens, len(states), outs, rank, logits)
     out_specs = [_token_spec(x, rank) for x in out_shape]
-    return _call(kernel, name, grid, in_specs, out_specs, out_shape, params)(*arrays, *states)
+    call = _call(kernel, name, grid, in_specs, out_specs, out_shape, params, warps)
+    return call(*arrays, *states)
 
 
 def _gates_in(g, scale):
@@ -1083,7 +1093,9 @@ def _bigla_fwd(q, k, v, gf, gb, params, scale):
         kernel, name = _bigla_fwd_sub_kernel, "bigla_fwd_sub_blocks"
     else:
         kernel, name = _bigla_fwd_chunk_kernel, "bigla_fwd_chunks"
-    (o,) = _launch(kernel, name, params, tokens, out, states, logits, sub=params.sub_blocks)
+    (o,) = _launch(
+        kernel, name, params, tokens, out, states, logits, params.sub_blocks, params.fwd_warps
+    )
     return o, tuple(states)
 
 
@@ -1104,12 +1116,13 @@ def _bigla_bwd(q, k, v, gf, gb, do, params, scale, saved=()):
     if params.sub_blocks:
         return _launch(
             _bigla_bwd_sub_kernel, "bigla_bwd_sub_blocks", params, tokens, outs, states, logits,
-            sub=True,
+            sub=True, warps=params.bwd_warps,
         )  # fmt: skip
     if not _split_backward(q.shape[-1], params):
         return _launch(
-            _bigla_bwd_chunk_kernel, "bigla_bwd_chunks", params, tokens, outs, states, logits
-        )
+            _bigla_bwd_chunk_kernel, "bigla_bwd_chunks", params, tokens, outs, states, logits,
+            warps=params.bwd_warps,
+        )  # fmt: skip
     # One launch per direction: the first writes fp32 partials of dq, dk, dv; the second adds.
     q, k, v, gf, gb, do = tokens
     sf, sb, dsf, dsb = states
