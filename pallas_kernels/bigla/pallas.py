@@ -91,7 +91,8 @@ class KernelParams:
       registers per thread with local-memory spills (ncu, H200, ViG-S 224).
     fwd_warps, bwd_warps: Triton warps of the long plan's forward and backward chunk (or
       sub-block) kernels; None: num_warps (the states kernels and the split backward take
-      num_warps).
+      num_warps). 1 and None: forward 3-4% faster than at 2 warps (ViG-S 224, ViG-T 1024); the
+      backward at 4 warps was 17-30% slower, at 1 between -3% and +1% (H200; notes).
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -107,7 +108,7 @@ class KernelParams:
     states_dtype: str = "input"
     save_states: bool = True
     lean_states: bool = True
-    fwd_warps: int | None = None
+    fwd_warps: int | None = 1
     bwd_warps: int | None = None
     interpret: bool = False
 
