@@ -83,12 +83,13 @@ class KernelParams:
       custom_vjp, so that the backward's states launches compute only the adjoints dSf, dSb, at the
       cost of 2 * B * H * NT * K * V values (in `states_dtype`) of activation memory per call
       (the default; False recomputes them in the backward).
-    lean_states: chunks of one sub-block (chunk 16): the chunk kernels keep the states they read
-      in their stored dtype (`states_dtype`; they only feed dots, which take that dtype anyway)
-      instead of float32 copies, and the backward takes the gates' tail from the entering state
-      and its dk term instead of building the state leaving the chunk: two fewer [K, V] float32
-      tensors and one dot fewer per direction in the backward program, whose 2 warps ran at 255
-      registers per thread with local-memory spills (ncu, H200, ViG-S 224).
+    lean_states: where a program's gradient work is one sub-block (chunk 16, or any chunk with
+      `sub_blocks`), its backward takes the gates' tail from the entering state and its dk term
+      instead of building the state leaving the sub-block, and at chunk 16 the chunk kernels keep
+      the states they read in their stored dtype (`states_dtype`; they only feed dots, which
+      take that dtype anyway) instead of float32 copies: two fewer [K, V] float32 tensors and
+      one dot fewer per direction in the backward program, whose 2 warps ran at 255 registers
+      per thread with local-memory spills without it (ncu, H200, ViG-S 224).
     fwd_warps, bwd_warps: Triton warps of the long plan's forward and backward chunk (or
       sub-block) kernels; None: num_warps (the states kernels and the split backward take
       num_warps). 1 and None: forward 3-4% faster than at 2 warps (ViG-S 224, ViG-T 1024); the
