@@ -1,5 +1,6 @@
-"""The SwiGLU MLP's up projection and gate as one Pallas GPU (Triton) kernel (experimental: not used
-by the models yet; kernel, launcher, custom_vjp and reference together).
+"""The SwiGLU MLP's up projection and gate as one Pallas GPU (Triton) kernel (experimental: the
+models' `mlp_fused_up` inference form, off by default; kernel, launcher, custom_vjp and reference
+together).
 
     h = SiLU(x @ W_a) * (x @ W_b)
 

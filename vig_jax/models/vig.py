@@ -41,6 +41,7 @@ class ViGBlock(nn.Module):
     dtype: jnp.dtype
     gla: FrozenDict = FrozenDict()  # GatedLinearAttention fields of gla.LAYER_FORMS
     mlp_split_up: bool = True
+    mlp_fused_up: bool = False  # in inference only (train=False)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -59,7 +60,12 @@ class ViGBlock(nn.Module):
         x = x + drop_path(y, train=train)
         y = RMSNorm(NORM_EPS, self.dtype, name="mlp_norm")(x)
         hidden = swiglu_hidden(x.shape[-1], 256)
-        y = SwiGLU(hidden, LINEAR_INIT, self.dtype, self.mlp_split_up, name="mlp")(y)
+        fused = self.mlp_fused_up and not train
+        interpret = self.gla.get("bigla_interpret", False)
+        mlp = SwiGLU(
+            hidden, LINEAR_INIT, self.dtype, self.mlp_split_up, fused, interpret, name="mlp"
+        )
+        y = mlp(y)
         return x + drop_path(y, train=train)
 
 
@@ -84,6 +90,9 @@ class ViG(nn.Module):
         chain (ViG-S 224², ViG-T 1024²; same call).
       mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters;
         on by default here (training 2% faster at ViG-S 224², 7% at ViG-T 1024² on an H200).
+      mlp_fused_up: experimental, inference only: with train=False the MLP's SiLU(a) * b comes from
+        one Pallas kernel that writes only the product (`SwiGLU.fused_up`); same parameters; not
+        yet measured on a GPU, hence off.
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
         `GatedLinearAttention`), same parameters; not with fused_proj.
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
@@ -116,6 +125,7 @@ class ViG(nn.Module):
     fp32_mix: bool = True
     gates_in_kernel: bool = False
     mlp_split_up: bool = True
+    mlp_fused_up: bool = False
     split_proj: bool = False
     save_states: bool = True
     bigla_chunk: int | None = None
@@ -145,6 +155,7 @@ class ViG(nn.Module):
                 self.dtype,
                 layer_forms(self),
                 self.mlp_split_up,
+                self.mlp_fused_up,
             )
             for rate in rates
         ]
