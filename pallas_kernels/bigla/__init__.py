@@ -31,6 +31,11 @@ CHUNKED_CHUNK = 64  # the chunked path's default chunk size
 _FLOATS = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
 
+def _check_chunk_size(chunk_size):
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None")
+
+
 def _check(q, k, v, gf, gb, impl, chunk_size, interpret):
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
@@ -46,8 +51,7 @@ def _check(q, k, v, gf, gb, impl, chunk_size, interpret):
             raise ValueError(f"{name}.dtype={x.dtype} is not a float dtype of {_FLOATS}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None")
+    _check_chunk_size(chunk_size)
     if interpret and impl != "pallas":
         raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
 
@@ -256,8 +260,7 @@ def bigla_packed(
         if normalizer is None:
             return bigla(*arrays, **run)
         return bigla_logits(*arrays, normalizer=normalizer, **run)
-    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None")
+    _check_chunk_size(chunk_size)
     _check_pallas_backend(interpret)
     from pallas_kernels.bigla.pallas import _params, bigla_pallas_packed
 

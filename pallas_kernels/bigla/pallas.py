@@ -394,6 +394,21 @@ def _fwd_chunk(rows, sf, sb, mm, exact):
     return [0.5 * (acc[i] + _dot(diag[i], rows(2, i), mm)) for i in range(nb)]
 
 
+def _diag_block_grads(q, k, v, do, x, reverse, exact, mm):
+    """(dq, dk, dv) terms of a sub-block's diagonal block, from do' (dD = do' v^T: [BC, BC])."""
+    ddiag = _dot(do, v, mm, trans_b=True)
+    d, dq, dk = _diag_grads(q, k, x, ddiag, reverse, exact, mm)
+    return dq, dk, _dot(d, do, mm, trans_a=True)
+
+
+def _gate_grads(r, later, reverse):
+    """(dg, later') of a sub-block: dg[t] = `later` (the gradient from the rows after the
+    sub-block) plus r summed over its rows at or after t in the direction; later' for the
+    sub-block before it."""
+    total_r, x_r = _decays(r, reverse)
+    return later[None, :] + total_r[None, :] - x_r + r, later + total_r
+
+
 def _bwd_block_dir(rows, s, u, reverse, mm, exact):
     """`_bwd_chunk_dir` of a chunk of one sub-block (`KernelParams.lean_states`): s and u stay in
     their stored dtype (dot operands only), and the gates' tail needs no state leaving the chunk:
@@ -408,13 +423,10 @@ def _bwd_block_dir(rows, s, u, reverse, mm, exact):
     eye = _diag_mask(s.shape[0], False) & _diag_mask(s.shape[0], True)
     su = jnp.sum(jnp.where(eye, _dot(s, u, _matmul_dtype(s.dtype), trans_b=True), 0.0), axis=1)
     tail = jnp.exp(total) * su + jnp.sum(k * dk, axis=0)  # [K]: fla's b_dgk
-    ddiag = _dot(do, v, mm, trans_b=True)  # dD = do' v^T: [BC, BC]
-    d, dq_diag, dk_diag = _diag_grads(q, k, x, ddiag, reverse, exact, mm)
-    dq, dk = dq + dq_diag, dk + dk_diag
-    dv = dv + _dot(d, do, mm, trans_a=True)
+    dq_diag, dk_diag, dv_diag = _diag_block_grads(q, k, v, do, x, reverse, exact, mm)
+    dq, dk, dv = dq + dq_diag, dk + dk_diag, dv + dv_diag
     r = q * dq - k * dk  # dL/dX of this direction's gates
-    total_r, x_r = _decays(r, reverse)
-    return dq, dk, dv, tail[None, :] + total_r[None, :] - x_r + r
+    return dq, dk, dv, _gate_grads(r, tail, reverse)[0]
 
 
 def _bwd_chunk_dir(rows, s_in, u_out, reverse, mm, exact, lean=False):
@@ -451,20 +463,19 @@ def _bwd_chunk_dir(rows, s_in, u_out, reverse, mm, exact, lean=False):
             u = jnp.exp(total)[:, None] * u + _dot(q_(i) * jnp.exp(x), do_(i), mm, trans_a=True)
     r = [None] * nb
     for i in order:
-        q, k, do = q_(i), k_(i), do_(i)
-        ddiag = _dot(do, v_(i), mm, trans_b=True)  # dD = do' v^T: [BC, BC]
-        d, dq_diag, dk_diag = _diag_grads(q, k, decays[i][1], ddiag, reverse, exact, mm)
+        q, k = q_(i), k_(i)
+        dq_diag, dk_diag, dv_diag = _diag_block_grads(
+            q, k, v_(i), do_(i), decays[i][1], reverse, exact, mm
+        )
         dq[i] = dq[i] + dq_diag
         dk[i] = dk[i] + dk_diag
-        dv[i] = dv[i] + _dot(d, do, mm, trans_a=True)
+        dv[i] = dv[i] + dv_diag
         r[i] = q * dq[i] - k * dk[i]  # dL/dX of this direction's gates
     # dg[t] = sum of r over rows at or after t in the direction, within the chunk, plus tail.
     dg = [None] * nb
     later = tail
     for i in order[::-1]:
-        total_r, x_r = _decays(r[i], reverse)
-        dg[i] = later[None, :] + total_r[None, :] - x_r + r[i]
-        later = later + total_r
+        dg[i], later = _gate_grads(r[i], later, reverse)
     return [(dq[i], dk[i], dv[i], dg[i]) for i in range(nb)]
 
 
@@ -783,12 +794,12 @@ def _token_spec(x, grid_rank):
     [N, C] of one b (the kernel reads its head's columns, `_Cols`); grid (B, H) or (NT, B, H)."""
     x = x.array if isinstance(x, _Packed) else x
     if len(x.shape) == 3:
-        shape, index = (None, x.shape[1], x.shape[2]), lambda b: (b, 0, 0)
+        shape, index = (None, x.shape[1], x.shape[2]), lambda b, h: (b, 0, 0)
     else:
-        shape, index = (None, x.shape[1], None, x.shape[3]), None
+        shape, index = (None, x.shape[1], None, x.shape[3]), lambda b, h: (b, 0, h, 0)
     if grid_rank == 2:
-        return pl.BlockSpec(shape, lambda b, h: index(b) if index else (b, 0, h, 0))
-    return pl.BlockSpec(shape, lambda c, b, h: index(b) if index else (b, 0, h, 0))
+        return pl.BlockSpec(shape, index)
+    return pl.BlockSpec(shape, lambda c, b, h: index(b, h))
 
 
 def _packed_io(kernel, tokens, n_extra, outs, grid_rank, logits=None):
@@ -1275,7 +1286,8 @@ def bigla_pallas_packed(
         q, k, v, gf, gb = split_packed(qkv, gates, num_heads, key_dim, q_scale)
         _check(q, v, params)
         return _bigla(q, k, v, gf, gb, params, scale)
-    _check(_Packed(qkv, num_heads, 0, K), _Packed(qkv, num_heads, 0, V), params)
+    q, _, v, _, _ = _unpack(qkv, gates, layout)
+    _check(q, v, params)
     return _bigla_packed(qkv, gates, params, scale, layout)
 
 
