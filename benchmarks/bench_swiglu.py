@@ -2,16 +2,20 @@
 
     python benchmarks/bench_swiglu.py --out /tmp/swiglu       # ViG-T/S/B MLP shapes, ~1 min
     python benchmarks/bench_swiglu.py --smoke                 # CPU check (interpret, tiny)
+    python benchmarks/bench_swiglu.py --tiles 128,64,64,4,3 --tiles 128,128,64,8,3   # tile sweep
 
 Per shape (tokens M, width D, hidden I), the time of h = SiLU(x @ W_a) * (x @ W_b) for
   xla     what the models run (`SwiGLU(split_up=True)`): two matmuls to bf16 a and b, then
           SiLU(a) * b,
-  pallas  `pallas_kernels.swiglu.swiglu_up` (one kernel writing only h; float32 gate),
+  pallas  `pallas_kernels.swiglu.swiglu_up` (one kernel writing only h; float32 gate), once per
+          --tiles "BM,BN,BK,WARPS,STAGES" (default: the kernel's TILES),
 forward (inference) and forward + backward, ms per call (calls looped inside one program, median of
 --iters runs) and the matmuls' TFLOP/s (4 M D I forward). Writes <out>.json and <out>.md.
 """
 
 import argparse
+import dataclasses
+import functools
 import pathlib
 import sys
 
@@ -21,7 +25,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import harness  # noqa: E402
-from pallas_kernels.swiglu import swiglu_up  # noqa: E402
+from pallas_kernels.swiglu import TILES, Tiles, swiglu_up  # noqa: E402
 from vig_jax.models.layers import linear, swiglu_hidden  # noqa: E402
 
 # name -> (M, D): batch 128 at 224² (196 tokens) for ViG-T/S/B, batch 8 at 1024² (4096) for ViG-T.
@@ -74,6 +78,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20, help="timed runs (median)")
     p.add_argument("--out", default=str(harness.REPO / "benchmarks/results/swiglu"))
     p.add_argument("--smoke", action="store_true", help="CPU: interpret mode, float32, tiny")
+    p.add_argument("--tiles", action="append", help="BM,BN,BK,WARPS,STAGES (repeat)")
     args = p.parse_args(argv)
     shapes = {"smoke": (100, 64)} if args.smoke else {s: SHAPES[s] for s in args.shapes}
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
@@ -82,10 +87,10 @@ def main(argv=None):
     meta = harness.metadata(args)
     meta["device"] = jax.devices()[0].device_kind
     results = harness.Results(args.out, meta, markdown)
-    impls = {
-        "xla": xla_form,
-        "pallas": lambda x, a, b: swiglu_up(x, a, b, impl="pallas", interpret=args.smoke),
-    }
+    impls = {"xla": xla_form}
+    for t in [Tiles.parse(t) for t in args.tiles] if args.tiles else [TILES]:
+        name = "pallas" if t == TILES else "pallas " + ",".join(map(str, dataclasses.astuple(t)))
+        impls[name] = functools.partial(swiglu_up, impl="pallas", interpret=args.smoke, tiles=t)
     for case, (m, d) in shapes.items():
         width = 128 if args.smoke else swiglu_hidden(d, 256)
         ks = jax.random.split(jax.random.key(0), 3)

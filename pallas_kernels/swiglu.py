@@ -18,6 +18,7 @@ bench_swiglu.py` times it against the XLA form. The backward recomputes the two 
 candidate.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -31,8 +32,29 @@ from pallas_kernels.bigla import _per_batch_shard
 from pallas_kernels.bigla.pallas import _dot, _matmul_dtype, triton_call
 
 IMPLS = ("auto", "reference", "pallas")
-BLOCK_M, BLOCK_N, BLOCK_K = 128, 64, 64  # tile of h and the step along D
-NUM_WARPS, NUM_STAGES = 4, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """The kernel's tiling: a program computes a [block_m, block_n] tile of h (both accumulators)
+    and walks D in steps of block_k; Triton warps and pipelining stages."""
+
+    block_m: int = 128
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def parse(cls, text: str) -> "Tiles":
+        """ "BM,BN,BK,WARPS,STAGES" (e.g. "128,64,64,4,3") -> Tiles."""
+        values = text.split(",")
+        if len(values) != 5 or not all(v.strip().isdigit() for v in values):
+            raise ValueError(f"tiles must be 'BM,BN,BK,WARPS,STAGES' (5 integers); got {text!r}")
+        return cls(*(int(v) for v in values))
+
+
+TILES = Tiles()
 
 
 def swiglu_up_reference(x, w_a, w_b):
@@ -45,80 +67,82 @@ def swiglu_up_reference(x, w_a, w_b):
     return (jax.nn.silu(a) * b).astype(x.dtype)
 
 
-def _kernel(x_ref, wa_ref, wb_ref, h_ref, *, m, d, mm):
-    """One [BLOCK_M, BLOCK_N] tile of h: rows i, columns j of the program; D in steps of BLOCK_K
+def _kernel(x_ref, wa_ref, wb_ref, h_ref, *, m, d, mm, tiles):
+    """One [block_m, block_n] tile of h: rows i, columns j of the program; D in steps of block_k
     (rows past M and columns of D past d read 0)."""
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     i, j = pl.program_id(0), pl.program_id(1)
-    row_ok = (i * BLOCK_M + jnp.arange(BLOCK_M, dtype=jnp.int32) < m)[:, None]
+    row_ok = (i * bm + jnp.arange(bm, dtype=jnp.int32) < m)[:, None]
 
     def step(kk, accs):
-        k_ok = kk * BLOCK_K + jnp.arange(BLOCK_K, dtype=jnp.int32) < d
-        rows, ks = pl.ds(i * BLOCK_M, BLOCK_M), pl.ds(kk * BLOCK_K, BLOCK_K)
+        k_ok = kk * bk + jnp.arange(bk, dtype=jnp.int32) < d
+        rows, ks = pl.ds(i * bm, bm), pl.ds(kk * bk, bk)
         x = pltriton.load(x_ref.at[rows, ks], mask=row_ok & k_ok[None, :], other=0.0)
-        cols = pl.ds(j * BLOCK_N, BLOCK_N)
+        cols = pl.ds(j * bn, bn)
         wa = pltriton.load(wa_ref.at[ks, cols], mask=k_ok[:, None], other=0.0)
         wb = pltriton.load(wb_ref.at[ks, cols], mask=k_ok[:, None], other=0.0)
         return accs[0] + _dot(x, wa, mm), accs[1] + _dot(x, wb, mm)
 
-    zeros = jnp.zeros((BLOCK_M, BLOCK_N), jnp.float32)
-    a, b = lax.fori_loop(0, math.ceil(d / BLOCK_K), step, (zeros, zeros))
+    zeros = jnp.zeros((bm, bn), jnp.float32)
+    a, b = lax.fori_loop(0, math.ceil(d / bk), step, (zeros, zeros))
     h = a * jax.nn.sigmoid(a) * b
-    rows = pl.ds(i * BLOCK_M, BLOCK_M)
-    pltriton.store(h_ref.at[rows, pl.ds(j * BLOCK_N, BLOCK_N)], h.astype(h_ref.dtype), mask=row_ok)
+    rows = pl.ds(i * bm, bm)
+    pltriton.store(h_ref.at[rows, pl.ds(j * bn, bn)], h.astype(h_ref.dtype), mask=row_ok)
 
 
-def _pallas(x, w_a, w_b, interpret):
+def _pallas(x, w_a, w_b, interpret, tiles):
     """The kernel on x [M, D] (flattened by the caller)."""
     m, d = x.shape
     width = w_a.shape[1]
     full = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0))
-    kernel = functools.partial(_kernel, m=m, d=d, mm=_matmul_dtype(x.dtype))
+    kernel = functools.partial(_kernel, m=m, d=d, mm=_matmul_dtype(x.dtype), tiles=tiles)
     return triton_call(
         kernel,
         "swiglu_up",
-        (math.ceil(m / BLOCK_M), width // BLOCK_N),
+        (math.ceil(m / tiles.block_m), width // tiles.block_n),
         [full(x.shape), full(w_a.shape), full(w_b.shape)],
         full((m, width)),
         jax.ShapeDtypeStruct((m, width), x.dtype),
-        num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
         interpret=interpret,
     )(x, w_a.astype(x.dtype), w_b.astype(x.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _swiglu_up(x, w_a, w_b, interpret):
-    return _pallas(x.reshape(-1, x.shape[-1]), w_a, w_b, interpret).reshape(
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _swiglu_up(x, w_a, w_b, interpret, tiles):
+    return _pallas(x.reshape(-1, x.shape[-1]), w_a, w_b, interpret, tiles).reshape(
         *x.shape[:-1], w_a.shape[1]
     )
 
 
-def _swiglu_up_fwd(x, w_a, w_b, interpret):
-    return _swiglu_up(x, w_a, w_b, interpret), (x, w_a, w_b)
+def _swiglu_up_fwd(x, w_a, w_b, interpret, tiles):
+    return _swiglu_up(x, w_a, w_b, interpret, tiles), (x, w_a, w_b)
 
 
-def _swiglu_up_bwd(interpret, residuals, dh):
-    del interpret
+def _swiglu_up_bwd(interpret, tiles, residuals, dh):
+    del interpret, tiles
     return jax.vjp(swiglu_up_reference, *residuals)[1](dh)
 
 
 _swiglu_up.defvjp(_swiglu_up_fwd, _swiglu_up_bwd)
 
 
-def supports(d, width, dtype):
+def supports(d, width, dtype, tiles=TILES):
     """Whether the kernel takes D = d, I = width and dtype (else `swiglu_up` raises for pallas)."""
-    return width % BLOCK_N == 0 and d >= 1 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32)
+    return width % tiles.block_n == 0 and d >= 1 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32)
 
 
-def swiglu_up(x, w_a, w_b, *, impl="auto", interpret=False):
+def swiglu_up(x, w_a, w_b, *, impl="auto", interpret=False, tiles=None):
     """h = SiLU(x @ w_a) * (x @ w_b), differentiable; see the module docstring.
 
     Args:
       x: [..., D] in the compute dtype (bfloat16 or float32 for the kernel).
-      w_a, w_b: [D, I] (cast to x's dtype); I a multiple of BLOCK_N for the kernel.
+      w_a, w_b: [D, I] (cast to x's dtype); I a multiple of the tiles' block_n for the kernel.
       impl: "reference" (XLA), "pallas" (the kernel; a GPU, or `interpret`), or "auto" (pallas on a
         GPU where `supports`, else reference).
       interpret: run the kernel in Pallas interpret mode (CPU tests).
+      tiles: the kernel's `Tiles` (None: TILES).
 
     Returns:
       h: [..., I] in x.dtype.
@@ -134,17 +158,18 @@ def swiglu_up(x, w_a, w_b, *, impl="auto", interpret=False):
             f"need x [..., D] and w_a, w_b [D, I] alike; got {x.shape=}, {w_a.shape=}, {w_b.shape=}"
         )
     d, width = w_a.shape
+    tiles = tiles or TILES
     if impl == "auto":
         on_gpu = jax.default_backend() == "gpu" or interpret
-        impl = "pallas" if on_gpu and supports(d, width, x.dtype) else "reference"
+        impl = "pallas" if on_gpu and supports(d, width, x.dtype, tiles) else "reference"
     if impl == "reference":
         return swiglu_up_reference(x, w_a, w_b)
-    if not supports(d, width, x.dtype):
+    if not supports(d, width, x.dtype, tiles):
         raise ValueError(
-            f"the swiglu_up kernel needs I a multiple of {BLOCK_N} and bfloat16 or float32 x; got "
-            f"I={width}, x.dtype={x.dtype}"
+            f"the swiglu_up kernel needs I a multiple of {tiles.block_n} and bfloat16 or float32 "
+            f"x; got I={width}, x.dtype={x.dtype}"
         )
     if not interpret and jax.default_backend() != "gpu":
         raise ValueError("impl='pallas' needs a GPU; pass interpret=True or impl='reference'")
-    run = lambda x, w_a, w_b: _swiglu_up(x, w_a, w_b, interpret)
+    run = lambda x, w_a, w_b: _swiglu_up(x, w_a, w_b, interpret, tiles)
     return _per_batch_shard(run, x, replicated=(w_a, w_b))

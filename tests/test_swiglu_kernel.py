@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.swiglu import BLOCK_N, swiglu_up, swiglu_up_reference
+from pallas_kernels.swiglu import TILES, Tiles, swiglu_up, swiglu_up_reference
 from tests.helpers import assert_close, rel_err
 
 
@@ -33,11 +33,16 @@ def _reference64(x, w_a, w_b, dh):
         return [np.asarray(a) for a in _fwd_and_grads(swiglu_up_reference, *args)]
 
 
-# M = 150 and 75 rows (not whole row blocks), D = 48 and 100 (not whole steps along D).
-@pytest.mark.parametrize("shape,d", [((2, 75), 48), ((75,), 100)], ids=["M150-D48", "M75-D100"])
-def test_swiglu_up_interpret_matches_float64(shape, d):
-    x, w_a, w_b, dh = _inputs(shape, d, 2 * BLOCK_N, jnp.float32)
-    kernel = lambda *a: swiglu_up(*a, impl="pallas", interpret=True)
+# M = 150 and 75 rows (not whole row blocks), D = 48 and 100 (not whole steps along D); the
+# default tiles and a smaller tiling (other block grid, steps along D).
+@pytest.mark.parametrize(
+    "shape,d,tiles",
+    [((2, 75), 48, TILES), ((75,), 100, TILES), ((75,), 100, Tiles(32, 32, 32, 4, 1))],
+    ids=["M150-D48", "M75-D100", "M75-D100-tiles32"],
+)
+def test_swiglu_up_interpret_matches_float64(shape, d, tiles):
+    x, w_a, w_b, dh = _inputs(shape, d, 2 * TILES.block_n, jnp.float32)
+    kernel = lambda *a: swiglu_up(*a, impl="pallas", interpret=True, tiles=tiles)
     got = jax.jit(_fwd_and_grads, static_argnums=0)(kernel, x, w_a, w_b, dh)
     want = _reference64(x, w_a, w_b, dh)
     for name, g, w in zip(("h", "dx", "dw_a", "dw_b"), got, want, strict=True):
@@ -47,9 +52,9 @@ def test_swiglu_up_interpret_matches_float64(shape, d):
 def test_swiglu_up_interpret_bf16_and_negative_control():
     """bf16 x: h against the float32 reference of the same bf16 inputs (the kernel rounds once);
     with W_a and W_b swapped (b gated instead of a) the output must not pass."""
-    x, w_a, w_b, _ = _inputs((2, 40), 64, BLOCK_N, jnp.bfloat16)
+    x, w_a, w_b, _ = _inputs((2, 40), 64, TILES.block_n, jnp.bfloat16)
     h = swiglu_up(x, w_a, w_b, impl="pallas", interpret=True)
-    assert h.dtype == jnp.bfloat16 and h.shape == (2, 40, BLOCK_N)
+    assert h.dtype == jnp.bfloat16 and h.shape == (2, 40, TILES.block_n)
     want = swiglu_up_reference(x.astype(jnp.float32), w_a, w_b)
     assert_close("h bf16", h, want, 1e-2)
     swapped = swiglu_up(x, w_b, w_a, impl="pallas", interpret=True)
@@ -57,13 +62,15 @@ def test_swiglu_up_interpret_bf16_and_negative_control():
 
 
 def test_swiglu_up_rejects_bad_input():
-    x, w_a, w_b, _ = _inputs((4,), 32, BLOCK_N, jnp.float32)
+    x, w_a, w_b, _ = _inputs((4,), 32, TILES.block_n, jnp.float32)
     with pytest.raises(ValueError, match="w_a, w_b"):
         swiglu_up(x, w_a, w_b[:, :-1], impl="reference")
     with pytest.raises(ValueError, match="multiple of"):
         swiglu_up(x, w_a[:, :-1], w_b[:, :-1], impl="pallas", interpret=True)
     with pytest.raises(ValueError, match="impl="):
         swiglu_up(x, w_a, w_b, impl="cublas")
+    with pytest.raises(ValueError, match="5 integers"):
+        Tiles.parse("128,64")
     # auto off the GPU: the reference, exactly
     np.testing.assert_array_equal(swiglu_up(x, w_a, w_b), swiglu_up_reference(x, w_a, w_b))
 
