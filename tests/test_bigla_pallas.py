@@ -128,6 +128,19 @@ INTERPRET_CASES = [
     pytest.param(
         (2, 40, 1, 16, 32), KernelParams(chunk=16, lean_states=False), "typical", id="N40-not-lean"
     ),
+    # Several sub-blocks per program, walked in a loop: 9 sub-blocks in programs of 4 (the last
+    # program mostly past N), and 7 of 3 at chunk 32 (sub-blocks of two chunks in one program)
+    # with the span states plan (the exact diagonal: at gates of -10 the fast one's dk is 1.1e-5
+    # off at chunk 32, with one sub-block per program alike).
+    pytest.param(
+        (2, 130, 2, 16, 32), KernelParams(subs_per_program=4), "typical", id="N130-4-subs"
+    ),
+    pytest.param(
+        (1, 100, 2, 32, 64),
+        KernelParams(chunk=32, subs_per_program=3, states_span=2, exact_diagonal=True),
+        "very_negative",
+        id="N100-gates-10-exact-chunk32-3-subs-span2",
+    ),
     # The one-program plan over several chunks (the benchmark's --sweep can select it).
     pytest.param(
         (1, 40, 1, 16, 32),
@@ -499,6 +512,14 @@ def test_bigla_pallas_gpu_sub_blocks(shape, chunk, dtype):
         # of the GPU suite; bf16 at chunk 128 and fp32 at chunk 64 cover the same code.
         pytest.skip("fp32 at K 64, V 128, chunk 128: minutes of Triton compile time")
     check_gpu(shape, dtype, KernelParams(chunk=chunk, sub_blocks=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("per", [2, 4])
+@pytest.mark.parametrize("shape", [(16, 196, 6, 32, 64), (2, 4096, 3, 32, 64)], ids=str)
+def test_bigla_pallas_gpu_subs_per_program(shape, per, dtype):
+    check_gpu(shape, dtype, KernelParams(subs_per_program=per))
 
 
 @pytest.mark.gpu

@@ -101,6 +101,9 @@ class KernelParams:
       are read once per direction instead of by a states launch and again by the sub-block
       launch. The first direction to reach a 16-row sub-block leaves its term in a float32
       scratch output; the second adds its own and writes o.
+    subs_per_program: `sub_blocks` kernels: consecutive 16-row sub-blocks per program, walked in
+      a loop (whose next sub-block's loads Triton may issue during the current one's work) with
+      every chunk's states of the (b, h) in reach, instead of one sub-block per program.
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -119,6 +122,7 @@ class KernelParams:
     fwd_warps: int | None = 1
     bwd_warps: int | None = None
     walk_forward: bool = False
+    subs_per_program: int = 1
     interpret: bool = False
 
 
@@ -729,47 +733,74 @@ def _carried_adjoint(rows, u, i, gi, reverse, mm):
     return _walk(u.astype(jnp.float32), i, rows.nb, reverse, step)
 
 
-def _sub_block_ids(bt):
-    """(program's sub-block p, its chunk c, its index i in the chunk) of a sub-block program."""
-    p = pl.program_id(0)
+def _for_sub_blocks(bt, per, n, K, body):
+    """body(p, c, i, state) for each of the program's `per` consecutive 16-row sub-blocks p (its
+    chunk c, its index i in the chunk); state(ref) reads chunk c's [K, V] state from a states ref:
+    the program's own chunk's block (per = 1), or with per > 1 the whole [NTp * K, V] of its
+    (b, h), c clamped to the last chunk for sub-blocks past N (whose loads and stores are
+    masked). per > 1 runs them in a loop, which Triton may software-pipeline."""
     nb = bt // SUB_CHUNK
-    return p, p // nb, p % nb
+    if per == 1:
+        p = pl.program_id(0)
+        body(p, p // nb, p % nb, lambda ref, lean: _state(ref, lean))
+        return
+    last = math.ceil(n / bt) - 1
+    first = pl.program_id(0) * per  # (outside the loop: interpret mode has no program_id there)
+
+    def step(j, carry):
+        p = first + j
+        c = jnp.minimum(p // nb, last)
+
+        def state(ref, lean):
+            x = ref[pl.ds(c * K, K), :]
+            return x if lean else x.astype(jnp.float32)
+
+        body(p, c, p % nb, state)
+        return carry
+
+    lax.fori_loop(0, per, step, 0)
 
 
 def _bigla_fwd_sub_kernel(
-    q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm, exact, lean
+    q_ref, k_ref, v_ref, gf_ref, gb_ref, sf_ref, sb_ref, o_ref, *, n, bt, mm, exact, lean, per
 ):
-    """o of one 16-row sub-block (`sub_blocks`): its entering states from its chunk's, carried
-    through the chunk's sub-blocks before it (Sf) and after it (Sb)."""
-    p, c, i = _sub_block_ids(bt)
-    rows = _Rows((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
-    sf = _carried_state(rows, _state(sf_ref, lean), i, 3, False, mm)
-    sb = _carried_state(rows, _state(sb_ref, lean), i, 4, True, mm)
-    (o,) = _fwd_chunk(_Rows(rows.refs, p, SUB_CHUNK, n), sf, sb, mm, exact)
-    _store_rows(o_ref, p * SUB_CHUNK, o, n)
+    """o of 16-row sub-blocks (`sub_blocks`): each one's entering states from its chunk's,
+    carried through the chunk's sub-blocks before it (Sf) and after it (Sb)."""
+
+    def body(p, c, i, state):
+        rows = _Rows((q_ref, k_ref, v_ref, gf_ref, gb_ref), c, bt, n)
+        sf = _carried_state(rows, state(sf_ref, lean), i, 3, False, mm)
+        sb = _carried_state(rows, state(sb_ref, lean), i, 4, True, mm)
+        (o,) = _fwd_chunk(_Rows(rows.refs, p, SUB_CHUNK, n), sf, sb, mm, exact)
+        _store_rows(o_ref, p * SUB_CHUNK, o, n)
+
+    _for_sub_blocks(bt, per, n, q_ref.shape[-1], body)
 
 
 def _bigla_bwd_sub_kernel(
     q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref, sf_ref, sb_ref, dsf_ref, dsb_ref, *out_refs,
-    n, bt, mm, exact, lean,
+    n, bt, mm, exact, lean, per,
 ):  # fmt: skip
-    """Gradients of one 16-row sub-block, both directions (`sub_blocks`). Per direction, its state
-    entering the sub-block and the adjoint of its state leaving it come from the chunk's (the
-    state kernels' Sf, Sb entering and dSf, dSb leaving the chunk) carried through the chunk's
-    other sub-blocks; one direction at a time keeps two [K, V] states live, not four."""
-    p, c, i = _sub_block_ids(bt)
+    """Gradients of 16-row sub-blocks, both directions (`sub_blocks`). Per direction, a
+    sub-block's state entering it and the adjoint of its state leaving it come from the chunk's
+    (the state kernels' Sf, Sb entering and dSf, dSb leaving the chunk) carried through the
+    chunk's other sub-blocks; one direction at a time keeps two [K, V] states live, not four."""
     refs = (q_ref, k_ref, v_ref, gf_ref, gb_ref, do_ref)
-    rows = _bwd_rows(refs, c, bt, n)
-    sub = _bwd_rows(refs, p, SUB_CHUNK, n)
-    grads = []  # per direction (dq, dk, dv, dg) of the sub-block
-    for reverse, gi, s_ref, u_ref in ((False, 3, sf_ref, dsf_ref), (True, 4, sb_ref, dsb_ref)):
-        s = _carried_state(rows, _state(s_ref, lean), i, gi, reverse, mm)
-        u = _carried_adjoint(rows, _state(u_ref, lean), i, gi, reverse, mm)
-        grads += _bwd_chunk_dir(sub.select((0, 1, 2, gi, 5)), s, u, reverse, mm, exact, lean)
-    (dq, dk, dv, dgf), (dq_b, dk_b, dv_b, dgb) = grads
-    vals = (dq + dq_b, dk + dk_b, dv + dv_b, dgf, dgb)
-    for ref, val in zip(out_refs, vals, strict=True):
-        _store_rows(ref, p * SUB_CHUNK, val, n)
+
+    def body(p, c, i, state):
+        rows = _bwd_rows(refs, c, bt, n)
+        sub = _bwd_rows(refs, p, SUB_CHUNK, n)
+        grads = []  # per direction (dq, dk, dv, dg) of the sub-block
+        for reverse, gi, s_ref, u_ref in ((False, 3, sf_ref, dsf_ref), (True, 4, sb_ref, dsb_ref)):
+            s = _carried_state(rows, state(s_ref, lean), i, gi, reverse, mm)
+            u = _carried_adjoint(rows, state(u_ref, lean), i, gi, reverse, mm)
+            grads += _bwd_chunk_dir(sub.select((0, 1, 2, gi, 5)), s, u, reverse, mm, exact, lean)
+        (dq, dk, dv, dgf), (dq_b, dk_b, dv_b, dgb) = grads
+        vals = (dq + dq_b, dk + dk_b, dv + dv_b, dgf, dgb)
+        for ref, val in zip(out_refs, vals, strict=True):
+            _store_rows(ref, p * SUB_CHUNK, val, n)
+
+    _for_sub_blocks(bt, per, n, q_ref.shape[-1], body)
 
 
 def _walk_dir(rows, s, reverse, mm, exact):
@@ -1116,19 +1147,25 @@ def _launch(
     kernel, name, params, tokens, outs, states=(), logits=None, sub=False, warps=None, **statics
 ):
     """One launch of a token-layout kernel: grid (B, H) without states (short plan), (NT, B, H)
-    with the chunks' states (long plan), or with `sub` (ceil(N / 16), B, H), one program per
-    sub-block. tokens: [B, N, H, d] arrays (or `_Packed`), then states [B, H, NTp * K, V]; outs:
-    [B, N, H, d] ShapeDtypeStructs (or `_Packed` ones). Returns the list of the call's outputs
-    (outputs packed into one array: that array, once)."""
+    with the chunks' states (long plan), or with `sub` (ceil(N / 16 / subs_per_program), B, H),
+    programs of `subs_per_program` sub-blocks. tokens: [B, N, H, d] arrays (or `_Packed`), then
+    states [B, H, NTp * K, V]; outs: [B, N, H, d] ShapeDtypeStructs (or `_Packed` ones). Returns
+    the list of the call's outputs (outputs packed into one array: that array, once)."""
     B, N, H, K = tokens[0].shape
     rank = 3 if states else 2
     rows = SUB_CHUNK if sub else params.chunk
-    grid = (math.ceil(N / rows), B, H) if states else (B, H)
+    per = params.subs_per_program if sub else 1
+    grid = (math.ceil(math.ceil(N / rows) / per), B, H) if states else (B, H)
     in_specs = [_token_spec(x, rank) for x in tokens]
-    per_chunk = params.chunk // rows
-    in_specs += [_state_spec(K, x.shape[-1], per_chunk) for x in states]
+    if per > 1:  # every chunk's states of the program's (b, h)
+        whole = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda c, b, h: (b, h, 0, 0))
+        in_specs += [whole(x) for x in states]
+    else:
+        in_specs += [_state_spec(K, x.shape[-1], params.chunk // rows) for x in states]
     if states:  # the long plan's chunk kernels
         statics["lean"] = params.lean_states
+    if sub:
+        statics["per"] = per
     kernel = functools.partial(
         kernel,
         n=N,
