@@ -104,6 +104,8 @@ class KernelParams:
     subs_per_program: `sub_blocks` kernels: consecutive 16-row sub-blocks per program, walked in
       a loop (whose next sub-block's loads Triton may issue during the current one's work) with
       every chunk's states of the (b, h) in reach, instead of one sub-block per program.
+    states_stages: Triton pipelining stages of the states kernels (their loops over chunks);
+      None: num_stages.
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -123,6 +125,7 @@ class KernelParams:
     bwd_warps: int | None = None
     walk_forward: bool = False
     subs_per_program: int = 1
+    states_stages: int | None = None
     interpret: bool = False
 
 
@@ -973,10 +976,10 @@ def triton_call(kernel, name, grid, in_specs, out_specs, out_shape, *, num_warps
     )
 
 
-def _call(kernel, name, grid, in_specs, out_specs, out_shape, params, warps=None):
+def _call(kernel, name, grid, in_specs, out_specs, out_shape, params, warps=None, stages=None):
     settings = dict(
         num_warps=warps or params.num_warps,
-        num_stages=params.num_stages,
+        num_stages=stages or params.num_stages,
         interpret=params.interpret,
     )
     return triton_call(kernel, name, grid, in_specs, out_specs, out_shape, **settings)
@@ -1050,6 +1053,7 @@ def _states_call(inputs, params, kinds, span, ns, init=None, summary=False, logi
         out_specs,
         out_shape,
         params,
+        stages=params.states_stages,
     )(*arrays, *init)
 
 
