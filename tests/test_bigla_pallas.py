@@ -128,10 +128,12 @@ INTERPRET_CASES = [
     pytest.param(
         (2, 40, 1, 16, 32), KernelParams(chunk=16, lean_states=False), "typical", id="N40-not-lean"
     ),
-    # Several sub-blocks per program, walked in a loop: 9 sub-blocks in programs of 4 (the last
-    # program mostly past N), and 7 of 3 at chunk 32 (sub-blocks of two chunks in one program)
+    # Sub-blocks per program: one (no loop), and several walked in a loop (2, the default, in
+    # the cases above): 9 sub-blocks in programs of 4 (the last program mostly past N), and 7 of
+    # 3 at chunk 32 (sub-blocks of two chunks in one program)
     # with the span states plan (the exact diagonal: at gates of -10 the fast one's dk is 1.1e-5
     # off at chunk 32, with one sub-block per program alike).
+    pytest.param((2, 130, 2, 16, 32), KernelParams(subs_per_program=1), "typical", id="N130-1-sub"),
     pytest.param(
         (2, 130, 2, 16, 32), KernelParams(subs_per_program=4), "typical", id="N130-4-subs"
     ),
@@ -516,7 +518,7 @@ def test_bigla_pallas_gpu_sub_blocks(shape, chunk, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("per", [2, 4])
+@pytest.mark.parametrize("per", [1, 4])  # 2: the default, in every other GPU test
 @pytest.mark.parametrize("shape", [(16, 196, 6, 32, 64), (2, 4096, 3, 32, 64)], ids=str)
 def test_bigla_pallas_gpu_subs_per_program(shape, per, dtype):
     check_gpu(shape, dtype, KernelParams(subs_per_program=per))

@@ -105,7 +105,9 @@ class KernelParams:
       a loop (whose next sub-block's loads Triton may issue during the current one's work) with
       every chunk's states of the (b, h) in reach, instead of one sub-block per program.
     states_stages: Triton pipelining stages of the states kernels (their loops over chunks);
-      None: num_stages.
+      None: num_stages. 2 and 3 against 1 and num_stages: forward 10-13% and forward + backward
+      3-11% faster at ViG-S/B 224² and ViG-T 1024²-4096²; 4 sub-blocks per program or 3 stages
+      for every kernel were slower at 224² (H200; notes).
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -124,8 +126,8 @@ class KernelParams:
     fwd_warps: int | None = 1
     bwd_warps: int | None = None
     walk_forward: bool = False
-    subs_per_program: int = 1
-    states_stages: int | None = None
+    subs_per_program: int = 2
+    states_stages: int | None = 3
     interpret: bool = False
 
 
