@@ -6,7 +6,6 @@ Tolerances are max|Δ| / max|ref| (tests/helpers.assert_close), per notes/bigla_
 """
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -551,24 +550,6 @@ def test_bigla_pallas_logits_gpu(shape, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize(
-    "shape,span",
-    [((2, 65, 3, 32, 64), None), ((16, 196, 6, 32, 64), None), ((2, 4096, 3, 32, 64), None),
-     ((1, 8192, 2, 32, 64), 8), ((8, 3136, 3, 16, 32), None)],
-    ids=str,
-)  # fmt: skip
-def test_bigla_pallas_gpu_walk_forward(shape, span, dtype):
-    """Compiled inference walk (`walk_forward`, forward alone) against the reference: sequential
-    plan at 224², span plans at long N (auto and span 8), ViG-H-T stage 1's head dims."""
-    args, _ = make_inputs(shape, dtype=dtype)
-    params = KernelParams(walk_forward=True, states_span=span)
-    got = jax.jit(lambda *a: bigla_pallas(*a, params=params))(*args)
-    want = jax.jit(bigla_reference)(*(x.astype(jnp.float32) for x in args))
-    assert_close("o", got, want, GPU_TOL[dtype][0])
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
 def test_bigla_pallas_gpu_very_negative_gates_finite(exact):
     check_gpu(
@@ -748,77 +729,6 @@ def test_bigla_pallas_packed_lowers_to_triton_for_cuda():
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
     text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "bigla_fwd_sub_blocks" in text and "bigla_bwd_sub_blocks" in text
-
-
-# The inference walk (`walk_forward`, the custom_vjp's primal): sequential and span plans, chunks of
-# one and of several sub-blocks (walks of odd and even length), the exact diagonal on gates of -10.
-WALK_CASES = [
-    pytest.param((1, 17, 1, 32, 64), KernelParams(), "typical", id="N17-sequential-2steps"),
-    pytest.param((2, 130, 2, 16, 32), KernelParams(), "typical", id="N130-sequential-9steps"),
-    pytest.param((1, 130, 2, 16, 32), KernelParams(states_span=2), "typical", id="N130-span2"),
-    pytest.param(
-        (1, 72, 1, 16, 32), KernelParams(states_span=1), "very_negative", id="N72-gates-10-span1"
-    ),
-    pytest.param((2, 130, 1, 16, 32), KernelParams(chunk=32), "typical", id="N130-chunk32"),
-    pytest.param(
-        (1, 100, 2, 32, 64),
-        KernelParams(chunk=64, exact_diagonal=True),
-        "very_negative",
-        id="N100-gates-10-exact-chunk64",
-    ),
-]
-
-
-def forward64(args):
-    with jax.enable_x64(True):
-        return np.asarray(bigla_reference(*(jnp.asarray(np.asarray(x, np.float64)) for x in args)))
-
-
-@pytest.mark.parametrize("shape,params,gates", WALK_CASES)
-def test_bigla_pallas_walk_forward_matches_reference(shape, params, gates):
-    args, _ = make_inputs(shape, gates=gates)
-    params = dataclasses.replace(params, interpret=True, walk_forward=True)
-    o = jax.jit(lambda *a: bigla_pallas(*a, params=params))(*args)
-    want = forward64(args)
-    assert_close("o", o, want, 1e-5)
-    # Negative control: the two directions' gates swapped must not pass.
-    q, k, v, gf, gb = args
-    swapped = jax.jit(lambda *a: bigla_pallas(*a, params=params))(q, k, v, gb, gf)
-    assert rel_err(swapped, want) > 1e-2
-
-
-def test_bigla_pallas_walk_forward_only_without_gradients():
-    """The walk runs for the forward alone (cross-lowered for CUDA: it passes the Triton lowering);
-    the custom_vjp's forward rule keeps the states launches (its backward needs them), and with
-    walk_forward off the forward alone does too. Packed inputs with logits take the walk alike and
-    give the unpacked kernels' o (interpret mode)."""
-    B, N, H, K, V = 2, 130, 3, 32, 64
-    shapes = [jax.ShapeDtypeStruct((B, N, H, d), jnp.bfloat16) for d in (K, K, V)]
-    shapes += [jax.ShapeDtypeStruct((B, N, H, K), jnp.float32)] * 2
-
-    def lowered(f):
-        return jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-
-    for span in (0, 2):
-        params = KernelParams(walk_forward=True, states_span=span)
-        f = functools.partial(bigla_pallas, params=params)
-        fwd = lowered(f)
-        assert "bigla_fwd_walk" in fwd and "bigla_fwd_states" not in fwd, span
-        assert ("bigla_fwd_span_summaries" in fwd) == bool(span)
-        vjp = lowered(lambda *a, f=f: jax.vjp(f, *a)[0])
-        assert "bigla_fwd_walk" not in vjp and "bigla_fwd_sub_blocks" in vjp
-    off = lowered(lambda *a: bigla_pallas(*a, params=KernelParams(walk_forward=False)))
-    assert "bigla_fwd_walk" not in off and "bigla_fwd_sub_blocks" in off
-
-    qkv, gates, _ = make_packed((2, 50, 2, 16, 32), jnp.bfloat16, True)
-    layout = dict(num_heads=2, key_dim=32, q_scale=0.25, normalizer=16.0)
-    outs = [
-        bigla_pallas_packed(
-            qkv, gates, params=KernelParams(walk_forward=walk, interpret=True), **layout
-        )
-        for walk in (True, False)
-    ]
-    assert_close("o packed walk", outs[0], outs[1], 1e-2)
 
 
 @pytest.mark.gpu

@@ -216,21 +216,17 @@ GLA_FORMS = {
 }
 
 
-def _unit_params(model, x, dtype):
-    """Unit-scale parameters of `model` on input x, so that every branch (BiGLA, local path,
-    gates) matters."""
-    leaves, tree = jax.tree.flatten(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
-    return tree.unflatten(
-        [_normal(s.shape, dtype, i + 1) / np.sqrt(s.shape[0]) for i, s in enumerate(leaves)]
-    )
-
-
 def _gla_outputs_and_grads(forms, dtype, width=16, grid=(4, 6)):
     """{form: {"y", "dx", every parameter's gradient}} of the plain layer and each form in
     `forms`, at unit-scale parameters and a random cotangent; input [2, *grid, width]."""
     x = _normal((2, *grid, width), dtype, 0)
     plain = _gla(dtype)
-    params = _unit_params(plain, x, dtype)
+    shapes = jax.eval_shape(plain.init, jax.random.key(0), x)["params"]
+    # Unit-scale parameters, so that every branch (BiGLA, local path, gates) matters.
+    leaves, tree = jax.tree.flatten(shapes)
+    params = tree.unflatten(
+        [_normal(s.shape, dtype, i + 1) / np.sqrt(s.shape[0]) for i, s in enumerate(leaves)]
+    )
     do = _normal(x.shape, dtype, 99)
     results = {}
     for name, model in (("plain", plain), *((f, _gla(dtype, **kw)) for f, kw in forms.items())):
@@ -283,17 +279,6 @@ def test_gla_form_matches_plain(form, dtype, request):
     results = _gla_outputs_and_grads({form: GLA_FORMS[form]}, dtype)
     for key, want in results["plain"].items():
         assert_close(f"{form} {key} {dtype}", results[form][key], want, TOL[dtype])
-
-
-def test_gla_walk_forward_pallas_matches_plain():
-    """walk_forward on the pallas kernels (interpret mode): the layer's output without gradients
-    (the walk) against the plain layer on the reference BiGLA, at unit-scale parameters."""
-    x = _normal((2, 6, 7, 64), jnp.float32, 0)
-    pallas = dict(bigla_impl="pallas", bigla_interpret=True, bigla_chunk=16)
-    plain, walk = _gla("float32"), _gla("float32", walk_forward=True, **pallas)
-    params = _unit_params(plain, x, "float32")
-    want = plain.apply({"params": params}, x)
-    assert_close("y walk", jax.jit(walk.apply)({"params": params}, x), want, 1e-4)
 
 
 def test_gla_gates_in_kernel_pallas_matches_plain():
@@ -567,9 +552,7 @@ def test_every_layer_form_is_a_field_of_both_models_and_reaches_the_layer():
         seen.append({f: getattr(self, f) for f in LAYER_FORMS})
         return real(self, x)
 
-    forms = dict(
-        fused_proj=True, dwconv="shift", bigla_chunk=16, save_states=False, walk_forward=True
-    )
+    forms = dict(fused_proj=True, dwconv="shift", bigla_chunk=16, save_states=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(GatedLinearAttention, "__call__", record)
         for family in sorted(TINY):

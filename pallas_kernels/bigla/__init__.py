@@ -132,19 +132,7 @@ def _auto_impl(shape, V, dtype, chunk_size, mosaic_ok=True):
     return "pallas" if supports(K, V, chunk) else "chunked"
 
 
-def bigla(
-    q,
-    k,
-    v,
-    gf,
-    gb,
-    *,
-    impl="auto",
-    chunk_size=None,
-    interpret=False,
-    save_states=True,
-    walk_forward=None,
-):
+def bigla(q, k, v, gf, gb, *, impl="auto", chunk_size=None, interpret=False, save_states=True):
     """o = (o_fwd + o_bwd) / 2 of the two gated linear recurrences (see `bigla_reference`).
 
     Args:
@@ -163,9 +151,6 @@ def bigla(
         (`KernelParams.save_states`, default: less backward work, more activation memory; False
         recomputes them); the other implementations ignore it (chunked's autodiff keeps what its
         backward needs).
-      walk_forward: pallas path, forward without gradients (inference): one walk per sequence
-        or span writes o as it goes (`KernelParams.walk_forward`); None: its default. The other
-        implementations ignore it.
 
     Returns:
       o: [B, N, H, V] in the dtype of v, accumulated in float32 (float64 for float64 inputs).
@@ -190,7 +175,7 @@ def bigla(
     _check_pallas_backend(interpret)
     from pallas_kernels.bigla.pallas import _params, bigla_pallas
 
-    params = _params(None, chunk_size, interpret, save_states, walk_forward)
+    params = _params(None, chunk_size, interpret, save_states)
 
     def kernel(*arrays):
         return bigla_pallas(*arrays, params=params)
@@ -210,7 +195,6 @@ def bigla_logits(
     chunk_size=None,
     interpret=False,
     save_states=True,
-    walk_forward=None,
 ):
     """`bigla` with the gates given as logits: gf = log_sigmoid(xf) / normalizer, gb likewise.
 
@@ -231,7 +215,7 @@ def bigla_logits(
     _check_pallas_backend(interpret)
     from pallas_kernels.bigla.pallas import _params, bigla_pallas_logits
 
-    params = _params(None, chunk_size, interpret, save_states, walk_forward)
+    params = _params(None, chunk_size, interpret, save_states)
 
     def kernel(*arrays):
         return bigla_pallas_logits(*arrays, normalizer=normalizer, params=params)
@@ -251,7 +235,6 @@ def bigla_packed(
     chunk_size=None,
     interpret=False,
     save_states=True,
-    walk_forward=None,
 ):
     """`bigla` (with `normalizer`, `bigla_logits`) on the arrays a model's projections produce.
 
@@ -274,7 +257,6 @@ def bigla_packed(
     if impl != "pallas":
         arrays = split_packed(qkv, gates, num_heads, key_dim, q_scale)
         run = dict(impl=impl, chunk_size=chunk_size, interpret=interpret, save_states=save_states)
-        run["walk_forward"] = walk_forward
         if normalizer is None:
             return bigla(*arrays, **run)
         return bigla_logits(*arrays, normalizer=normalizer, **run)
@@ -282,7 +264,7 @@ def bigla_packed(
     _check_pallas_backend(interpret)
     from pallas_kernels.bigla.pallas import _params, bigla_pallas_packed
 
-    params = _params(None, chunk_size, interpret, save_states, walk_forward)
+    params = _params(None, chunk_size, interpret, save_states)
     layout = dict(num_heads=num_heads, key_dim=key_dim, q_scale=q_scale, normalizer=normalizer)
 
     def kernel(qkv, gates):

@@ -94,13 +94,6 @@ class KernelParams:
       sub-block) kernels; None: num_warps (the states kernels and the split backward take
       num_warps). 1 and None: forward 3-4% faster than at 2 warps (ViG-S 224, ViG-T 1024); the
       backward at 4 warps was 17-30% slower, at 1 between -3% and +1% (H200; notes).
-    walk_forward: long plan, forward without gradients (inference: the custom_vjp's primal,
-      never its forward rule, which must keep the states for the backward): one launch walks each
-      (b, h)'s chunks (or a span's, from the scanned span states) in both directions and writes o
-      as it goes, so the states entering every chunk never go through HBM and q, k, v, the gates
-      are read once per direction instead of by a states launch and again by the sub-block
-      launch. The first direction to reach a 16-row sub-block leaves its term in a float32
-      scratch output; the second adds its own and writes o.
     subs_per_program: `sub_blocks` kernels: consecutive 16-row sub-blocks per program, walked in
       a loop (whose next sub-block's loads Triton may issue during the current one's work) with
       every chunk's states of the (b, h) in reach, instead of one sub-block per program.
@@ -125,7 +118,6 @@ class KernelParams:
     lean_states: bool = True
     fwd_warps: int | None = 1
     bwd_warps: int | None = None
-    walk_forward: bool = False
     subs_per_program: int = 2
     states_stages: int | None = 3
     interpret: bool = False
@@ -808,62 +800,6 @@ def _bigla_bwd_sub_kernel(
     _for_sub_blocks(bt, per, n, q_ref.shape[-1], body)
 
 
-def _walk_dir(rows, s, reverse, mm, exact):
-    """One direction on one 16-row sub-block (rows: its q, k, v and the direction's gates): its
-    term of o, [16, V] fp32 (inter-chunk from the entering state s, plus the diagonal block), and
-    the state leaving it."""
-    q, k, v, g = rows(0, 0), rows(1, 0), rows(2, 0), rows(3, 0)
-    total, x = _decays(g, reverse)
-    o = _dot(q * jnp.exp(x), s, mm) + _dot(_diag_scores(q, k, x, reverse, exact, mm), v, mm)
-    return o, _state_step(s, k, v, g, reverse, mm)
-
-
-def _bigla_fwd_walk_kernel(
-    q_ref, k_ref, v_ref, gf_ref, gb_ref, *refs, n, steps, mm, exact, has_init, barrier
-):  # fmt: skip
-    """o of `steps` consecutive 16-row sub-blocks (program id 0 picks them), Sf walked left to
-    right and Sb right to left in the same loop (`walk_forward`); with `has_init` the states
-    entering the run come first among refs, else zero. Step `it` takes sub-block it for Sf and
-    steps - 1 - it for Sb, so the first half of the steps reaches every sub-block it visits first
-    (its term goes to the fp32 scratch `part_ref`) and the second half every one it visits
-    second (the scratch term read back, o written); with odd `steps` both meet in the middle.
-    `barrier`: a CTA barrier between the halves (compiled; interpret mode runs in order)."""
-    init, (o_ref, part_ref) = refs[: 2 * has_init], refs[2 * has_init :]
-    K, V = k_ref.shape[-1], v_ref.shape[-1]
-    base = pl.program_id(0) * steps
-    tok = (q_ref, k_ref, v_ref)
-    rows_f = lambda p: _Rows((*tok, gf_ref), p, SUB_CHUNK, n)
-    rows_b = lambda p: _Rows((*tok, gb_ref), p, SUB_CHUNK, n)
-
-    def visit(it, states, first):
-        pf, pb = base + it, base + steps - 1 - it
-        of, sf = _walk_dir(rows_f(pf), states[0], False, mm, exact)
-        ob, sb = _walk_dir(rows_b(pb), states[1], True, mm, exact)
-        for p, term in ((pf, of), (pb, ob)):
-            if first:
-                _store_rows(part_ref, p * SUB_CHUNK, term, n)
-            else:
-                other = _load_rows(part_ref, p * SUB_CHUNK, SUB_CHUNK, n)
-                _store_rows(o_ref, p * SUB_CHUNK, 0.5 * (term + other), n)
-        return sf, sb
-
-    if has_init:
-        states = tuple(r[...].astype(jnp.float32) for r in init)
-    else:
-        states = (jnp.zeros((K, V), jnp.float32),) * 2
-    half = steps // 2
-    states = lax.fori_loop(0, half, lambda it, s: visit(it, s, True), states)
-    if barrier:  # the second half reads terms that other threads of the program stored
-        pltriton.debug_barrier()
-    if steps % 2:
-        p = base + half
-        of, sf = _walk_dir(rows_f(p), states[0], False, mm, exact)
-        ob, sb = _walk_dir(rows_b(p), states[1], True, mm, exact)
-        _store_rows(o_ref, p * SUB_CHUNK, 0.5 * (of + ob), n)
-        states = (sf, sb)
-    lax.fori_loop(half + steps % 2, steps, lambda it, s: visit(it, s, False), states)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers.
 
@@ -1099,22 +1035,6 @@ def _scan_spans(totals, owns, reverses, method):
     return [flip(entering[i], r) for i, r in enumerate(reverses)]
 
 
-def _span_states(call, kinds, span, ns, dims, method):
-    """Split plan: the `kinds` states entering each of the NS spans, [B, H, NS * K, V] fp32 each:
-    a summary launch (`call`, a partial `_states_call`) gives every span's own leaving states and
-    gate totals, a scan over the spans in XLA the rest (`_scan_spans`)."""
-    B, H, K, V = dims
-    *own, total_f, total_b = call(span, ns, summary=True)
-    # Sf and dSf decay by gf, Sb and dSb by gb.
-    init = _scan_spans(
-        [total_f if kind in ("sf", "dsf") else total_b for kind in kinds],
-        [x.reshape(B, H, ns, K, V) for x in own],
-        [_REVERSE[kind] for kind in kinds],
-        method,
-    )
-    return [x.reshape(B, H, ns * K, V) for x in init]
-
-
 def _states(inputs, params, adjoints, logits=None, fwd_states=True):
     """Entering states of every chunk: Sf, Sb (and dSf, dSb; without `fwd_states` dSf, dSb only),
     [B, H, NT * K, V] each in `_states_dtype`.
@@ -1133,7 +1053,15 @@ def _states(inputs, params, adjoints, logits=None, fwd_states=True):
     if not span:
         return call(span=nt, ns=1)
     ns = math.ceil(nt / span)
-    init = _span_states(call, kinds, span, ns, (B, H, K, V), params.span_scan)
+    *own, total_f, total_b = call(span, ns, summary=True)
+    # Sf and dSf decay by gf, Sb and dSb by gb.
+    init = _scan_spans(
+        [total_f if kind in ("sf", "dsf") else total_b for kind in kinds],
+        [x.reshape(B, H, ns, K, V) for x in own],
+        [_REVERSE[kind] for kind in kinds],
+        params.span_scan,
+    )
+    init = [x.reshape(B, H, ns * K, V) for x in init]
     if span == 1:
         return [x.astype(_states_dtype(params, _states_mm(inputs, adjoints))) for x in init]
     states = call(span, ns, init=init)
@@ -1205,49 +1133,10 @@ def _grad_outs(inputs):
     return outs
 
 
-def _bigla_fwd_walk(tokens, params, scale):
-    """o of the long plan in one walk per (b, h) or span, no states kept (`walk_forward`)."""
-    q, k, v, gf, gb = tokens
-    B, N, H, K = q.shape
-    V = v.shape[-1]
-    nt = math.ceil(N / params.chunk)
-    span = _states_span(B, H, nt, params)
-    init = ()
-    if span:
-        ns = math.ceil(nt / span)
-        kinds = ("sf", "sb")
-        call = functools.partial(
-            _states_call, (k, v, gf, gb), params, kinds, logits=_logits(scale, (2, 3))
-        )
-        init = _span_states(call, kinds, span, ns, (B, H, K, V), params.span_scan)
-    else:
-        span, ns = nt, 1
-    kernel = functools.partial(
-        _bigla_fwd_walk_kernel,
-        n=N,
-        steps=span * (params.chunk // SUB_CHUNK),
-        mm=_matmul_dtype(q.dtype),
-        exact=params.exact_diagonal,
-        has_init=bool(init),
-        barrier=not params.interpret,
-    )
-    outs = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(v.shape, jnp.float32)]
-    kernel, arrays, out_shape = _packed_io(
-        kernel, tokens, len(init), outs, 3, _logits(scale, (3, 4))
-    )
-    in_specs = [_token_spec(x, 3) for x in tokens] + [_span_spec(K, V)] * len(init)
-    out_specs = [_token_spec(x, 3) for x in out_shape]
-    call = _call(
-        kernel, "bigla_fwd_walk", (ns, B, H), in_specs, out_specs, out_shape, params,
-        params.fwd_warps,
-    )  # fmt: skip
-    return call(*arrays, *init)[0]
-
-
-def _bigla_fwd(q, k, v, gf, gb, params, scale, keep_states=True):
+def _bigla_fwd(q, k, v, gf, gb, params, scale):
     """(o, states): o [B, N, H, V] in v.dtype; states (Sf, Sb) entering every chunk on the long
-    plan, () on the short one, or without `keep_states` under `walk_forward`. scale None: gf, gb
-    are log gates; else logits, gates log_sigmoid(x) * scale."""
+    plan, () on the short one. scale None: gf, gb are log gates; else logits, gates
+    log_sigmoid(x) * scale."""
     gf, gb = _gates_in(gf, scale), _gates_in(gb, scale)
     tokens = (q, k, v, gf, gb)
     out = [jax.ShapeDtypeStruct(v.shape, v.dtype)]
@@ -1255,8 +1144,6 @@ def _bigla_fwd(q, k, v, gf, gb, params, scale, keep_states=True):
     if _use_short_path(q.shape[1], params):
         (o,) = _launch(_bigla_fwd_short_kernel, "bigla_fwd_short", params, tokens, out, (), logits)
         return o, ()
-    if params.walk_forward and not keep_states:
-        return _bigla_fwd_walk(tokens, params, scale), ()
     states = _states((k, v, gf, gb), params, False, _logits(scale, (2, 3)))
     if params.sub_blocks:
         kernel, name = _bigla_fwd_sub_kernel, "bigla_fwd_sub_blocks"
@@ -1317,19 +1204,17 @@ def _bigla_bwd(q, k, v, gf, gb, do, params, scale, saved=()):
     return dq, dk, dv, dgf, dgb
 
 
-def _params(params, chunk_size, interpret, save_states=True, walk_forward=None):
-    """The launch settings: `params` if given, else the defaults at chunk_size and walk_forward
-    (if set)."""
+def _params(params, chunk_size, interpret, save_states=True):
+    """The launch settings: `params` if given, else the defaults at chunk_size (if set)."""
     if params is not None:
         return params
     chunk = {} if chunk_size is None else {"chunk": chunk_size}
-    walk = {} if walk_forward is None else {"walk_forward": walk_forward}
-    return KernelParams(interpret=interpret, save_states=save_states, **chunk, **walk)
+    return KernelParams(interpret=interpret, save_states=save_states, **chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _bigla(q, k, v, gf, gb, params, scale):
-    return _bigla_fwd(q, k, v, gf, gb, params, scale, keep_states=False)[0]
+    return _bigla_fwd(q, k, v, gf, gb, params, scale)[0]
 
 
 def _bigla_vjp_fwd(q, k, v, gf, gb, params, scale):
@@ -1361,7 +1246,7 @@ def _unpack(qkv, gates, layout):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _bigla_packed(qkv, gates, params, scale, layout):
-    return _bigla_fwd(*_unpack(qkv, gates, layout), params, scale, keep_states=False)[0]
+    return _bigla_fwd(*_unpack(qkv, gates, layout), params, scale)[0]
 
 
 def _bigla_packed_vjp_fwd(qkv, gates, params, scale, layout):

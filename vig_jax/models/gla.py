@@ -36,7 +36,6 @@ LAYER_FORMS = (
     "fp32_mix",
     "gates_in_kernel",
     "save_states",
-    "walk_forward",
     "bigla_chunk",
     "packed_bigla",
 )
@@ -85,9 +84,6 @@ class GatedLinearAttention(nn.Module):
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
         (`bigla(..., save_states=True)`, the default): less backward work, more activation
         memory; False recomputes them in the backward.
-      walk_forward: BiGLA's pallas forward without gradients (inference, train=False) in one walk
-        per sequence or span that writes o as it goes (`bigla(..., walk_forward=)`); None: the
-        kernels' default.
       bigla_chunk: BiGLA's chunk size (`bigla(..., chunk_size=)`); None: each implementation's
         default.
       packed_bigla: hand BiGLA the qkv projection's output and the gates whole
@@ -110,7 +106,6 @@ class GatedLinearAttention(nn.Module):
     fp32_mix: bool = False
     gates_in_kernel: bool = False
     save_states: bool = True
-    walk_forward: bool | None = None
     bigla_chunk: int | None = None
     packed_bigla: bool = True
     dtype: jnp.dtype = jnp.float32
@@ -182,7 +177,6 @@ class GatedLinearAttention(nn.Module):
             impl=self.bigla_impl,
             interpret=self.bigla_interpret,
             save_states=self.save_states,
-            walk_forward=self.walk_forward,
             chunk_size=self.bigla_chunk,
         )
         if packed:

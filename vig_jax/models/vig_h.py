@@ -94,8 +94,6 @@ class ViGH(nn.Module):
         `GatedLinearAttention`), same parameters; not with fused_proj.
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
         (default; False recomputes them: less memory, slower; see `GatedLinearAttention`).
-      walk_forward: BiGLA's pallas forward without gradients (inference) in one walk that writes
-        o as it goes (`KernelParams.walk_forward`); None: the kernels' default.
       bigla_chunk: BiGLA's chunk size; None: each implementation's default.
       packed_bigla: BiGLA reads q, k, v and the gates in place from the projections' outputs
         (`GatedLinearAttention.packed_bigla`; default): the same numbers without the XLA passes
@@ -123,7 +121,6 @@ class ViGH(nn.Module):
     mlp_fused_up: bool = False
     split_proj: bool = False
     save_states: bool = True
-    walk_forward: bool | None = None
     bigla_chunk: int | None = None
     packed_bigla: bool = True
     stem_impl: str = "conv"
