@@ -157,41 +157,6 @@ def test_swiglu_split_up_matches_plain(dtype, request):
     assert concats[0] and not concats[1], concats
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_swiglu_fused_up_matches_split(dtype):
-    """SwiGLU's fused_up form (the Pallas kernel in interpret mode; I = 64) against split_up on the
-    same parameters: outputs and gradients (the kernel's backward is XLA's recomputation); bf16 to
-    the rounding of a and b that the fused form skips."""
-    x = _normal((2, 5, 7, 16), dtype, 0)
-    dy = _normal(x.shape, dtype, 1)
-    split, fused = (
-        SwiGLU(64, nn.initializers.normal(1.0), jnp.dtype(dtype), True, f, f) for f in (0, 1)
-    )
-    params = split.init(jax.random.key(0), x)
-    results = {}
-    for name, module in (("split", split), ("fused", fused)):
-        y, vjp = jax.vjp(jax.jit(lambda p, x, m=module: m.apply(p, x)), params, x)
-        dp, dx = vjp(dy)
-        results[name] = {"y": y, "dx": dx, **flatten_dict(dp["params"], sep="/")}
-    tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
-    for key, want in results["split"].items():
-        assert_close(f"fused_up {key} {dtype}", results["fused"][key], want, tol)
-
-
-def test_vig_mlp_fused_up_runs_the_kernel_in_inference_only():
-    """mlp_fused_up: the inference forward runs the swiglu_up kernel and gives the default model's
-    logits; the training forward does not use it."""
-    x = _normal((1, 32, 32, 3), "float32", 0)
-    pallas = dict(depth=1, bigla_impl="pallas", bigla_interpret=True)
-    base, fused = (create_model("vig_t", **pallas, mlp_fused_up=f) for f in (False, True))
-    params = base.init(jax.random.key(0), x, train=False)
-    for train in (False, True):
-        jaxpr = str(jax.make_jaxpr(lambda p, t=train: fused.apply(p, x, train=t))(params))
-        assert ("swiglu_up" in jaxpr) == (not train), train
-    got, want = (m.apply(params, x, train=False) for m in (fused, base))
-    assert_close("logits", got, want, 1e-5)
-
-
 def _gla(dtype, **forms):
     return GatedLinearAttention(
         num_heads=2,

@@ -12,8 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from pallas_kernels.swiglu import swiglu_up
-
 Initializer = Callable[..., jax.Array]
 
 
@@ -230,18 +228,12 @@ class SwiGLU(nn.Module):
     The plain form's one matmul makes the backward concatenate da and db into d[a | b] before the
     two matmuls that read it; XLA on GPU writes that [..., 2I] array as separate passes (twice
     over, at ViG-S 224² on an H200: 24 concatenations of 103 MB per training step).
-    `fused_up` (experimental, not measured on a GPU yet): SiLU(a) * b from one Pallas kernel on the
-    same halves of W_up (`pallas_kernels.swiglu.swiglu_up`; off the GPU its XLA reference), which
-    writes only the product, the gate applied to float32 accumulators; `interpret` runs it in
-    Pallas interpret mode.
     """
 
     hidden: int
     kernel_init: Initializer
     dtype: jnp.dtype = jnp.float32
     split_up: bool = False
-    fused_up: bool = False
-    interpret: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -249,13 +241,6 @@ class SwiGLU(nn.Module):
         dense = lambda features, name: nn.Dense(
             features, use_bias=False, kernel_init=self.kernel_init, dtype=self.dtype, name=name
         )
-        if self.fused_up:
-            w_up, _ = DenseParams(2 * self.hidden, False, self.kernel_init, name="up")(x.shape[-1])
-            with jax.named_scope("up"):
-                impl = "pallas" if self.interpret else "auto"
-                w_a, w_b = w_up[:, : self.hidden], w_up[:, self.hidden :]
-                h = swiglu_up(x.astype(self.dtype), w_a, w_b, impl=impl, interpret=self.interpret)
-            return dense(x.shape[-1], "down")(h)
         if self.split_up:
             w_up, _ = DenseParams(2 * self.hidden, False, self.kernel_init, name="up")(x.shape[-1])
             with jax.named_scope("up"):  # the matmuls' place in profiles, as the plain form's

@@ -41,7 +41,6 @@ class ViGBlock(nn.Module):
     dtype: jnp.dtype
     gla: FrozenDict = FrozenDict()  # GatedLinearAttention fields of gla.LAYER_FORMS
     mlp_split_up: bool = True
-    mlp_fused_up: bool = False  # in inference only (train=False)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -60,12 +59,7 @@ class ViGBlock(nn.Module):
         x = x + drop_path(y, train=train)
         y = RMSNorm(NORM_EPS, self.dtype, name="mlp_norm")(x)
         hidden = swiglu_hidden(x.shape[-1], 256)
-        fused = self.mlp_fused_up and not train
-        interpret = self.gla.get("bigla_interpret", False)
-        mlp = SwiGLU(
-            hidden, LINEAR_INIT, self.dtype, self.mlp_split_up, fused, interpret, name="mlp"
-        )
-        y = mlp(y)
+        y = SwiGLU(hidden, LINEAR_INIT, self.dtype, self.mlp_split_up, name="mlp")(y)
         return x + drop_path(y, train=train)
 
 
@@ -90,9 +84,6 @@ class ViG(nn.Module):
         chain (ViG-S 224², ViG-T 1024²; same call).
       mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters;
         on by default here (training 2% faster at ViG-S 224², 7% at ViG-T 1024² on an H200).
-      mlp_fused_up: experimental, inference only: with train=False the MLP's SiLU(a) * b comes from
-        one Pallas kernel that writes only the product (`SwiGLU.fused_up`); same parameters; not
-        yet measured on a GPU, hence off.
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
         `GatedLinearAttention`), same parameters; not with fused_proj.
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
@@ -125,7 +116,6 @@ class ViG(nn.Module):
     fp32_mix: bool = True
     gates_in_kernel: bool = False
     mlp_split_up: bool = True
-    mlp_fused_up: bool = False
     split_proj: bool = False
     save_states: bool = True
     bigla_chunk: int | None = None
@@ -155,7 +145,6 @@ class ViG(nn.Module):
                 self.dtype,
                 layer_forms(self),
                 self.mlp_split_up,
-                self.mlp_fused_up,
             )
             for rate in rates
         ]

@@ -45,7 +45,6 @@ class ViGHBlock(nn.Module):
     dtype: jnp.dtype
     gla: FrozenDict = FrozenDict()  # GatedLinearAttention fields of gla.LAYER_FORMS
     mlp_split_up: bool = False
-    mlp_fused_up: bool = False  # in inference only (train=False)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -64,12 +63,7 @@ class ViGHBlock(nn.Module):
         x = x + drop_path(y, train=train)
         y = LayerNorm(dtype=self.dtype, name="mlp_norm")(x)
         hidden = swiglu_hidden(x.shape[-1], 32)
-        fused = self.mlp_fused_up and not train
-        interpret = self.gla.get("bigla_interpret", False)
-        mlp = SwiGLU(
-            hidden, LINEAR_INIT, self.dtype, self.mlp_split_up, fused, interpret, name="mlp"
-        )
-        y = mlp(y)
+        y = SwiGLU(hidden, LINEAR_INIT, self.dtype, self.mlp_split_up, name="mlp")(y)
         return x + drop_path(y, train=train)
 
 
@@ -87,9 +81,6 @@ class ViGH(nn.Module):
       fused_proj, dwconv, fp32_mix, gates_in_kernel: forms of the GLA layer (see
         `GatedLinearAttention`); the parameters are the same for all of them.
       mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters.
-      mlp_fused_up: experimental, inference only: with train=False the MLP's SiLU(a) * b comes from
-        one Pallas kernel that writes only the product (`SwiGLU.fused_up`); same parameters; not
-        yet measured on a GPU, hence off.
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
         `GatedLinearAttention`), same parameters; not with fused_proj.
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
@@ -118,7 +109,6 @@ class ViGH(nn.Module):
     fp32_mix: bool = False
     gates_in_kernel: bool = False
     mlp_split_up: bool = False
-    mlp_fused_up: bool = False
     split_proj: bool = False
     save_states: bool = True
     bigla_chunk: int | None = None
@@ -139,12 +129,7 @@ class ViGH(nn.Module):
         self.stages = [
             [
                 ViGHBlock(
-                    heads,
-                    float(next(rates)),
-                    self.dtype,
-                    layer_forms(self),
-                    self.mlp_split_up,
-                    self.mlp_fused_up,
+                    heads, float(next(rates)), self.dtype, layer_forms(self), self.mlp_split_up
                 )
                 for _ in range(depth)
             ]
