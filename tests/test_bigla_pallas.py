@@ -439,6 +439,8 @@ def test_split_backward_by_head_dim_unless_set():
         ((1, 8, 1, 24, 32), KernelParams(), "K and V"),
         ((1, 8, 1, 16, 8), KernelParams(), "K and V"),
         ((1, 8, 1, 16, 32), KernelParams(chunk=48), "chunk=48"),
+        ((1, 40, 1, 16, 32), KernelParams(subs_per_program=0), "subs_per_program=0"),
+        ((1, 40, 1, 16, 32), KernelParams(states_stages=0), "states_stages=0"),
     ],
 )
 def test_bigla_pallas_rejects_unsupported_shapes(shape, params, match):

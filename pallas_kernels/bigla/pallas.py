@@ -98,9 +98,9 @@ class KernelParams:
       a loop (whose next sub-block's loads Triton may issue during the current one's work) with
       every chunk's states of the (b, h) in reach, instead of one sub-block per program.
     states_stages: Triton pipelining stages of the states kernels (their loops over chunks);
-      None: num_stages. 2 and 3 against 1 and num_stages: forward 10-13% and forward + backward
-      3-11% faster at ViG-S/B 224² and ViG-T 1024²-4096²; 4 sub-blocks per program or 3 stages
-      for every kernel were slower at 224² (H200; notes).
+      None: num_stages. subs_per_program 2 and states_stages 3 against 1 and num_stages:
+      forward 10-13% and forward + backward 3-11% faster at ViG-S/B 224² and ViG-T 1024²-4096²;
+      4 sub-blocks per program or 3 stages for every kernel were slower at 224² (H200; notes).
     interpret: run in Pallas interpret mode (CPU tests).
     """
 
@@ -182,6 +182,10 @@ def _check(q, v, params):
         raise ValueError(f"need at least one token, got {q.shape=}")
     if params.states_dtype not in STATES_DTYPES:
         raise ValueError(f"states_dtype={params.states_dtype!r} is not one of {STATES_DTYPES}")
+    for name in ("subs_per_program", "states_stages"):
+        value = getattr(params, name)
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name}={value!r} must be a positive int")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -732,7 +736,8 @@ def _carried_adjoint(rows, u, i, gi, reverse, mm):
 
 def _for_sub_blocks(bt, per, n, K, body):
     """body(p, c, i, state) for each of the program's `per` consecutive 16-row sub-blocks p (its
-    chunk c, its index i in the chunk); state(ref) reads chunk c's [K, V] state from a states ref:
+    chunk c, its index i in the chunk); state(ref, lean) reads chunk c's [K, V] state (as
+    `_state`) from a states ref:
     the program's own chunk's block (per = 1), or with per > 1 the whole [NTp * K, V] of its
     (b, h), c clamped to the last chunk for sub-blocks past N (whose loads and stores are
     masked). per > 1 runs them in a loop, which Triton may software-pipeline."""
