@@ -347,9 +347,11 @@ def _adjoint_step(ds, q, do, g, reverse, mm):
     return jnp.exp(total)[:, None] * ds + _dot(q * jnp.exp(x), do, mm, trans_a=True)
 
 
-def _state(ref, lean=False):
-    """A [K, V] state block as fp32, or with `lean` as stored (`KernelParams.states_dtype`)."""
-    return ref[...] if lean else ref[...].astype(jnp.float32)
+def _state(ref, lean=False, rows=None):
+    """A [K, V] state block as fp32, or with `lean` as stored (`KernelParams.states_dtype`);
+    `rows`: its window (`pl.ds`) in a ref holding several chunks' states."""
+    x = ref[...] if rows is None else ref[rows, :]
+    return x if lean else x.astype(jnp.float32)
 
 
 def _load_chunk(refs, c, bt, n):
@@ -744,7 +746,7 @@ def _for_sub_blocks(bt, per, n, K, body):
     nb = bt // SUB_CHUNK
     if per == 1:
         p = pl.program_id(0)
-        body(p, p // nb, p % nb, lambda ref, lean: _state(ref, lean))
+        body(p, p // nb, p % nb, _state)
         return
     last = math.ceil(n / bt) - 1
     first = pl.program_id(0) * per  # (outside the loop: interpret mode has no program_id there)
@@ -752,12 +754,7 @@ def _for_sub_blocks(bt, per, n, K, body):
     def step(j, carry):
         p = first + j
         c = jnp.minimum(p // nb, last)
-
-        def state(ref, lean):
-            x = ref[pl.ds(c * K, K), :]
-            return x if lean else x.astype(jnp.float32)
-
-        body(p, c, p % nb, state)
+        body(p, c, p % nb, lambda ref, lean: _state(ref, lean, pl.ds(c * K, K)))
         return carry
 
     lax.fori_loop(0, per, step, 0)
