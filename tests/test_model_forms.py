@@ -22,10 +22,12 @@ from vig_jax.convert import convert_state_dict
 from vig_jax.models import create_model, gla
 from vig_jax.models.gla import GatedLinearAttention
 from vig_jax.models.layers import (
+    CONV_IMPLS,
     ConvNorm,
     DepthwiseConv3x3,
     DropPath,
     SwiGLU,
+    conv_blocks,
     depthwise_conv3x3_shift,
 )
 
@@ -97,11 +99,14 @@ def test_dwconv_shift_negative_control():
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize(
-    "kernel, stride, hw", [(9, 8, (37, 30)), (3, 2, (9, 12)), (3, 2, (1, 4))], ids=str
+    "kernel, stride, hw",
+    [(9, 8, (37, 30)), (9, 8, (32, 24)), (3, 2, (9, 12)), (3, 2, (8, 6)), (3, 2, (1, 4))],
+    ids=str,
 )
 def test_conv_patches_matches_conv(kernel, stride, hw, dtype, request):
-    """ConvNorm's patch-extraction form against its nn.Conv form (the ViG stem k9 s8, the ViG-H
-    stem k3 s2): values and gradients of input, kernel, bias and norm, random cotangent."""
+    """ConvNorm's patch-extraction and pixel-block forms against its nn.Conv form (the ViG stem
+    k9 s8, the ViG-H stem k3 s2; sizes that are and are not multiples of the stride): values and
+    gradients of input, kernel, bias and norm, random cotangent."""
     if dtype == "float64":
         request.getfixturevalue("x64")
     x = _normal((2, *hw, 3), dtype, 0)
@@ -109,14 +114,29 @@ def test_conv_patches_matches_conv(kernel, stride, hw, dtype, request):
     params = plain.init(jax.random.key(0), x)["params"]
     params["norm"] = {k: _normal(v.shape, dtype, 5) for k, v in params["norm"].items()}
     results = {}
-    for impl in ("conv", "patches"):
+    for impl in CONV_IMPLS:
         model = plain.clone(impl=impl)
         y, vjp = jax.vjp(jax.jit(lambda p, x, m=model: m.apply({"params": p}, x)), params, x)
         dparams, dx = vjp(_normal(y.shape, dtype, 9))
         results[impl] = {"y": y, "dx": dx, **flatten_dict(dparams, sep="/")}
-    assert results["patches"]["y"].shape[1:3] == tuple((n + 2 - kernel) // stride + 1 for n in hw)
-    for key, want in results["conv"].items():
-        assert_close(f"patches k{kernel} {key} {dtype}", results["patches"][key], want, TOL[dtype])
+    for impl in CONV_IMPLS[1:]:
+        assert results[impl]["y"].shape[1:3] == tuple((n + 2 - kernel) // stride + 1 for n in hw)
+        for key, want in results["conv"].items():
+            assert_close(f"{impl} k{kernel} {key} {dtype}", results[impl][key], want, TOL[dtype])
+
+
+@pytest.mark.parametrize("matmul", [False, True])
+def test_conv_blocks_negative_control(matmul):
+    """The comparison tells the block form with one tap row off (the kernel shifted down by one,
+    what a wrong padding offset computes) apart from the convolution."""
+    x = _normal((2, 37, 30, 3), jnp.float32, 0)
+    kernel = _normal((9, 9, 3, 6), jnp.float32, 1)
+    want = jax.lax.conv_general_dilated(
+        x, kernel, (8, 8), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    assert_close("blocks", conv_blocks(x, kernel, 8, matmul=matmul), want, 2e-5)
+    shifted = jnp.roll(kernel, 1, axis=0).at[0].set(0)
+    assert rel_err(conv_blocks(x, shifted, 8, matmul=matmul), want) > 0.1
 
 
 def _activation_concats(jaxpr, width):

@@ -272,7 +272,7 @@ class DropPath(nn.Module):
         return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype))
 
 
-CONV_IMPLS = ("conv", "patches")
+CONV_IMPLS = ("conv", "patches", "blocks", "blocks_matmul")
 
 
 def conv_patches(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -306,12 +306,59 @@ def conv_patches(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return linear(patches, kernel.reshape(k * k * c_in, features), x.dtype)
 
 
+def conv_blocks(x: jax.Array, kernel: jax.Array, stride: int, *, matmul: bool = False) -> jax.Array:
+    """k x k convolution, stride s, zero padding 1, as a space-to-depth reshape plus an A x A
+    convolution over s x s pixel blocks (A = ceil(k / s)).
+
+    The padded input is cut into s x s blocks, each block's pixels laid out as channels
+    ([B, h + A - 1, w + A - 1, s^2 C_in]: one transpose of the image, contiguous in memory); the
+    k x k kernel, zero-padded to (A s) x (A s) taps, becomes an A x A kernel over the blocks. Output
+    (i, j) reads padded rows s i + u for taps u < k, i.e. blocks i .. i + A - 1, so a stride-1 VALID
+    A x A convolution over the blocks is the same sum (extra taps multiply zeros). For the ViG stem
+    (k 9, s 8: A 2) this replaces the 81 three-channel slices of `conv_patches` with one reshape.
+    `matmul`: the A x A step as A^2 shifted block views concatenated along channels and one
+    matmul, instead of an XLA convolution.
+
+    Args:
+      x: [B, H, W, C_in] in the compute dtype.
+      kernel: [k, k, C_in, F] (HWIO) in the compute dtype.
+      stride: s.
+
+    Returns:
+      [B, h, w, F], h = floor((H + 2 - k) / s) + 1 (same for w), in x.dtype.
+    """
+    k, _, c_in, features = kernel.shape
+    s, A = stride, -(-kernel.shape[0] // stride)
+    B, H, W, _ = x.shape
+    h, w = (H + 2 - k) // s + 1, (W + 2 - k) // s + 1
+    rows, cols = s * (h + A - 1), s * (w + A - 1)  # padded pixels the blocks cover
+    # Padding 1 on top and left; zeros (or a crop of pixels no tap reads) at the bottom and right.
+    xp = jnp.pad(x, ((0, 0), (1, max(0, rows - H - 1)), (1, max(0, cols - W - 1)), (0, 0)))
+    xp = xp[:, :rows, :cols]
+    blocks = xp.reshape(B, h + A - 1, s, w + A - 1, s, c_in).transpose(0, 1, 3, 2, 4, 5)
+    blocks = blocks.reshape(B, h + A - 1, w + A - 1, s * s * c_in)  # channel = (r s + t) C_in + c
+    kp = jnp.pad(kernel, ((0, A * s - k), (0, A * s - k), (0, 0), (0, 0)))
+    kb = kp.reshape(A, s, A, s, c_in, features).transpose(0, 2, 1, 3, 4, 5)
+    kb = kb.reshape(A, A, s * s * c_in, features)  # [a, b, (r, t, c), F]: tap (a s + r, b s + t)
+    if matmul:
+        views = [blocks[:, a : a + h, b : b + w] for a in range(A) for b in range(A)]
+        return linear(jnp.concatenate(views, axis=-1), kb.reshape(-1, features), x.dtype)
+    return jax.lax.conv_general_dilated(
+        blocks,
+        kb,
+        window_strides=(1, 1),
+        padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
 class ConvNorm(nn.Module):
     """Conv(k, s, padding 1, bias) -> LayerNorm over channels: stem stages and the v3 downsample.
 
     Convolutions keep torch's default initialisation, as in the official models (no re-init
-    touches them). `impl` "patches" computes the convolution as `conv_patches` with the same
-    parameters.
+    touches them). `impl` "patches" computes the convolution as `conv_patches`, "blocks" and
+    "blocks_matmul" as `conv_blocks` (an XLA convolution or a matmul over s x s pixel blocks),
+    with the same parameters.
     """
 
     features: int
@@ -327,9 +374,13 @@ class ConvNorm(nn.Module):
             raise ValueError(f"stem impl {self.impl!r} must be one of {CONV_IMPLS}")
         k = self.kernel
         inits = (torch_conv_kernel_init(), torch_conv_bias_init(x.shape[-1] * k**2))
-        if self.impl == "patches":
+        if self.impl != "conv":
             kernel, bias = ConvParams(self.features, (k, k), *inits, name="conv")(x.shape[-1])
-            x = conv_patches(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+            x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+            if self.impl == "patches":
+                x = conv_patches(x, kernel, self.stride)
+            else:
+                x = conv_blocks(x, kernel, self.stride, matmul=self.impl == "blocks_matmul")
             x = x + bias.astype(self.dtype)
         else:
             x = nn.Conv(
@@ -366,7 +417,7 @@ class PatchEmbed(nn.Module):
 
     Plain ViG ("v2" patch embed, stride 16): k=9, s=8, act=SiLU.
     ViG-H stem (stride 4): k=3, s=2, act=GELU.
-    `first_impl`: "conv" or "patches" (`conv_patches`) for the first, 3-channel convolution.
+    `first_impl`: one of CONV_IMPLS (see `ConvNorm`) for the first, 3-channel convolution.
     """
 
     embed_dim: int
