@@ -279,18 +279,21 @@ def test_bigla_pallas_span_scan_is_load_bearing(monkeypatch):
         assert_close("o", broken, want, 1e-2)
 
 
-@pytest.mark.parametrize("method", ["matmul", "associative"])
-def test_scan_spans_matches_a_loop(method):
-    """Both scans over spans against a float64 loop over spans, each direction, with log decays
-    from -0.01 to -3 per span (a span of 64 tokens at gate -10 decays to 0: that is exact too)."""
+@pytest.mark.parametrize("method", ["walk", "matmul", "associative", "xla"])
+@pytest.mark.parametrize("reverses", [(False, True), (True, False, False, True)], ids=len)
+def test_scan_spans_matches_a_loop(method, reverses):
+    """Every scan over spans against a float64 loop over spans, each direction (2 states as in
+    the forward, 4 as in a backward that recomputes the forward's), with log decays from -0.01
+    to -3 per span (a span of 64 tokens at gate -10 decays to 0: that is exact too); the walk
+    in interpret mode, with two blocks of V columns."""
     from pallas_kernels.bigla.pallas import _scan_spans
 
-    B, H, NS, K, V = 2, 1, 7, 16, 16
+    B, H, NS, K, V = 2, 1, 7, 16, 32
     rng = np.random.default_rng(0)
-    totals = [-rng.uniform(0.01, 3.0, (B, H, NS, K)).astype(np.float32) for _ in range(2)]
-    owns = [rng.standard_normal((B, H, NS, K, V)).astype(np.float32) for _ in range(2)]
-    reverses = (False, True)
-    got = _scan_spans(totals, owns, reverses, method)
+    totals = [-rng.uniform(0.01, 3.0, (B, H, NS, K)).astype(np.float32) for _ in reverses]
+    owns = [rng.standard_normal((B, H, NS, K, V)).astype(np.float32) for _ in reverses]
+    got = _scan_spans(totals, owns, reverses, method, interpret=True)
+    assert len(got) == len(reverses)
     for g, total, own, reverse in zip(got, totals, owns, reverses, strict=True):
         want = np.zeros((B, H, NS, K, V))
         s = np.zeros((B, H, K, V))
@@ -298,6 +301,22 @@ def test_scan_spans_matches_a_loop(method):
             want[:, :, j] = s
             s = np.exp(np.float64(total[:, :, j]))[..., None] * s + own[:, :, j]
         assert_close(f"entering states ({method}, reverse={reverse})", g, want, 1e-6)
+
+
+def test_scan_spans_walk_negative_control():
+    """The walk told apart from the same walk in the wrong direction, and an unknown method is
+    a one-line error."""
+    from pallas_kernels.bigla.pallas import _scan_spans
+
+    rng = np.random.default_rng(1)
+    totals = [-rng.uniform(0.01, 1.0, (1, 1, 5, 16)).astype(np.float32)]
+    owns = [rng.standard_normal((1, 1, 5, 16, 16)).astype(np.float32)]
+    (want,) = _scan_spans(totals, owns, (False,), "matmul")
+    (wrong,) = _scan_spans(totals, owns, (True,), "walk", interpret=True)
+    assert_close("walk", _scan_spans(totals, owns, (False,), "walk", interpret=True)[0], want, 1e-6)
+    assert rel_err(wrong, want) > 0.5
+    with pytest.raises(ValueError, match="span_scan='scan' is not one of"):
+        _scan_spans(totals, owns, (False,), "scan")
 
 
 def test_states_span_by_programs_unless_set():
@@ -616,6 +635,8 @@ def test_bigla_pallas_lowers_to_triton_for_cuda(exact):
             assert "bigla_fwd_chunks" in text and "bigla_bwd_chunks" in text
         if span == 1:
             assert "bigla_fwd_states" not in text
+        if span:  # the scan over spans
+            assert "bigla_span_walk" in text, (n, chunk, span)
 
 
 def test_bigla_pallas_saved_states_lower_to_triton_for_cuda():

@@ -125,8 +125,7 @@ def test_conv_patches_matches_conv(kernel, stride, hw, dtype, request):
             assert_close(f"{impl} k{kernel} {key} {dtype}", results[impl][key], want, TOL[dtype])
 
 
-@pytest.mark.parametrize("matmul", [False, True])
-def test_conv_blocks_negative_control(matmul):
+def test_conv_blocks_negative_control():
     """The comparison tells the block form with one tap row off (the kernel shifted down by one,
     what a wrong padding offset computes) apart from the convolution."""
     x = _normal((2, 37, 30, 3), jnp.float32, 0)
@@ -134,9 +133,9 @@ def test_conv_blocks_negative_control(matmul):
     want = jax.lax.conv_general_dilated(
         x, kernel, (8, 8), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-    assert_close("blocks", conv_blocks(x, kernel, 8, matmul=matmul), want, 2e-5)
+    assert_close("blocks", conv_blocks(x, kernel, 8), want, 2e-5)
     shifted = jnp.roll(kernel, 1, axis=0).at[0].set(0)
-    assert rel_err(conv_blocks(x, shifted, 8, matmul=matmul), want) > 0.1
+    assert rel_err(conv_blocks(x, shifted, 8), want) > 0.1
 
 
 def _activation_concats(jaxpr, width):
@@ -514,7 +513,9 @@ def test_bad_forms_raise():
         ValueError, match=r"remat='some' must be one of \('none', 'block', 'full'\)"
     ):
         _tiny("vig_h", remat="some").init(jax.random.key(0), images, train=False)
-    with pytest.raises(ValueError, match=r"stem impl 'fft' must be one of \('conv', 'patches'\)"):
+    with pytest.raises(
+        ValueError, match=r"stem impl 'fft' must be one of \('conv', 'patches', 'blocks'\)"
+    ):
         _tiny("vig", stem_impl="fft").init(jax.random.key(0), images, train=False)
 
 

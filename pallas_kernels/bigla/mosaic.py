@@ -542,7 +542,7 @@ def _mosaic_states(k, v, Gf, Gb, span, launch):
     """Transposed states entering every chunk from the Mosaic states kernel, [B, H, NTp * V, K]
     bf16 each; k, v, Gf, Gb padded to NTp = NS * span chunks. NS = 1: one launch walks all
     chunks. Else the span plan of `pallas._states`: a summary launch gives every span's own
-    leaving states, `pallas._scan_spans` (XLA) the states entering every span, and a second
+    leaving states, `pallas._scan_spans` (in XLA) the states entering every span, and a second
     launch walks each span from them (span 1: the scan already gives every chunk's states).
     launch: `_states_launch`, or `_emulated_states_launch`."""
     from pallas_kernels.bigla import pallas
@@ -557,7 +557,7 @@ def _mosaic_states(k, v, Gf, Gb, span, launch):
     # Log decay of a whole span: the sum of its chunks' exit rows (last forward, first backward).
     exits = [G.reshape(B, ns, span, CHUNK, H, K)[:, :, :, r] for G, r in ((Gf, -1), (Gb, 0))]
     totals = [x.sum(axis=2).transpose(0, 2, 1, 3) for x in exits]  # [B, H, NS, K]
-    entering = pallas._scan_spans(totals, owns, (False, True), "auto")
+    entering = pallas._scan_spans(totals, owns, (False, True), "xla")
     init = [x.swapaxes(-1, -2).reshape(B, H, ns * V, K) for x in entering]
     if span == 1:
         return tuple(x.astype(jnp.bfloat16) for x in init)

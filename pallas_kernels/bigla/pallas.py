@@ -18,8 +18,8 @@ Two launch plans, chosen by `_use_short_path`:
          per (b, h) walking all chunks with `fori_loop` (sequential), or, when B * H alone cannot
          fill the GPU (long N, small batch), from spans of `states_span` chunks: a summary launch
          (grid (NS, B, H)) gives each span's own leaving states and gate totals, `_scan_spans`
-         (in XLA, over the NS spans) the states entering every span, and a second launch walks
-         each span from them. By default (`sub_blocks`) the chunk kernels run one program per
+         (a small walk over the NS spans) the states entering every span, and a second launch
+         walks each span from them. By default (`sub_blocks`) the chunk kernels run one program per
          16-row sub-block, which carries its chunk's states through the sub-blocks before (and
          after) it; else one program per chunk.
 The backward pass recomputes the states (residuals are the inputs only) plus the two adjoint states
@@ -67,8 +67,11 @@ class KernelParams:
       programs, at the cost of a second states launch (each span's own states, then a scan over
       spans in XLA, then the walk from the scanned states; L = 1 needs no walk). None: 0 when
       B * H >= STATE_PROGRAMS, else spans giving about STATE_PROGRAMS programs (`_states_span`).
-    span_scan: how XLA scans the spans' states (`_scan_spans`): "matmul", "associative" or
-      "auto" (matmul up to SCAN_MATMUL_MAX_SPANS spans).
+    span_scan: how the spans' states are scanned (`_scan_spans`): "walk" (a Pallas kernel, one
+      program per (b, h) and 16 columns of V walking the spans in sequence), "matmul" or
+      "associative" (XLA), "xla" (matmul up to SCAN_MATMUL_MAX_SPANS spans, else associative);
+      "auto": "walk" (on an H200 the XLA matmul scan took ~35 us per call at ViG-T 2048², in
+      a cumsum, transposes and a float32 batched dot).
     sub_blocks: long plan: the chunk kernels run one program per 16-row sub-block (grid
       ceil(N / 16) x B x H), each carrying its chunk's states through the chunk's other sub-blocks
       to its own, instead of one program per chunk holding every sub-block's partial results
@@ -997,23 +1000,74 @@ def _states_call(inputs, params, kinds, span, ns, init=None, summary=False, logi
     )(*arrays, *init)
 
 
-def _scan_spans(totals, owns, reverses, method):
-    """States entering every span, from the spans' own leaving states and gate totals (XLA).
+WALK_V_BLOCK = 16  # columns of V per program of the span walk (a state's columns are independent)
+
+
+def _span_walk_kernel(*refs, ns, reverses):
+    """The states entering every span of one (b, h) and block of V columns, per state: S_0 = 0,
+    S_{j+1} = e^{total_j} S_j + own_j, j in the state's direction (right to left if reversed).
+    refs: totals [NS, K], owns [NS * K, vb] per state, then the outputs [NS * K, vb]."""
+    nst = len(reverses)
+    t_refs, u_refs, o_refs = refs[:nst], refs[nst : 2 * nst], refs[2 * nst :]
+    K, vb = o_refs[0].shape[0] // ns, o_refs[0].shape[1]
+
+    def body(it, states):
+        new = []
+        for t_ref, u_ref, o_ref, reverse, s in zip(
+            t_refs, u_refs, o_refs, reverses, states, strict=True
+        ):
+            j = ns - 1 - it if reverse else it
+            rows = pl.ds(j * K, K)
+            o_ref[rows, :] = s
+            decay = jnp.exp(jnp.sum(t_ref[pl.ds(j, 1), :], axis=0))  # [K], exponent <= 0
+            new.append(decay[:, None] * s + u_ref[rows, :])
+        return tuple(new)
+
+    lax.fori_loop(0, ns, body, (jnp.zeros((K, vb), jnp.float32),) * nst)
+
+
+def _walk_spans(totals, owns, reverses, interpret, stages):
+    """`_scan_spans`'s "walk": one Pallas launch, grid (V / vb, B, H); the loads of the next spans
+    are pipelined (`stages`) under the dependent chain of multiply-adds."""
+    B, H, ns, K, V = owns[0].shape
+    vb = min(V, WALK_V_BLOCK)
+    nst = len(owns)
+    t_spec = pl.BlockSpec((None, None, ns, K), lambda v, b, h: (b, h, 0, 0))
+    u_spec = pl.BlockSpec((None, None, ns * K, vb), lambda v, b, h: (b, h, 0, v))
+    out_shape = [jax.ShapeDtypeStruct((B, H, ns * K, V), jnp.float32)] * nst
+    kernel = functools.partial(_span_walk_kernel, ns=ns, reverses=tuple(reverses))
+    call = triton_call(
+        kernel, "bigla_span_walk", (V // vb, B, H), [t_spec] * nst + [u_spec] * nst,
+        [u_spec] * nst, out_shape, num_warps=1, num_stages=stages, interpret=interpret,
+    )  # fmt: skip
+    outs = call(*(t.astype(jnp.float32) for t in totals), *(x.reshape(B, H, -1, V) for x in owns))
+    return [x.reshape(B, H, ns, K, V) for x in outs]
+
+
+def _scan_spans(totals, owns, reverses, method, interpret=False, stages=3):
+    """States entering every span, from the spans' own leaving states and gate totals.
 
     owns: [B, H, NS, K, V] each, what every span adds to the state it passes on; totals:
     [B, H, NS, K] each, the log decay (<= 0) a span applies to a state crossing it; reverses: the
     direction of each state. Entering state of span s = sum over the spans j before s in its
-    direction of exp(sum of totals of the spans strictly between) owns[j]. All states go through
-    one scan (the reverse ones flipped), so XLA launches its few kernels once.
-    method: "matmul" (O(NS^2) weights and one batched dot: a handful of launches) or "associative"
-    (`lax.associative_scan`: O(NS) work, ~2 log2(NS) levels of launches); "auto": matmul while
-    NS <= SCAN_MATMUL_MAX_SPANS.
+    direction of exp(sum of totals of the spans strictly between) owns[j].
+    method: "walk" (`_walk_spans`: one Pallas launch, O(NS) work in sequence per program; run in
+    interpret mode with `interpret`, pipelined with `stages`; "auto" is "walk"), or in XLA, all
+    states through one scan (the reverse ones flipped), so XLA launches its few kernels once:
+    "matmul" (O(NS^2) weights and one batched dot: a handful of launches), "associative"
+    (`lax.associative_scan`: O(NS) work, ~2 log2(NS) levels of launches), or "xla": matmul while
+    NS <= SCAN_MATMUL_MAX_SPANS, else associative.
     """
+    methods = ("auto", "walk", "xla", "matmul", "associative")
+    if method not in methods:
+        raise ValueError(f"span_scan={method!r} is not one of {methods}")
+    if method in ("auto", "walk"):
+        return _walk_spans(totals, owns, reverses, interpret, stages)
     flip = lambda x, r: jnp.flip(x, axis=2) if r else x
     g = jnp.stack([flip(t, r) for t, r in zip(totals, reverses, strict=True)])  # [S, B, H, NS, K]
     u = jnp.stack([flip(x, r) for x, r in zip(owns, reverses, strict=True)])  # [S, B, H, NS, K, V]
     ns = g.shape[3]
-    if method == "auto":
+    if method == "xla":
         method = "matmul" if ns <= SCAN_MATMUL_MAX_SPANS else "associative"
     if method == "matmul":
         # seg[j, t] = sum of g over the spans i with j < i <= t: a cumsum of non-positive terms
@@ -1032,8 +1086,6 @@ def _scan_spans(totals, owns, reverses, method):
 
         _, leaving = lax.associative_scan(combine, (g, u), axis=3)
         entering = jnp.concatenate([jnp.zeros_like(leaving[:, :, :, :1]), leaving[:, :, :, :-1]], 3)
-    else:
-        raise ValueError(f"span_scan={method!r} is not one of ('auto', 'matmul', 'associative')")
     return [flip(entering[i], r) for i, r in enumerate(reverses)]
 
 
@@ -1062,6 +1114,8 @@ def _states(inputs, params, adjoints, logits=None, fwd_states=True):
         [x.reshape(B, H, ns, K, V) for x in own],
         [_REVERSE[kind] for kind in kinds],
         params.span_scan,
+        params.interpret,
+        params.states_stages or params.num_stages,
     )
     init = [x.reshape(B, H, ns * K, V) for x in init]
     if span == 1:

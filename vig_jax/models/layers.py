@@ -272,7 +272,7 @@ class DropPath(nn.Module):
         return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype))
 
 
-CONV_IMPLS = ("conv", "patches", "blocks", "blocks_matmul")
+CONV_IMPLS = ("conv", "patches", "blocks")
 
 
 def conv_patches(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -306,7 +306,7 @@ def conv_patches(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return linear(patches, kernel.reshape(k * k * c_in, features), x.dtype)
 
 
-def conv_blocks(x: jax.Array, kernel: jax.Array, stride: int, *, matmul: bool = False) -> jax.Array:
+def conv_blocks(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """k x k convolution, stride s, zero padding 1, as a space-to-depth reshape plus an A x A
     convolution over s x s pixel blocks (A = ceil(k / s)).
 
@@ -315,9 +315,10 @@ def conv_blocks(x: jax.Array, kernel: jax.Array, stride: int, *, matmul: bool = 
     k x k kernel, zero-padded to (A s) x (A s) taps, becomes an A x A kernel over the blocks. Output
     (i, j) reads padded rows s i + u for taps u < k, i.e. blocks i .. i + A - 1, so a stride-1 VALID
     A x A convolution over the blocks is the same sum (extra taps multiply zeros). For the ViG stem
-    (k 9, s 8: A 2) this replaces the 81 three-channel slices of `conv_patches` with one reshape.
-    `matmul`: the A x A step as A^2 shifted block views concatenated along channels and one
-    matmul, instead of an XLA convolution.
+    (k 9, s 8: A 2) this replaces the 81 three-channel slices of `conv_patches` with one reshape
+    (on an H200, forward 0.094 against 0.189 ms at 224², batch 128, and 0.085 against 0.210 ms
+    at 2048², batch 2; the A x A step as a concatenation of A^2 block views and one matmul took
+    0.136 and 0.160 ms).
 
     Args:
       x: [B, H, W, C_in] in the compute dtype.
@@ -340,9 +341,6 @@ def conv_blocks(x: jax.Array, kernel: jax.Array, stride: int, *, matmul: bool = 
     kp = jnp.pad(kernel, ((0, A * s - k), (0, A * s - k), (0, 0), (0, 0)))
     kb = kp.reshape(A, s, A, s, c_in, features).transpose(0, 2, 1, 3, 4, 5)
     kb = kb.reshape(A, A, s * s * c_in, features)  # [a, b, (r, t, c), F]: tap (a s + r, b s + t)
-    if matmul:
-        views = [blocks[:, a : a + h, b : b + w] for a in range(A) for b in range(A)]
-        return linear(jnp.concatenate(views, axis=-1), kb.reshape(-1, features), x.dtype)
     return jax.lax.conv_general_dilated(
         blocks,
         kb,
@@ -356,9 +354,8 @@ class ConvNorm(nn.Module):
     """Conv(k, s, padding 1, bias) -> LayerNorm over channels: stem stages and the v3 downsample.
 
     Convolutions keep torch's default initialisation, as in the official models (no re-init
-    touches them). `impl` "patches" computes the convolution as `conv_patches`, "blocks" and
-    "blocks_matmul" as `conv_blocks` (an XLA convolution or a matmul over s x s pixel blocks),
-    with the same parameters.
+    touches them). `impl` "patches" computes the convolution as `conv_patches`, "blocks" as
+    `conv_blocks` (a convolution over s x s pixel blocks), with the same parameters.
     """
 
     features: int
@@ -377,10 +374,8 @@ class ConvNorm(nn.Module):
         if self.impl != "conv":
             kernel, bias = ConvParams(self.features, (k, k), *inits, name="conv")(x.shape[-1])
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-            if self.impl == "patches":
-                x = conv_patches(x, kernel, self.stride)
-            else:
-                x = conv_blocks(x, kernel, self.stride, matmul=self.impl == "blocks_matmul")
+            conv = conv_patches if self.impl == "patches" else conv_blocks
+            x = conv(x, kernel, self.stride)
             x = x + bias.astype(self.dtype)
         else:
             x = nn.Conv(

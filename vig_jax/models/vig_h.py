@@ -90,8 +90,8 @@ class ViGH(nn.Module):
         (`GatedLinearAttention.packed_bigla`; default): the same numbers without the XLA passes
         that slice them apart and concatenate their gradients.
       stem_impl: the stem's first, 3-channel convolution (`layers.CONV_IMPLS`): "conv",
-        "patches" (patch extraction + one matmul) or "blocks" / "blocks_matmul" (s x s pixel
-        blocks as channels, then a 2 x 2 convolution or matmul); same parameters.
+        "patches" (patch extraction + one matmul) or "blocks" (2 x 2 pixel blocks as channels,
+        then a 2 x 2 convolution); same parameters.
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
       scan_blocks: run each stage's blocks as one lax.scan (compiles one block per stage); same
         parameters; stochastic depth draws other masks than the unrolled loop.
