@@ -303,6 +303,21 @@ def test_scan_spans_matches_a_loop(method, reverses):
         assert_close(f"entering states ({method}, reverse={reverse})", g, want, 1e-6)
 
 
+def test_scan_spans_auto_walks_few_spans_only():
+    """span_scan="auto" runs the Pallas walk up to WALK_MAX_SPANS spans and XLA's scan beyond
+    (cross-lowered for CUDA: the walk is a named Triton kernel)."""
+    from pallas_kernels.bigla.pallas import WALK_MAX_SPANS, _scan_spans
+
+    def lowered(ns):
+        shapes = (jax.ShapeDtypeStruct((1, 2, ns, 16), jnp.float32),)
+        shapes += (jax.ShapeDtypeStruct((1, 2, ns, 16, 32), jnp.float32),)
+        f = lambda t, u: _scan_spans([t, t], [u, u], (False, True), "auto")
+        return jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+    assert "bigla_span_walk" in lowered(WALK_MAX_SPANS)
+    assert "bigla_span_walk" not in lowered(WALK_MAX_SPANS + 1)
+
+
 def test_scan_spans_walk_negative_control():
     """The walk told apart from the same walk in the wrong direction, and an unknown method is
     a one-line error."""

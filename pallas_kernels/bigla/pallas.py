@@ -70,8 +70,7 @@ class KernelParams:
     span_scan: how the spans' states are scanned (`_scan_spans`): "walk" (a Pallas kernel, one
       program per (b, h) and 16 columns of V walking the spans in sequence), "matmul" or
       "associative" (XLA), "xla" (matmul up to SCAN_MATMUL_MAX_SPANS spans, else associative);
-      "auto": "walk" (on an H200 the XLA matmul scan took ~35 us per call at ViG-T 2048², in
-      a cumsum, transposes and a float32 batched dot).
+      "auto": "walk" up to WALK_MAX_SPANS spans, else "xla".
     sub_blocks: long plan: the chunk kernels run one program per 16-row sub-block (grid
       ceil(N / 16) x B x H), each carrying its chunk's states through the chunk's other sub-blocks
       to its own, instead of one program per chunk holding every sub-block's partial results
@@ -1001,6 +1000,11 @@ def _states_call(inputs, params, kinds, span, ns, init=None, summary=False, logi
 
 
 WALK_V_BLOCK = 16  # columns of V per program of the span walk (a state's columns are independent)
+# span_scan="auto": the walk up to this many spans, else XLA. H200, bench_bigla, walk against XLA,
+# forward / forward + backward ms: ViG-T 1024² (16 spans) 0.135 / 0.379 against 0.143 / 0.394;
+# 2048² (64 spans) 0.184 / 0.476 against 0.157 / 0.436; 4096² (256) 0.320 / 0.856 against 0.281 /
+# 0.773 (commit abb22e6): the walk's chain of dependent steps costs more than XLA's launches.
+WALK_MAX_SPANS = 16
 
 
 def _span_walk_kernel(*refs, ns, reverses):
@@ -1052,21 +1056,24 @@ def _scan_spans(totals, owns, reverses, method, interpret=False, stages=3):
     direction of each state. Entering state of span s = sum over the spans j before s in its
     direction of exp(sum of totals of the spans strictly between) owns[j].
     method: "walk" (`_walk_spans`: one Pallas launch, O(NS) work in sequence per program; run in
-    interpret mode with `interpret`, pipelined with `stages`; "auto" is "walk"), or in XLA, all
+    interpret mode with `interpret`, pipelined with `stages`), or in XLA, all
     states through one scan (the reverse ones flipped), so XLA launches its few kernels once:
     "matmul" (O(NS^2) weights and one batched dot: a handful of launches), "associative"
     (`lax.associative_scan`: O(NS) work, ~2 log2(NS) levels of launches), or "xla": matmul while
-    NS <= SCAN_MATMUL_MAX_SPANS, else associative.
+    NS <= SCAN_MATMUL_MAX_SPANS, else associative. "auto": walk while NS <= WALK_MAX_SPANS, else
+    "xla".
     """
     methods = ("auto", "walk", "xla", "matmul", "associative")
     if method not in methods:
         raise ValueError(f"span_scan={method!r} is not one of {methods}")
-    if method in ("auto", "walk"):
+    ns = owns[0].shape[2]
+    if method == "auto":
+        method = "walk" if ns <= WALK_MAX_SPANS else "xla"
+    if method == "walk":
         return _walk_spans(totals, owns, reverses, interpret, stages)
     flip = lambda x, r: jnp.flip(x, axis=2) if r else x
     g = jnp.stack([flip(t, r) for t, r in zip(totals, reverses, strict=True)])  # [S, B, H, NS, K]
     u = jnp.stack([flip(x, r) for x, r in zip(owns, reverses, strict=True)])  # [S, B, H, NS, K, V]
-    ns = g.shape[3]
     if method == "xla":
         method = "matmul" if ns <= SCAN_MATMUL_MAX_SPANS else "associative"
     if method == "matmul":
