@@ -56,6 +56,11 @@ def check_scaling(doc):
     assert doc["rows"][1]["collectives"]["all-reduce"] >= 1  # gradients are averaged
 
 
+def check_stem(doc):
+    assert [r["form"] for r in doc["rows"]] == ["conv", "patches", "blocks"]
+    assert all(r["fwd_ms"] > 0 and r["dkernel_ms"] > 0 for r in doc["rows"]), doc["rows"]
+
+
 SMOKES = {
     "bench_vs_vit": (["--variant", "a", "--variant", "b:use_out_act=False"], check_vs_vit),
     "bench_bigla": (
@@ -64,6 +69,7 @@ SMOKES = {
     ),
     "bench_models": ([], check_models),
     "bench_scaling": (["--devices", "1", "2"], check_scaling),
+    "bench_stem": ([], check_stem),
 }
 
 
