@@ -279,7 +279,7 @@ def test_bigla_pallas_span_scan_is_load_bearing(monkeypatch):
         assert_close("o", broken, want, 1e-2)
 
 
-@pytest.mark.parametrize("method", ["walk", "matmul", "associative", "xla"])
+@pytest.mark.parametrize("method", ["walk", "matmul", "triangular", "associative", "xla"])
 @pytest.mark.parametrize("reverses", [(False, True), (True, False, False, True)], ids=len)
 def test_scan_spans_matches_a_loop(method, reverses):
     """Every scan over spans against a float64 loop over spans, each direction (2 states as in
@@ -301,6 +301,21 @@ def test_scan_spans_matches_a_loop(method, reverses):
             want[:, :, j] = s
             s = np.exp(np.float64(total[:, :, j]))[..., None] * s + own[:, :, j]
         assert_close(f"entering states ({method}, reverse={reverse})", g, want, 1e-6)
+
+
+@pytest.mark.parametrize("method", ["walk", "matmul", "triangular"])
+def test_scan_spans_infinite_decay_stops_the_state(method):
+    """A span whose log decay is -inf passes nothing on: the states entering the spans after it
+    are the later spans' own sum only, finite (no 0 * inf in the masked sums)."""
+    from pallas_kernels.bigla.pallas import _scan_spans
+
+    totals = np.full((1, 1, 4, 16), -0.5, np.float32)
+    totals[:, :, 1] = -np.inf
+    owns = np.ones((1, 1, 4, 16, 16), np.float32)
+    (got,) = _scan_spans([totals], [owns], (False,), method, interpret=True)
+    want = np.stack([np.zeros((16, 16)), np.ones((16, 16)), np.ones((16, 16))])
+    want = np.concatenate([want, (1 + np.exp(-0.5)) * np.ones((1, 16, 16))])  # spans 2 and 3
+    assert_close(f"entering states ({method})", got[0, 0], want, 1e-6)
 
 
 def test_scan_spans_auto_walks_few_spans_only():
