@@ -7,10 +7,19 @@ import subprocess
 import sys
 
 import jax
+import jax.extend.core
 import numpy as np
 
 GRAD_NAMES = ("dq", "dk", "dv", "dgf", "dgb")  # BiGLA's five input gradients, in argument order
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def sub_eqns(jaxpr):
+    """Equations of the sub-jaxprs (pjit, custom_vjp, pallas bodies) of a jaxpr, recursively."""
+    for eqn in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from sub.eqns
+            yield from sub_eqns(sub)
 
 
 def run_fast(fn, *args):

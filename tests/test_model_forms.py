@@ -9,7 +9,6 @@ are matched with every form switched on.
 from functools import partial
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from flax import linen as nn
 from flax.traverse_util import flatten_dict
 
 from tests.conftest import golden_file
-from tests.helpers import assert_close, rel_err
+from tests.helpers import assert_close, rel_err, sub_eqns
 from vig_jax.convert import convert_state_dict
 from vig_jax.models import create_model, gla
 from vig_jax.models.gla import GatedLinearAttention
@@ -141,7 +140,7 @@ def test_conv_blocks_negative_control():
 def _activation_concats(jaxpr, width):
     """Concatenations in a jaxpr (and its sub-jaxprs) whose output is an activation of `width`
     channels (rank > 2: not a kernel)."""
-    eqns = [*jaxpr.eqns, *_sub_eqns(jaxpr)]
+    eqns = [*jaxpr.eqns, *sub_eqns(jaxpr)]
     return [
         e
         for e in eqns
@@ -197,6 +196,7 @@ GLA_FORMS = {
     # Off the pallas path the gates come from the same XLA ops; the kernel's own gates below.
     "gates_in_kernel": dict(gates_in_kernel=True),
     "unpacked": dict(packed_bigla=False),  # "plain" hands BiGLA qkv and the gates packed
+    "compact_gates": dict(compact_gates=True),  # a bf16-only form: float32 and float64 unchanged
 }
 
 
@@ -282,6 +282,30 @@ def test_gla_gates_in_kernel_pallas_matches_plain():
     assert rel_err(wrong["kernel"]["y"], results["plain"]["y"]) > 1e-3
 
 
+def test_gla_compact_gates_hand_bf16_gates_to_the_kernels():
+    """compact_gates in bf16 (pallas, interpret mode): the gates reach the kernels as bf16 (the
+    form off, as float32: the control of that check), and output and gradients stay within bf16
+    rounding of the form off."""
+    pallas = dict(bigla_impl="pallas", bigla_interpret=True)
+    x = _normal((2, 4, 4, 64), "bfloat16", 0)
+    for compact, want in ((True, "bfloat16"), (False, "float32")):
+        model = _gla("bfloat16", compact_gates=compact, **pallas)
+        params = jax.eval_shape(model.init, jax.random.key(0), x)
+        jaxpr = jax.make_jaxpr(lambda p, x, m=model: jax.vjp(m.apply, p, x))(params, x).jaxpr
+        gates = {  # [B, N, 2 key_dim] operands of the kernels: the packed gates
+            str(v.aval.dtype)
+            for e in [*jaxpr.eqns, *sub_eqns(jaxpr)]
+            if e.primitive.name == "pallas_call"
+            for v in e.invars
+            if getattr(v.aval, "shape", None) == (2, 16, 64)
+        }
+        assert gates == {want}, (compact, gates)
+    forms = {"compact": dict(compact_gates=True, **pallas), "off": pallas}
+    results = _gla_outputs_and_grads(forms, "bfloat16", width=64)
+    for key, want in results["off"].items():
+        assert_close(f"compact_gates {key}", results["compact"][key], want, 2e-2)
+
+
 def test_gla_fp32_mix_runs_the_norm_mix_kernel_with_pallas():
     """fp32_mix where BiGLA runs its pallas kernels (interpret mode): the output mix is the
     norm_mix kernel, with values and gradients of the plain layer on the reference BiGLA (float32);
@@ -332,9 +356,12 @@ def test_gla_hands_its_bigla_settings_to_the_kernel(gates_in_kernel, monkeypatch
     assert got == [(None, True), (16, False)], got
 
 
-@pytest.mark.parametrize("form", sorted(f for f in GLA_FORMS if "gates_in_kernel" not in f))
+@pytest.mark.parametrize(
+    "form", sorted(f for f in GLA_FORMS if "gates_in_kernel" not in f and f != "compact_gates")
+)
 def test_gla_form_keeps_float32_gates_and_norm_statistics(form, monkeypatch):
-    """bf16 compute: BiGLA gets float32 gates, and every rsqrt (norm statistics) is float32."""
+    """bf16 compute: BiGLA gets float32 gates, and every rsqrt (norm statistics) is float32
+    (compact_gates, whose point is bf16 gates, has its own test)."""
     seen, real_bigla, real_packed = [], gla.bigla, gla.bigla_packed
 
     def recording_bigla(q, k, v, gf, gb, **kw):
@@ -353,16 +380,8 @@ def test_gla_form_keeps_float32_gates_and_norm_statistics(form, monkeypatch):
     jaxpr = jax.make_jaxpr(lambda p: model.apply(p, x))(params)
     assert seen == [(jnp.float32, jnp.float32)]
     rsqrt = [e for e in jaxpr.eqns if e.primitive.name == "rsqrt"]
-    rsqrt += [e for e in _sub_eqns(jaxpr) if e.primitive.name == "rsqrt"]
+    rsqrt += [e for e in sub_eqns(jaxpr) if e.primitive.name == "rsqrt"]
     assert rsqrt and {str(e.outvars[0].aval.dtype) for e in rsqrt} == {"float32"}
-
-
-def _sub_eqns(jaxpr):
-    """Equations of the sub-jaxprs (pjit, custom_jvp bodies) of a closed jaxpr, recursively."""
-    for eqn in jaxpr.eqns:
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from sub.eqns
-            yield from _sub_eqns(sub)
 
 
 def test_forms_keep_parameter_tree_and_init():

@@ -1192,9 +1192,12 @@ def _launch(
 
 
 def _gates_in(g, scale):
-    """Gates as the kernels read them: log gates in fp32; logits (scale set) as they come. Packed
-    log gates come in fp32 (`bigla_pallas_packed`)."""
-    return g if scale is not None or isinstance(g, _Packed) else g.astype(jnp.float32)
+    """Gates as the kernels read them: log gates in bf16 as they come (the kernels upcast every
+    load; their gradients are then written in bf16), other log gates in fp32; logits (scale set)
+    as they come. Packed log gates come in fp32 or bf16 (`bigla_pallas_packed`)."""
+    if scale is not None or isinstance(g, _Packed) or g.dtype == jnp.bfloat16:
+        return g
+    return g.astype(jnp.float32)
 
 
 def _grad_outs(inputs):
@@ -1377,8 +1380,8 @@ def bigla_pallas_packed(
 
     Args:
       qkv: [B, N, 2 key_dim + H V] = [q | k | v], each head-major (channel = head * d + i).
-      gates: [B, N, 2 key_dim] = [gf | gb] log gates (float32 on the way in), or logits with
-        `normalizer` (any float dtype).
+      gates: [B, N, 2 key_dim] = [gf | gb] log gates (bf16 read as stored, other dtypes as
+        float32), or logits with `normalizer` (any float dtype).
       num_heads: H; key_dim: H K.
       q_scale: q is read as q * q_scale rounded to qkv's dtype (ViG: K^-1/2), and its gradient
         scaled alike.
@@ -1398,7 +1401,7 @@ def bigla_pallas_packed(
         if not normalizer > 0:
             raise ValueError(f"normalizer={normalizer!r} must be positive")
         scale = 1.0 / float(normalizer)
-    else:
+    elif gates.dtype != jnp.bfloat16:
         gates = gates.astype(jnp.float32)
     layout = (num_heads, K, V, float(q_scale))
     if not params.sub_blocks and _split_backward(K, params):
@@ -1417,7 +1420,9 @@ def bigla_pallas(q, k, v, gf, gb, *, chunk_size=None, interpret=False, params=No
     Args:
       q, k: [B, N, H, K], K in (16, 32, 64, 128); float16, bfloat16 or float32 (the matmul dtype).
       v: [B, N, H, V], V in (16, 32, 64, 128), same dtype as q.
-      gf, gb: [B, N, H, K] log-space gates (<= 0), any float dtype (computed in float32).
+      gf, gb: [B, N, H, K] log-space gates (<= 0), any float dtype; bf16 is read as stored
+        (half the gate traffic of float32, and dgf, dgb are written in bf16), others as float32;
+        the arithmetic is float32 either way.
       chunk_size: BT, rows per chunk (power of two >= 16); None: `KernelParams().chunk`.
       interpret: Pallas interpret mode (CPU).
       params: full `KernelParams` (overrides chunk_size and interpret); for tests and benchmarks.

@@ -65,7 +65,7 @@ def create_model(
       **overrides: fields of the model class to change, e.g. depth=2 or drop_path_rate=0.0 for ViG,
         dims=(32, 64, 128, 256) for ViG-H, bigla_interpret=True. Execution forms that keep the
         parameters (ViG and ViG-H; see the model docstrings): fused_proj=True, dwconv="shift",
-        fp32_mix=True, gates_in_kernel=True, mlp_split_up=True, split_proj=True,
+        fp32_mix=True, gates_in_kernel=True, compact_gates=True, mlp_split_up=True, split_proj=True,
         save_states=False, bigla_chunk=32, packed_bigla=False, stem_impl="patches" or "blocks",
         scan_blocks=True (packed_bigla is on by default; plain ViG also has fp32_mix,
         mlp_split_up and stem_impl="blocks" on);

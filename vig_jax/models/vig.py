@@ -78,7 +78,7 @@ class ViG(nn.Module):
       pos_grid: side of the learned position table (14: the official 224^2 grid); other token
         grids use its bicubic resize. A fine-tune at another resolution may learn a table of its
         own grid, resized once from the pretrained one (`vig_jax.train.init_from`).
-      fused_proj, dwconv, fp32_mix, gates_in_kernel: forms of the GLA layer (see
+      fused_proj, dwconv, fp32_mix, gates_in_kernel, compact_gates: forms of the GLA layer (see
         `GatedLinearAttention`); the parameters are the same for all of them. fp32_mix is on by
         default here: on an H200 it inferred 3-4% and trained 0-3% faster than the plain bf16
         chain (ViG-S 224², ViG-T 1024²; same call).
@@ -116,6 +116,7 @@ class ViG(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = True
     gates_in_kernel: bool = False
+    compact_gates: bool = False
     mlp_split_up: bool = True
     split_proj: bool = False
     save_states: bool = True
