@@ -18,10 +18,10 @@ Two launch plans, chosen by `_use_short_path`:
          per (b, h) walking all chunks with `fori_loop` (sequential), or, when B * H alone cannot
          fill the GPU (long N, small batch), from spans of `states_span` chunks: a summary launch
          (grid (NS, B, H)) gives each span's own leaving states and gate totals, `_scan_spans`
-         (a small walk over the NS spans) the states entering every span, and a second launch
-         walks each span from them. By default (`sub_blocks`) the chunk kernels run one program per
-         16-row sub-block, which carries its chunk's states through the sub-blocks before (and
-         after) it; else one program per chunk.
+         (a small Pallas walk over the NS spans, or beyond 16 spans a scan in XLA) the states
+         entering every span, and a second launch walks each span from them. By default
+         (`sub_blocks`) the chunk kernels run one program per 16-row sub-block, which carries its
+         chunk's states through the sub-blocks before (and after) it; else one program per chunk.
 The backward pass recomputes the states (residuals are the inputs only) plus the two adjoint states
 and produces dq, dk, dv, dgf, dgb in one chunk kernel per plan.
 `bigla_pallas_logits` runs the same kernels on gate logits: every gate load applies
@@ -1031,8 +1031,9 @@ def _span_walk_kernel(*refs, ns, reverses):
 
 
 def _walk_spans(totals, owns, reverses, interpret, stages):
-    """`_scan_spans`'s "walk": one Pallas launch, grid (V / vb, B, H); the loads of the next spans
-    are pipelined (`stages`) under the dependent chain of multiply-adds."""
+    """`_scan_spans`'s "walk": one Pallas launch, grid (V / vb, B, H), `stages` Triton pipelining
+    stages for its loop (at 64 spans its chain of dependent steps still cost more than XLA's
+    scan on an H200: see WALK_MAX_SPANS)."""
     B, H, ns, K, V = owns[0].shape
     vb = min(V, WALK_V_BLOCK)
     nst = len(owns)
