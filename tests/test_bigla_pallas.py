@@ -111,6 +111,13 @@ INTERPRET_CASES = [
         "very_negative",
         id="N72-gates-10-span1",
     ),
+    # The span walk with 3 spans per loop iteration: 5 spans, one group and a tail of two.
+    pytest.param(
+        (1, 130, 1, 16, 32),
+        KernelParams(chunk=16, states_span=2, walk_unroll=3),
+        "typical",
+        id="N130-span2-walk-unroll3",
+    ),
     # One program per 16-row sub-block (sub_blocks, the default), states carried through the
     # chunk: chunk 32 (the last chunk ragged) and 64 with K 32 / V 64 and the exact diagonal.
     pytest.param(
@@ -333,6 +340,25 @@ def test_scan_spans_auto_walks_few_spans_only():
     assert "bigla_span_walk" not in lowered(WALK_MAX_SPANS + 1)
 
 
+@pytest.mark.parametrize("unroll", [2, 3, 4, 16])
+def test_scan_spans_walk_unrolled_equals_one_span_per_step(unroll):
+    """The walk with several spans per loop iteration (7 spans: groups and a tail of single
+    steps; 16: one group of all 7) gives the one-span walk's states bit for bit, both directions;
+    and the unrolled walk passes the Triton lowering for CUDA."""
+    from pallas_kernels.bigla.pallas import _scan_spans
+
+    rng = np.random.default_rng(2)
+    totals = [-rng.uniform(0.01, 3.0, (2, 1, 7, 16)).astype(np.float32) for _ in range(2)]
+    owns = [rng.standard_normal((2, 1, 7, 16, 32)).astype(np.float32) for _ in range(2)]
+    run = lambda u: _scan_spans(totals, owns, (False, True), "walk", interpret=True, unroll=u)
+    for got, want in zip(run(unroll), run(1), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (totals[0], owns[0])]
+    f = lambda t, u: _scan_spans([t, t], [u, u], (False, True), "walk", unroll=unroll)
+    text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "bigla_span_walk" in text
+
+
 def test_scan_spans_walk_negative_control():
     """The walk told apart from the same walk in the wrong direction, and an unknown method is
     a one-line error."""
@@ -490,6 +516,7 @@ def test_split_backward_by_head_dim_unless_set():
         ((1, 8, 1, 16, 32), KernelParams(chunk=48), "chunk=48"),
         ((1, 40, 1, 16, 32), KernelParams(subs_per_program=0), "subs_per_program=0"),
         ((1, 40, 1, 16, 32), KernelParams(states_stages=0), "states_stages=0"),
+        ((1, 40, 1, 16, 32), KernelParams(walk_unroll=0), "walk_unroll=0"),
     ],
 )
 def test_bigla_pallas_rejects_unsupported_shapes(shape, params, match):

@@ -99,6 +99,9 @@ class KernelParams:
     subs_per_program: `sub_blocks` kernels: consecutive 16-row sub-blocks per program, walked in
       a loop (whose next sub-block's loads Triton may issue during the current one's work) with
       every chunk's states of the (b, h) in reach, instead of one sub-block per program.
+    walk_unroll: the span walk (`span_scan`) takes this many spans per loop iteration, their
+      loads issued together ahead of the chain of multiply-adds (4 warps when > 1); 1, one span
+      per iteration at 1 warp, is the form measured in `WALK_MAX_SPANS`.
     states_stages: Triton pipelining stages of the states kernels (their loops over chunks);
       None: num_stages. subs_per_program 2 and states_stages 3 against 1 and num_stages:
       forward 10-13% and forward + backward 3-11% faster at ViG-S/B 224² and ViG-T 1024²-4096²;
@@ -122,6 +125,7 @@ class KernelParams:
     bwd_warps: int | None = None
     subs_per_program: int = 2
     states_stages: int | None = 3
+    walk_unroll: int = 1
     interpret: bool = False
 
 
@@ -184,7 +188,7 @@ def _check(q, v, params):
         raise ValueError(f"need at least one token, got {q.shape=}")
     if params.states_dtype not in STATES_DTYPES:
         raise ValueError(f"states_dtype={params.states_dtype!r} is not one of {STATES_DTYPES}")
-    for name in ("subs_per_program", "states_stages"):
+    for name in ("subs_per_program", "states_stages", "walk_unroll"):
         value = getattr(params, name)
         if value is not None and not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name}={value!r} must be a positive int")
@@ -1007,49 +1011,60 @@ WALK_V_BLOCK = 16  # columns of V per program of the span walk (a state's column
 WALK_MAX_SPANS = 16
 
 
-def _span_walk_kernel(*refs, ns, reverses):
+def _span_walk_kernel(*refs, ns, reverses, unroll):
     """The states entering every span of one (b, h) and block of V columns, per state: S_0 = 0,
     S_{j+1} = e^{total_j} S_j + own_j, j in the state's direction (right to left if reversed).
-    refs: totals [NS, K], owns [NS * K, vb] per state, then the outputs [NS * K, vb]."""
+    refs: totals [NS, K], owns [NS * K, vb] per state, then the outputs [NS * K, vb]. `unroll`
+    spans per loop iteration: their loads first (independent of the chain), then the chain."""
     nst = len(reverses)
     t_refs, u_refs, o_refs = refs[:nst], refs[nst : 2 * nst], refs[2 * nst :]
     K, vb = o_refs[0].shape[0] // ns, o_refs[0].shape[1]
 
-    def body(it, states):
-        new = []
-        for t_ref, u_ref, o_ref, reverse, s in zip(
-            t_refs, u_refs, o_refs, reverses, states, strict=True
-        ):
-            j = ns - 1 - it if reverse else it
-            rows = pl.ds(j * K, K)
-            o_ref[rows, :] = s
-            decay = jnp.exp(jnp.sum(t_ref[pl.ds(j, 1), :], axis=0))  # [K], exponent <= 0
-            new.append(decay[:, None] * s + u_ref[rows, :])
-        return tuple(new)
+    def steps(first, count, states):  # spans first .. first + count - 1 in walk order
+        loaded = []  # per step and state: (rows of span j, its decay [K], its own [K, vb])
+        for r in range(count):
+            loaded.append([])
+            for t_ref, u_ref, reverse in zip(t_refs, u_refs, reverses, strict=True):
+                j = ns - 1 - (first + r) if reverse else first + r
+                decay = jnp.exp(jnp.sum(t_ref[pl.ds(j, 1), :], axis=0))  # [K], exponent <= 0
+                loaded[-1].append((pl.ds(j * K, K), decay, u_ref[pl.ds(j * K, K), :]))
+        states = list(states)
+        for step in loaded:
+            for i, (rows, decay, own) in enumerate(step):
+                o_refs[i][rows, :] = states[i]
+                states[i] = decay[:, None] * states[i] + own
+        return tuple(states)
 
-    lax.fori_loop(0, ns, body, (jnp.zeros((K, vb), jnp.float32),) * nst)
+    groups = ns // unroll
+    init = (jnp.zeros((K, vb), jnp.float32),) * nst
+    states = lax.fori_loop(0, groups, lambda g, st: steps(g * unroll, unroll, st), init)
+    if ns % unroll:  # the last spans, one per iteration
+        lax.fori_loop(groups * unroll, ns, lambda it, st: steps(it, 1, st), states)
 
 
-def _walk_spans(totals, owns, reverses, interpret, stages):
+def _walk_spans(totals, owns, reverses, interpret, stages, unroll=1):
     """`_scan_spans`'s "walk": one Pallas launch, grid (V / vb, B, H), `stages` Triton pipelining
-    stages for its loop (at 64 spans its chain of dependent steps still cost more than XLA's
-    scan on an H200: see WALK_MAX_SPANS)."""
+    stages for its loop (at 64 spans and `unroll` 1 its chain of dependent steps still cost more
+    than XLA's scan on an H200: see WALK_MAX_SPANS); `unroll` spans per loop iteration."""
     B, H, ns, K, V = owns[0].shape
     vb = min(V, WALK_V_BLOCK)
     nst = len(owns)
     t_spec = pl.BlockSpec((None, None, ns, K), lambda v, b, h: (b, h, 0, 0))
     u_spec = pl.BlockSpec((None, None, ns * K, vb), lambda v, b, h: (b, h, 0, v))
     out_shape = [jax.ShapeDtypeStruct((B, H, ns * K, V), jnp.float32)] * nst
-    kernel = functools.partial(_span_walk_kernel, ns=ns, reverses=tuple(reverses))
+    kernel = functools.partial(
+        _span_walk_kernel, ns=ns, reverses=tuple(reverses), unroll=min(unroll, ns)
+    )
+    warps = 1 if unroll == 1 else 4  # registers for the loaded spans
     call = triton_call(
         kernel, "bigla_span_walk", (V // vb, B, H), [t_spec] * nst + [u_spec] * nst,
-        [u_spec] * nst, out_shape, num_warps=1, num_stages=stages, interpret=interpret,
+        [u_spec] * nst, out_shape, num_warps=warps, num_stages=stages, interpret=interpret,
     )  # fmt: skip
     outs = call(*(t.astype(jnp.float32) for t in totals), *(x.reshape(B, H, -1, V) for x in owns))
     return [x.reshape(B, H, ns, K, V) for x in outs]
 
 
-def _scan_spans(totals, owns, reverses, method, interpret=False, stages=3):
+def _scan_spans(totals, owns, reverses, method, interpret=False, stages=3, unroll=1):
     """States entering every span, from the spans' own leaving states and gate totals.
 
     owns: [B, H, NS, K, V] each, what every span adds to the state it passes on; totals:
@@ -1057,7 +1072,7 @@ def _scan_spans(totals, owns, reverses, method, interpret=False, stages=3):
     direction of each state. Entering state of span s = sum over the spans j before s in its
     direction of exp(sum of totals of the spans strictly between) owns[j].
     method: "walk" (`_walk_spans`: one Pallas launch, O(NS) work in sequence per program; run in
-    interpret mode with `interpret`, pipelined with `stages`), or in XLA, all
+    interpret mode with `interpret`, `stages` and `unroll` as `_walk_spans`), or in XLA, all
     states through one scan (the reverse ones flipped), so XLA launches its few kernels once:
     "matmul" (O(NS^2) weights and one batched dot: a handful of launches), "triangular" (the
     same with the weights' exponents as a product with a 0/1 mask, not a cumsum), "associative"
@@ -1072,7 +1087,7 @@ def _scan_spans(totals, owns, reverses, method, interpret=False, stages=3):
     if method == "auto":
         method = "walk" if ns <= WALK_MAX_SPANS else "xla"
     if method == "walk":
-        return _walk_spans(totals, owns, reverses, interpret, stages)
+        return _walk_spans(totals, owns, reverses, interpret, stages, unroll)
     flip = lambda x, r: jnp.flip(x, axis=2) if r else x
     g = jnp.stack([flip(t, r) for t, r in zip(totals, reverses, strict=True)])  # [S, B, H, NS, K]
     u = jnp.stack([flip(x, r) for x, r in zip(owns, reverses, strict=True)])  # [S, B, H, NS, K, V]
@@ -1138,6 +1153,7 @@ def _states(inputs, params, adjoints, logits=None, fwd_states=True):
         params.span_scan,
         params.interpret,
         params.states_stages or params.num_stages,
+        params.walk_unroll,
     )
     init = [x.reshape(B, H, ns * K, V) for x in init]
     if span == 1:
