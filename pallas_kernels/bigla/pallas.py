@@ -1052,9 +1052,8 @@ def _walk_spans(totals, owns, reverses, interpret, stages, unroll=1):
     t_spec = pl.BlockSpec((None, None, ns, K), lambda v, b, h: (b, h, 0, 0))
     u_spec = pl.BlockSpec((None, None, ns * K, vb), lambda v, b, h: (b, h, 0, v))
     out_shape = [jax.ShapeDtypeStruct((B, H, ns * K, V), jnp.float32)] * nst
-    kernel = functools.partial(
-        _span_walk_kernel, ns=ns, reverses=tuple(reverses), unroll=min(unroll, ns)
-    )
+    unroll = min(unroll, ns)
+    kernel = functools.partial(_span_walk_kernel, ns=ns, reverses=tuple(reverses), unroll=unroll)
     warps = 1 if unroll == 1 else 4  # registers for the loaded spans
     call = triton_call(
         kernel, "bigla_span_walk", (V // vb, B, H), [t_spec] * nst + [u_spec] * nst,
@@ -1093,27 +1092,22 @@ def _scan_spans(totals, owns, reverses, method, interpret=False, stages=3, unrol
     u = jnp.stack([flip(x, r) for x, r in zip(owns, reverses, strict=True)])  # [S, B, H, NS, K, V]
     if method == "xla":
         method = "matmul" if ns <= SCAN_MATMUL_MAX_SPANS else "associative"
-    if method == "matmul":
-        # seg[j, t] = sum of g over the spans i with j < i <= t: a cumsum of non-positive terms
-        # within the segment only (no difference of two long cumsums, hence no cancellation).
+    if method in ("matmul", "triangular"):
+        # seg[j, s] = sum of g over the spans i with j < i < s, the log decay from span j's exit
+        # to span s's entry; only the segment's own terms enter each sum (no difference of two
+        # long cumsums, hence no cancellation).
         idx = jnp.arange(ns)
-        after = (idx[None, :] > idx[:, None])[:, :, None]  # [NS(j), NS(t), 1]: t after j
-        seg = jnp.cumsum(jnp.where(after, g[..., None, :, :], 0.0), axis=-2)  # [S, B, H, j, t, K]
-        # Decay from span j's exit to span s's entry: seg[j, s - 1], for s after j only.
-        seg = jnp.pad(seg, [(0, 0)] * 4 + [(1, 0), (0, 0)])[..., :-1, :]
-        w = jnp.exp(jnp.where(after, seg, -jnp.inf))  # [S, B, H, j, s, K]
-        entering = jnp.einsum("...jsk,...jkv->...skv", w, u, precision=lax.Precision.HIGHEST)
-    elif method == "triangular":
-        # As "matmul", with the segment sums as one product with a 0/1 mask instead of a cumsum
-        # (XLA's cumsum is a reduce-window pass: 16 us of the ~30 per call at 64 spans on an H200).
-        # Only the segment's own terms enter each sum, so no cancellation either; the floor keeps
-        # 0 * g finite.
-        idx = jnp.arange(ns)
-        j, s, i = idx[:, None, None], idx[None, :, None], idx[None, None, :]
-        between = ((j < i) & (i < s)).astype(g.dtype)  # [NS(j), NS(s), NS(i)]
-        gf = jnp.maximum(g, -1e30)
-        seg = jnp.einsum("jsi,...ik->...jsk", between, gf, precision=lax.Precision.HIGHEST)
         after = (idx[None, :] > idx[:, None])[:, :, None]  # [NS(j), NS(s), 1]: s after j
+        if method == "matmul":  # a cumsum over t of the terms j < i <= t, then t = s - 1
+            seg = jnp.cumsum(jnp.where(after, g[..., None, :, :], 0.0), axis=-2)
+            seg = jnp.pad(seg, [(0, 0)] * 4 + [(1, 0), (0, 0)])[..., :-1, :]
+        else:  # one product with a 0/1 mask instead of XLA's reduce-window cumsum (16 us of the
+            # ~30 per call at 64 spans on an H200); the floor keeps 0 * g finite
+            j, s, i = idx[:, None, None], idx[None, :, None], idx[None, None, :]
+            between = ((j < i) & (i < s)).astype(g.dtype)  # [NS(j), NS(s), NS(i)]
+            seg = jnp.einsum(
+                "jsi,...ik->...jsk", between, jnp.maximum(g, -1e30), precision=lax.Precision.HIGHEST
+            )
         w = jnp.exp(jnp.where(after, seg, -jnp.inf))  # [S, B, H, j, s, K]
         entering = jnp.einsum("...jsk,...jkv->...skv", w, u, precision=lax.Precision.HIGHEST)
     elif method == "associative":

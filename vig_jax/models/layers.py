@@ -329,7 +329,7 @@ def conv_blocks(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
       [B, h, w, F], h = floor((H + 2 - k) / s) + 1 (same for w), in x.dtype.
     """
     k, _, c_in, features = kernel.shape
-    s, A = stride, -(-kernel.shape[0] // stride)
+    s, A = stride, -(-k // stride)
     B, H, W, _ = x.shape
     h, w = (H + 2 - k) // s + 1, (W + 2 - k) // s + 1
     rows, cols = s * (h + A - 1), s * (w + A - 1)  # padded pixels the blocks cover
