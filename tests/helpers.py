@@ -22,6 +22,18 @@ def sub_eqns(jaxpr):
             yield from sub_eqns(sub)
 
 
+def pallas_operand_dtypes(jaxpr, keep):
+    """dtype names of the operands of every pallas_call in a jaxpr (and its sub-jaxprs) whose
+    shape `keep(shape)` accepts."""
+    return {
+        str(v.aval.dtype)
+        for e in [*jaxpr.eqns, *sub_eqns(jaxpr)]
+        if e.primitive.name == "pallas_call"
+        for v in e.invars
+        if hasattr(v.aval, "shape") and keep(v.aval.shape)
+    }
+
+
 def run_fast(fn, *args):
     """fn(*args) under jit. BiGLA tests are compile-bound on CPU: LLVM -O0 about halves XLA:CPU
     compile time (CI budget) and changes no HLO, so the numerics are those of the default build."""

@@ -22,7 +22,14 @@ from pallas_kernels.bigla.pallas import (
     split_packed,
 )
 from pallas_kernels.bigla.reference import bigla_reference
-from tests.helpers import FAST_COMPILE, GRAD_NAMES, assert_close, rel_err, run_fast, sub_eqns
+from tests.helpers import (
+    FAST_COMPILE,
+    GRAD_NAMES,
+    assert_close,
+    pallas_operand_dtypes,
+    rel_err,
+    run_fast,
+)
 
 # (o, gradients) per input dtype on the compiled GPU path; interpret fp32 vs float64 uses 1e-5.
 GPU_TOL = {jnp.bfloat16: (1e-2, 2e-2), jnp.float32: (1e-4, 1e-4)}
@@ -782,14 +789,7 @@ def _pallas_token_dtypes(f, *args):
     """dtypes of the token-layout operands ([B, N, ...]) of every pallas_call in the jaxpr of
     forward + backward of f(*args) (args[0]: [B, N, ...])."""
     jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(f, *a))(*args).jaxpr
-    eqns = [*jaxpr.eqns, *sub_eqns(jaxpr)]
-    return {
-        str(v.aval.dtype)
-        for e in eqns
-        if e.primitive.name == "pallas_call"
-        for v in e.invars
-        if getattr(v.aval, "shape", ())[:2] == args[0].shape[:2]
-    }
+    return pallas_operand_dtypes(jaxpr, lambda shape: shape[:2] == args[0].shape[:2])
 
 
 def test_bf16_log_gates_cost_no_accuracy_at_bf16_inputs():

@@ -16,7 +16,7 @@ from flax import linen as nn
 from flax.traverse_util import flatten_dict
 
 from tests.conftest import golden_file
-from tests.helpers import assert_close, rel_err, sub_eqns
+from tests.helpers import assert_close, pallas_operand_dtypes, rel_err, sub_eqns
 from vig_jax.convert import convert_state_dict
 from vig_jax.models import create_model, gla
 from vig_jax.models.gla import GatedLinearAttention
@@ -292,13 +292,8 @@ def test_gla_compact_gates_hand_bf16_gates_to_the_kernels():
         model = _gla("bfloat16", compact_gates=compact, **pallas)
         params = jax.eval_shape(model.init, jax.random.key(0), x)
         jaxpr = jax.make_jaxpr(lambda p, x, m=model: jax.vjp(m.apply, p, x))(params, x).jaxpr
-        gates = {  # [B, N, 2 key_dim] operands of the kernels: the packed gates
-            str(v.aval.dtype)
-            for e in [*jaxpr.eqns, *sub_eqns(jaxpr)]
-            if e.primitive.name == "pallas_call"
-            for v in e.invars
-            if getattr(v.aval, "shape", None) == (2, 16, 64)
-        }
+        # [B, N, 2 key_dim] operands of the kernels: the packed gates
+        gates = pallas_operand_dtypes(jaxpr, lambda shape: shape == (2, 16, 64))
         assert gates == {want}, (compact, gates)
     forms = {"compact": dict(compact_gates=True, **pallas), "off": pallas}
     results = _gla_outputs_and_grads(forms, "bfloat16", width=64)
