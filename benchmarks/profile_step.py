@@ -478,16 +478,17 @@ def markdown(result: dict) -> str:
         "",
         *_class_table(prof, CLASSES, "op class"),
     ]
-    lines += [
-        "",
-        "| where in the model (op class), train | ms/step | % | MB moved | GB/s |",
-        "|---|---|---|---|---|",
-    ]
-    total = max(prof["train"]["total_ms"], 1e-9)
-    lines += [
-        f"| {w} | {v:.3f} | {100 * v / total:.1f} | {mb:,.0f} | {mb / max(v, 1e-9):,.0f} |"
-        for w, v, mb in prof["train"]["sites"]
-    ]
+    for mode in ("train", "infer"):
+        lines += [
+            "",
+            f"| where in the model (op class), {mode} | ms/step | % | MB moved | GB/s |",
+            "|---|---|---|---|---|",
+        ]
+        total = max(prof[mode]["total_ms"], 1e-9)
+        lines += [
+            f"| {w} | {v:.3f} | {100 * v / total:.1f} | {mb:,.0f} | {mb / max(v, 1e-9):,.0f} |"
+            for w, v, mb in prof[mode]["sites"]
+        ]
     lines += ["", "| top train ops | class | ms/step |", "|---|---|---|"]
     lines += [f"| `{op}` | {c} | {v:.3f} |" for op, c, v in prof["train"]["top"]]
     lines += ["", "| top train ops outside BiGLA | class | where | ms/step |", "|---|---|---|---|"]
