@@ -156,6 +156,8 @@ def site(op_name: str | None) -> str:
         # not transforms, Model.method scopes or einsum specs
         if not re.search(r"[(,>]", p) and not re.match(r"^[A-Z]\w*\.\w+$", p)
     ]
+    if mods and mods[0][:1].isupper():  # the model's own scope (e.g. "ViG" when applied unbound)
+        mods = mods[1:]
     if not mods:
         return "other"
     return ("bwd " if bwd else "fwd ") + "/".join(mods[:3])

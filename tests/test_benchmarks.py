@@ -144,6 +144,8 @@ def test_profile_sites_name_pass_and_module():
     name = "jit(train_step)/transpose(jvp(ViG))/ViG.features/blocks_11/attn/o_norm/reduce_sum"
     assert site(name) == "bwd blocks/attn/o_norm"
     assert site("jit(infer)/ViG.features/blocks_0/mlp/up/dot_general") == "fwd blocks/mlp/up"
+    # The unbound model's own scope, as the inference program names it, is not a place:
+    assert site("jit(infer)/ViG/blocks_3/attn/gate_up/dot_general") == "fwd blocks/attn/gate_up"
     assert site("jit(train_step)/mul") == "other"  # the optimizer: outside the model
     assert site(None) == "other"
     kernels = {

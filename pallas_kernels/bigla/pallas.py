@@ -18,7 +18,7 @@ Two launch plans, chosen by `_use_short_path`:
          per (b, h) walking all chunks with `fori_loop` (sequential), or, when B * H alone cannot
          fill the GPU (long N, small batch), from spans of `states_span` chunks: a summary launch
          (grid (NS, B, H)) gives each span's own leaving states and gate totals, `_scan_spans`
-         (a small Pallas walk over the NS spans, or beyond 16 spans a scan in XLA) the states
+         (a small Pallas walk over the NS spans, or beyond 256 spans a scan in XLA) the states
          entering every span, and a second launch walks each span from them. By default
          (`sub_blocks`) the chunk kernels run one program per 16-row sub-block, which carries its
          chunk's states through the sub-blocks before (and after) it; else one program per chunk.
@@ -100,8 +100,9 @@ class KernelParams:
       a loop (whose next sub-block's loads Triton may issue during the current one's work) with
       every chunk's states of the (b, h) in reach, instead of one sub-block per program.
     walk_unroll: the span walk (`span_scan`) takes this many spans per loop iteration, their
-      loads issued together ahead of the chain of multiply-adds (4 warps when > 1); 1, one span
-      per iteration at 1 warp, is the form measured in `WALK_MAX_SPANS`.
+      loads issued together ahead of the chain of multiply-adds (4 warps when > 1; 1: one span
+      per iteration at 1 warp). 8 against 1: forward + backward 9-23% faster at ViG-T 1024²-4096²
+      (16 as fast as 8; H200, notes).
     states_stages: Triton pipelining stages of the states kernels (their loops over chunks);
       None: num_stages. subs_per_program 2 and states_stages 3 against 1 and num_stages:
       forward 10-13% and forward + backward 3-11% faster at ViG-S/B 224² and ViG-T 1024²-4096²;
@@ -125,7 +126,7 @@ class KernelParams:
     bwd_warps: int | None = None
     subs_per_program: int = 2
     states_stages: int | None = 3
-    walk_unroll: int = 1
+    walk_unroll: int = 8
     interpret: bool = False
 
 
@@ -1004,11 +1005,11 @@ def _states_call(inputs, params, kinds, span, ns, init=None, summary=False, logi
 
 
 WALK_V_BLOCK = 16  # columns of V per program of the span walk (a state's columns are independent)
-# span_scan="auto": the walk up to this many spans, else XLA. H200, bench_bigla, walk against XLA,
-# forward / forward + backward ms: ViG-T 1024² (16 spans) 0.135 / 0.379 against 0.143 / 0.394;
-# 2048² (64 spans) 0.184 / 0.476 against 0.157 / 0.436; 4096² (256) 0.320 / 0.856 against 0.281 /
-# 0.773 (commit abb22e6): the walk's chain of dependent steps costs more than XLA's launches.
-WALK_MAX_SPANS = 16
+# span_scan="auto": the walk up to this many spans, else XLA. H200, bench_bigla, walk (8 spans per
+# iteration) against XLA's scan, forward / forward + backward ms: ViG-T 1024² (16 spans) 0.119 /
+# 0.345 against 0.143 / 0.392; 2048² (64 spans) 0.128 / 0.365 against 0.156 / 0.433; 4096² (256)
+# 0.238 / 0.688 against 0.281 / 0.764 (commit ffd6c7a). Beyond 256 spans: not measured, XLA.
+WALK_MAX_SPANS = 256
 
 
 def _span_walk_kernel(*refs, ns, reverses, unroll):
@@ -1044,8 +1045,8 @@ def _span_walk_kernel(*refs, ns, reverses, unroll):
 
 def _walk_spans(totals, owns, reverses, interpret, stages, unroll=1):
     """`_scan_spans`'s "walk": one Pallas launch, grid (V / vb, B, H), `stages` Triton pipelining
-    stages for its loop (at 64 spans and `unroll` 1 its chain of dependent steps still cost more
-    than XLA's scan on an H200: see WALK_MAX_SPANS); `unroll` spans per loop iteration."""
+    stages for its loop, `unroll` spans per loop iteration (at 64 spans one span per iteration
+    cost more than XLA's scan on an H200, 8 per iteration less: see WALK_MAX_SPANS)."""
     B, H, ns, K, V = owns[0].shape
     vb = min(V, WALK_V_BLOCK)
     nst = len(owns)

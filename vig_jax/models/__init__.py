@@ -67,8 +67,8 @@ def create_model(
         parameters (ViG and ViG-H; see the model docstrings): fused_proj=True, dwconv="shift",
         fp32_mix=True, gates_in_kernel=True, compact_gates=True, mlp_split_up=True, split_proj=True,
         save_states=False, bigla_chunk=32, packed_bigla=False, stem_impl="patches" or "blocks",
-        scan_blocks=True (packed_bigla is on by default; plain ViG also has fp32_mix,
-        mlp_split_up and stem_impl="blocks" on);
+        scan_blocks=True (packed_bigla and compact_gates are on by default; plain ViG also has
+        fp32_mix, mlp_split_up and stem_impl="blocks" on);
         remat="none" | "block" | "full" (also DeiT).
 
     Raises:

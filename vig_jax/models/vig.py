@@ -81,7 +81,8 @@ class ViG(nn.Module):
       fused_proj, dwconv, fp32_mix, gates_in_kernel, compact_gates: forms of the GLA layer (see
         `GatedLinearAttention`); the parameters are the same for all of them. fp32_mix is on by
         default here: on an H200 it inferred 3-4% and trained 0-3% faster than the plain bf16
-        chain (ViG-S 224², ViG-T 1024²; same call).
+        chain (ViG-S 224², ViG-T 1024²; same call). compact_gates is on by default (bf16 gates:
+        ViG-S 224² inference 2%, training 1% faster, 3% less training memory; H200, same call).
       mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters;
         on by default here (training 2% faster at ViG-S 224², 7% at ViG-T 1024² on an H200).
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
@@ -116,7 +117,7 @@ class ViG(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = True
     gates_in_kernel: bool = False
-    compact_gates: bool = False
+    compact_gates: bool = True
     mlp_split_up: bool = True
     split_proj: bool = False
     save_states: bool = True

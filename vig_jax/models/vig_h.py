@@ -109,7 +109,7 @@ class ViGH(nn.Module):
     dwconv: str = "conv"
     fp32_mix: bool = False
     gates_in_kernel: bool = False
-    compact_gates: bool = False
+    compact_gates: bool = True
     mlp_split_up: bool = False
     split_proj: bool = False
     save_states: bool = True
