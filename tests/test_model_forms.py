@@ -197,6 +197,7 @@ GLA_FORMS = {
     "gates_in_kernel": dict(gates_in_kernel=True),
     "unpacked": dict(packed_bigla=False),  # "plain" hands BiGLA qkv and the gates packed
     "compact_gates": dict(compact_gates=True),  # a bf16-only form: float32 and float64 unchanged
+    "mix_apart": dict(mix_apart=True),
 }
 
 
@@ -246,6 +247,24 @@ def test_gla_split_proj_and_packed_backward_concatenate_no_gradients():
         assert all(concats[name].values()), (name, concats[name])
     for name in ("split", "packed pallas"):
         assert not any(concats[name].values()), (name, concats[name])
+
+
+def test_gla_mix_apart_gives_the_mix_gate_matmul_its_own_operand():
+    """mix_apart's reason: on a GPU, XLA's dot merger runs matmuls that read the same operand as
+    one, and then copies qkv out of the joint output for BiGLA. With mix_apart the mix gate's
+    matmul reads the optimization barrier's output; without it (the control) it reads xs, the
+    qkv projection's operand, as does the rank-16 gate projection in both."""
+    x = _normal((1, 4, 4, 64), jnp.float32, 0)
+    for apart in (True, False):
+        model = _gla("float32", mix_apart=apart)
+        params = jax.eval_shape(model.init, jax.random.key(0), x)
+        jaxpr = jax.make_jaxpr(model.apply)(params, x).jaxpr
+        dots = [e for e in (*jaxpr.eqns, *sub_eqns(jaxpr)) if e.primitive.name == "dot_general"]
+        # operand of each projection by its output width: qkv 2 * 32 + 64, gate_down 16, and
+        # the [64 -> 64] mix gate and output projections (the output reads BiGLA's mix, not xs)
+        (xs,) = {e.invars[0] for e in dots if e.outvars[0].aval.shape[-1] == 128}
+        readers = sorted(e.outvars[0].aval.shape[-1] for e in dots if e.invars[0] is xs)
+        assert readers == ([16, 128] if apart else [16, 64, 128]), (apart, readers)
 
 
 def test_gla_fused_and_split_proj_are_exclusive():

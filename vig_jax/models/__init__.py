@@ -65,10 +65,11 @@ def create_model(
       **overrides: fields of the model class to change, e.g. depth=2 or drop_path_rate=0.0 for ViG,
         dims=(32, 64, 128, 256) for ViG-H, bigla_interpret=True. Execution forms that keep the
         parameters (ViG and ViG-H; see the model docstrings): fused_proj=True, dwconv="shift",
-        fp32_mix=True, gates_in_kernel=True, compact_gates=True, mlp_split_up=True, split_proj=True,
-        save_states=False, bigla_chunk=32, packed_bigla=False, stem_impl="patches" or "blocks",
-        scan_blocks=True (packed_bigla and compact_gates are on by default; plain ViG also has
-        fp32_mix, mlp_split_up and stem_impl="blocks" on);
+        fp32_mix=True, gates_in_kernel=True, compact_gates=False, mix_apart=False,
+        mlp_split_up=True, split_proj=True, save_states=False, bigla_chunk=32,
+        packed_bigla=False, stem_impl="patches" or "blocks", scan_blocks=True (packed_bigla,
+        compact_gates and mix_apart are on by default; plain ViG also has fp32_mix, mlp_split_up
+        and stem_impl="blocks" on);
         remat="none" | "block" | "full" (also DeiT).
 
     Raises:

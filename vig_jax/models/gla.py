@@ -36,6 +36,7 @@ LAYER_FORMS = (
     "fp32_mix",
     "gates_in_kernel",
     "compact_gates",
+    "mix_apart",
     "save_states",
     "bigla_chunk",
     "packed_bigla",
@@ -87,6 +88,12 @@ class GatedLinearAttention(nn.Module):
         gradients in bfloat16, half the gate traffic of float32 (errors against a float64
         reference within 10% of float32 gates' at bf16 q, k, v: tests/test_bigla_pallas.py);
         other dtypes, and gates_in_kernel, are unchanged by it.
+      mix_apart: the mix gate's matmul reads xs through an optimization barrier, so that XLA's
+        dot merger does not run it and the qkv projection (which read the same xs) as one matmul:
+        merged, their output is [B, N, 2 key_dim + 2 D] and an extra pass copies qkv out of it
+        for BiGLA and another adds the mix gate's bias; apart, cuBLAS adds the bias in its
+        epilogue. The same numbers (the barrier is an identity); not with fused_proj, which
+        merges them on purpose.
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
         (`bigla(..., save_states=True)`, the default): less backward work, more activation
         memory; False recomputes them in the backward.
@@ -112,6 +119,7 @@ class GatedLinearAttention(nn.Module):
     fp32_mix: bool = False
     gates_in_kernel: bool = False
     compact_gates: bool = False
+    mix_apart: bool = False
     save_states: bool = True
     bigla_chunk: int | None = None
     packed_bigla: bool = True
@@ -198,7 +206,8 @@ class GatedLinearAttention(nn.Module):
             o = self._bigla(q, k, v, gates, run)
         o = checkpoint_name(o, BIGLA_OUTPUT)  # [B, N, H, V]; saved by remat "block"
         if mix_logits is None:
-            mix_logits = dense(D, "mix_gate", use_bias=True)(xs)
+            mix_in = jax.lax.optimization_barrier(xs) if self.mix_apart else xs
+            mix_logits = dense(D, "mix_gate", use_bias=True)(mix_in)
         if self.fp32_mix:
             o = norm_mix(
                 o,

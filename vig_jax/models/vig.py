@@ -78,11 +78,12 @@ class ViG(nn.Module):
       pos_grid: side of the learned position table (14: the official 224^2 grid); other token
         grids use its bicubic resize. A fine-tune at another resolution may learn a table of its
         own grid, resized once from the pretrained one (`vig_jax.train.init_from`).
-      fused_proj, dwconv, fp32_mix, gates_in_kernel, compact_gates: forms of the GLA layer (see
-        `GatedLinearAttention`); the parameters are the same for all of them. fp32_mix is on by
-        default here: on an H200 it inferred 3-4% and trained 0-3% faster than the plain bf16
-        chain (ViG-S 224², ViG-T 1024²; same call). compact_gates is on by default (bf16 gates:
-        ViG-S 224² inference 2%, training 1% faster, 3% less training memory; H200, same call).
+      fused_proj, dwconv, fp32_mix, gates_in_kernel, compact_gates, mix_apart: forms of the
+        GLA layer (see `GatedLinearAttention`); the parameters are the same for all of them.
+        fp32_mix is on by default here: on an H200 it inferred 3-4% and trained 0-3% faster than
+        the plain bf16 chain (ViG-S 224², ViG-T 1024²; same call). compact_gates is on by default
+        (bf16 gates: ViG-S 224² inference 2%, training 1% faster, 3% less training memory; H200,
+        same call), and so is mix_apart.
       mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters;
         on by default here (training 2% faster at ViG-S 224², 7% at ViG-T 1024² on an H200).
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
@@ -118,6 +119,7 @@ class ViG(nn.Module):
     fp32_mix: bool = True
     gates_in_kernel: bool = False
     compact_gates: bool = True
+    mix_apart: bool = True
     mlp_split_up: bool = True
     split_proj: bool = False
     save_states: bool = True

@@ -78,8 +78,8 @@ class ViGH(nn.Module):
       drop_path_rate: stochastic depth of the last block (linear from 0 over all blocks).
       bigla_impl: "auto", "reference", "chunked" or "pallas" (see `pallas_kernels.bigla.bigla`).
       bigla_interpret: run the pallas kernel in interpret mode (CPU tests).
-      fused_proj, dwconv, fp32_mix, gates_in_kernel, compact_gates: forms of the GLA layer (see
-        `GatedLinearAttention`); the parameters are the same for all of them.
+      fused_proj, dwconv, fp32_mix, gates_in_kernel, compact_gates, mix_apart: forms of the
+        GLA layer (see `GatedLinearAttention`); the parameters are the same for all of them.
       mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters.
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
         `GatedLinearAttention`), same parameters; not with fused_proj.
@@ -110,6 +110,7 @@ class ViGH(nn.Module):
     fp32_mix: bool = False
     gates_in_kernel: bool = False
     compact_gates: bool = True
+    mix_apart: bool = True
     mlp_split_up: bool = False
     split_proj: bool = False
     save_states: bool = True
