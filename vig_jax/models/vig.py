@@ -128,6 +128,7 @@ class ViG(nn.Module):
     stem_impl: str = "blocks"
     remat: str = "none"
     scan_blocks: bool = False
+    embed_barrier: bool = False
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
@@ -175,6 +176,8 @@ class ViG(nn.Module):
         self.sow("intermediates", "patch_embed", x.reshape(B, h * w, D))
         pos = resize_pos_embed(self.pos_embed.reshape(self.pos_grid, self.pos_grid, D), (h, w))
         x = x + pos.astype(self.dtype)
+        if self.embed_barrier:  # the stem's output written once, not recomputed by block 0's norms
+            x = jax.lax.optimization_barrier(x)
         # Unrolled: at init (creates the parameters), without scan_blocks, and for block 0 when
         # intermediates are collected (its output is sown); the rest as one scan.
         unrolled = self.depth
