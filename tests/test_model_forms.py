@@ -43,6 +43,7 @@ ALL_FORMS = dict(
     stem_impl="patches",
     scan_blocks=True,
     remat="block",
+    mix_apart=False,
 )
 TINY = {
     "vig": ("vig_t", dict(embed_dim=64, depth=3, num_heads=2, drop_path_rate=0.1)),
@@ -534,6 +535,29 @@ def test_golden_parity_with_every_form(filename, projections, x64):
         assert_close(
             f"{filename} block0", state["intermediates"]["block0"][0], golden["block00"], 1e-6
         )
+
+
+def test_vig_embed_barrier_same_numbers_and_load_bearing():
+    """embed_barrier (ViG's default) changes no number (float32 logits and gradients against it
+    off, to float32 rounding) and is the one optimization barrier in front of the blocks: off,
+    the program has none outside the GLA layers' (mix_apart, one per block), the control that
+    the check can fail."""
+    images = _normal((2, 32, 32, 3), jnp.float32, 0)
+    results, barriers = {}, {}
+    for on in (True, False):
+        model = _tiny("vig", embed_barrier=on)
+        params = jax.jit(partial(model.init, train=False))(jax.random.key(0), images)["params"]
+        results[on] = _loss_and_grads(model, params, images, train=False)
+        jaxpr = jax.make_jaxpr(partial(model.apply, train=False))({"params": params}, images)
+        eqns = (*jaxpr.jaxpr.eqns, *sub_eqns(jaxpr.jaxpr))
+        barriers[on] = sum(e.primitive.name == "optimization_barrier" for e in eqns)
+    depth = TINY["vig"][1]["depth"]
+    assert barriers == {True: depth + 1, False: depth}, barriers
+    (v1, l1, g1), (v0, l0, g0) = results[True], results[False]
+    assert_close("loss", v1, v0, TOL["float32"])
+    assert_close("logits", l1, l0, TOL["float32"])
+    for key in g0:
+        assert_close(f"grad {key}", g1[key], g0[key], TOL["float32"])
 
 
 def test_bad_forms_raise():

@@ -101,6 +101,10 @@ class ViG(nn.Module):
       remat: "none", "block" or "full" (see `stack`): activation memory against recomputation.
       scan_blocks: run the blocks as one lax.scan (compiles one block instead of `depth`); same
         parameters; stochastic depth draws other masks than the unrolled loop.
+      embed_barrier: the stem's output plus the position embedding passes an optimization
+        barrier, so XLA writes it once instead of recomputing the stem's LayerNorm inside both
+        of block 0's norm fusions (the default: ViG-S 224² inference 1.4% faster on an H200,
+        one call); same numbers.
       dtype: compute dtype; parameters stay float32.
     """
 
@@ -128,7 +132,7 @@ class ViG(nn.Module):
     stem_impl: str = "blocks"
     remat: str = "none"
     scan_blocks: bool = False
-    embed_barrier: bool = False
+    embed_barrier: bool = True
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
@@ -176,7 +180,7 @@ class ViG(nn.Module):
         self.sow("intermediates", "patch_embed", x.reshape(B, h * w, D))
         pos = resize_pos_embed(self.pos_embed.reshape(self.pos_grid, self.pos_grid, D), (h, w))
         x = x + pos.astype(self.dtype)
-        if self.embed_barrier:  # the stem's output written once, not recomputed by block 0's norms
+        if self.embed_barrier:  # written once, not recomputed in block 0's norm fusions
             x = jax.lax.optimization_barrier(x)
         # Unrolled: at init (creates the parameters), without scan_blocks, and for block 0 when
         # intermediates are collected (its output is sown); the rest as one scan.
