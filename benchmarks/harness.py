@@ -174,10 +174,15 @@ def metadata(args) -> dict:
     }
 
 
-SMOKE_ENV = {  # --smoke cases: CPU; -O0 halves XLA:CPU compiles and changes no HLO
-    "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_backend_optimization_level=0",
-}
+def _smoke_xla_flags() -> str:
+    """-O0 (halves XLA:CPU compiles, changes no HLO) and the caller's other XLA flags (e.g. a test
+    run's workarounds; tests/conftest.py) but its fake device count: one CPU device."""
+    drop = ("--xla_force_host_platform_device_count", "--xla_backend_optimization_level")
+    keep = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(drop)]
+    return " ".join([*keep, "--xla_backend_optimization_level=0"])
+
+
+SMOKE_ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": _smoke_xla_flags()}  # --smoke cases
 
 
 def _probe(case: dict, report) -> dict:

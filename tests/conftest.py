@@ -4,6 +4,7 @@ paths, GPU marker."""
 import os
 import shutil
 import tempfile
+from importlib import metadata
 
 # Sharding tests need several devices; on CPU we fake four. Must be set before JAX is imported.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -16,6 +17,17 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # many steps, drops the flag (tests/test_finetune.py).
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+
+
+# jaxlib 0.10's XLA:CPU runs some fusions through YNNPACK, whose transpose segfaulted in the
+# backward of the chunked BiGLA (tests/test_bigla.py; any later test could then crash) on an
+# AVX2-only AMD EPYC; the same programs run without those fusions. Off for CPU-only installs of
+# jaxlib 0.10 (a jaxlib that does not know the flag would refuse to start).
+if "ynn_fusion_type" not in os.environ["XLA_FLAGS"]:
+    dists = {(d.metadata["Name"] or "").lower(): d.version for d in metadata.distributions()}
+    gpu = any(n.startswith(("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")) for n in dists)
+    if dists.get("jaxlib", "").startswith("0.10.") and not gpu:
+        os.environ["XLA_FLAGS"] += " --xla_cpu_experimental_ynn_fusion_type="
 
 # Tests write only into temp dirs. TFDS's default data dir (where anything given data_dir=None
 # prepares its dataset, e.g. train.py in test_train_loop's subprocesses) is a temp dir made by the

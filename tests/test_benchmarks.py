@@ -79,7 +79,7 @@ def test_smoke_writes_expected_rows(script, tmp_path):
     out = tmp_path / "result"
     # No persistent compilation cache: its programs differ, and on CPU a cached run's loss curve
     # was seen to differ from an uncached one's beyond the float32 tolerance.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    env = {**os.environ, **harness.SMOKE_ENV}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     cmd = [sys.executable, BENCH / f"{script}.py", "--smoke", "--out", out, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
