@@ -80,6 +80,8 @@ class ViGH(nn.Module):
       bigla_interpret: run the pallas kernel in interpret mode (CPU tests).
       fused_proj, dwconv, fp32_mix, gates_in_kernel, compact_gates, mix_apart: forms of the
         GLA layer (see `GatedLinearAttention`); the parameters are the same for all of them.
+        compact_gates and mix_apart are on by default, as in plain ViG, whose GLA layer is the
+        same (timed on plain ViG only).
       mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters.
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
         `GatedLinearAttention`), same parameters; not with fused_proj.
