@@ -1413,8 +1413,7 @@ def bigla_pallas_packed(
         if not normalizer > 0:
             raise ValueError(f"normalizer={normalizer!r} must be positive")
         scale = 1.0 / float(normalizer)
-    elif gates.dtype != jnp.bfloat16:
-        gates = gates.astype(jnp.float32)
+    gates = _gates_in(gates, scale)
     layout = (num_heads, K, V, float(q_scale))
     if not params.sub_blocks and _split_backward(K, params):
         # The split backward's two launches would each write half of a packed gradient array.
