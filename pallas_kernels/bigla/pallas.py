@@ -68,9 +68,9 @@ class KernelParams:
       spans in XLA, then the walk from the scanned states; L = 1 needs no walk). None: 0 when
       B * H >= STATE_PROGRAMS, else spans giving about STATE_PROGRAMS programs (`_states_span`).
     span_scan: how the spans' states are scanned (`_scan_spans`): "walk" (a Pallas kernel, one
-      program per (b, h) and 16 columns of V walking the spans in sequence), "matmul",
-      "triangular" or "associative" (XLA), "xla" (matmul up to SCAN_MATMUL_MAX_SPANS spans, else
-      associative); "auto": "walk" up to WALK_MAX_SPANS spans, else "xla".
+      program per (b, h) and 16 columns of V walking the spans in sequence), "matmul" or
+      "associative" (XLA), "xla" (matmul up to SCAN_MATMUL_MAX_SPANS spans, else associative);
+      "auto": "walk" up to WALK_MAX_SPANS spans, else "xla".
     sub_blocks: long plan: the chunk kernels run one program per 16-row sub-block (grid
       ceil(N / 16) x B x H), each carrying its chunk's states through the chunk's other sub-blocks
       to its own, instead of one program per chunk holding every sub-block's partial results
@@ -1074,13 +1074,12 @@ def _scan_spans(totals, owns, reverses, method, interpret=False, stages=3, unrol
     method: "walk" (`_walk_spans`: one Pallas launch, O(NS) work in sequence per program; run in
     interpret mode with `interpret`, `stages` and `unroll` as `_walk_spans`), or in XLA, all
     states through one scan (the reverse ones flipped), so XLA launches its few kernels once:
-    "matmul" (O(NS^2) weights and one batched dot: a handful of launches), "triangular" (the
-    same with the weights' exponents as a product with a 0/1 mask, not a cumsum), "associative"
+    "matmul" (O(NS^2) weights and one batched dot: a handful of launches), "associative"
     (`lax.associative_scan`: O(NS) work, ~2 log2(NS) levels of launches), or "xla": matmul while
     NS <= SCAN_MATMUL_MAX_SPANS, else associative. "auto": walk while NS <= WALK_MAX_SPANS, else
     "xla".
     """
-    methods = ("auto", "walk", "xla", "matmul", "triangular", "associative")
+    methods = ("auto", "walk", "xla", "matmul", "associative")
     if method not in methods:
         raise ValueError(f"span_scan={method!r} is not one of {methods}")
     ns = owns[0].shape[2]
@@ -1093,22 +1092,14 @@ def _scan_spans(totals, owns, reverses, method, interpret=False, stages=3, unrol
     u = jnp.stack([flip(x, r) for x, r in zip(owns, reverses, strict=True)])  # [S, B, H, NS, K, V]
     if method == "xla":
         method = "matmul" if ns <= SCAN_MATMUL_MAX_SPANS else "associative"
-    if method in ("matmul", "triangular"):
-        # seg[j, s] = sum of g over the spans i with j < i < s, the log decay from span j's exit
-        # to span s's entry; only the segment's own terms enter each sum (no difference of two
-        # long cumsums, hence no cancellation).
+    if method == "matmul":
+        # seg[j, t] = sum of g over the spans i with j < i <= t: a cumsum of non-positive terms
+        # within the segment only (no difference of two long cumsums, hence no cancellation).
         idx = jnp.arange(ns)
-        after = (idx[None, :] > idx[:, None])[:, :, None]  # [NS(j), NS(s), 1]: s after j
-        if method == "matmul":  # a cumsum over t of the terms j < i <= t, then t = s - 1
-            seg = jnp.cumsum(jnp.where(after, g[..., None, :, :], 0.0), axis=-2)
-            seg = jnp.pad(seg, [(0, 0)] * 4 + [(1, 0), (0, 0)])[..., :-1, :]
-        else:  # one product with a 0/1 mask instead of XLA's reduce-window cumsum (16 us of the
-            # ~30 per call at 64 spans on an H200); the floor keeps 0 * g finite
-            j, s, i = idx[:, None, None], idx[None, :, None], idx[None, None, :]
-            between = ((j < i) & (i < s)).astype(g.dtype)  # [NS(j), NS(s), NS(i)]
-            seg = jnp.einsum(
-                "jsi,...ik->...jsk", between, jnp.maximum(g, -1e30), precision=lax.Precision.HIGHEST
-            )
+        after = (idx[None, :] > idx[:, None])[:, :, None]  # [NS(j), NS(t), 1]: t after j
+        seg = jnp.cumsum(jnp.where(after, g[..., None, :, :], 0.0), axis=-2)  # [S, B, H, j, t, K]
+        # Decay from span j's exit to span s's entry: seg[j, s - 1], for s after j only.
+        seg = jnp.pad(seg, [(0, 0)] * 4 + [(1, 0), (0, 0)])[..., :-1, :]
         w = jnp.exp(jnp.where(after, seg, -jnp.inf))  # [S, B, H, j, s, K]
         entering = jnp.einsum("...jsk,...jkv->...skv", w, u, precision=lax.Precision.HIGHEST)
     elif method == "associative":
