@@ -31,7 +31,9 @@ torch and timm are optional (`pip install -e ".[baselines]"`); without them ViG 
 
 ViG variants: `--variant NAME:key=val,...` (repeatable) measures the ViG side once per variant in
 the same call, e.g. before and after a model change; `--vig-override key=val` applies to all.
-Values are Python literals or bare strings (`remat=block`); unknown fields are an error.
+Values are Python literals or bare strings (`remat=block`); unknown fields are an error. Keys
+starting with "xla_" are XLA options for the variant's compiled programs, not model fields
+(`--variant nofb:xla_gpu_cublas_fallback=False`).
 Results: `<out>.json` (one row per measured process) and `<out>.md` (the comparison table).
 """
 
@@ -101,7 +103,7 @@ def measure_jax(case: dict, report) -> dict:
     from vig_jax.models import create_model, uses_bigla
 
     name, size, b = case["model"], case["size"], case["batch"]
-    kwargs = dict(case["overrides"])
+    kwargs, xla = harness.split_xla_options(case["overrides"])
     if uses_bigla(name):
         kwargs.update(bigla_impl=case["bigla_impl"], drop_path_rate=0.0)
     else:  # cuDNN's backward rejects N = 197, 1025, ...: pad attention's tokens to 64
@@ -141,12 +143,14 @@ def measure_jax(case: dict, report) -> dict:
 
     def infer():
         fwd = lambda p, x: model.apply({"params": p}, x, train=False)
-        compiled, seconds = harness.compile_jax(fwd, params, images)
+        compiled, seconds = harness.compile_jax(fwd, params, images, compiler_options=xla)
         return (lambda: compiled(params, images)), seconds
 
     def train():
         abstract = jax.eval_shape(lambda p: (p, tx.init(p)), params)
-        step, seconds = harness.compile_jax(train_step, abstract, images, labels, donate_argnums=0)
+        step, seconds = harness.compile_jax(
+            train_step, abstract, images, labels, donate_argnums=0, compiler_options=xla
+        )
         state = [(params, jax.jit(tx.init)(params))]
 
         def call():
@@ -366,7 +370,7 @@ def parse_args(argv=None):
             if "drop_path_rate" not in {f.name for f in dataclasses.fields(model_class(v))}:
                 p.error(f"{v!r} is not a ViG model")
             for overrides in args.variants.values():
-                create_model(v, **overrides)
+                create_model(v, **harness.split_xla_options(overrides)[0])
         except ValueError as exc:
             p.error(str(exc))
     return args

@@ -77,15 +77,26 @@ def time_call(call: Callable, sync: Callable, *, warmup: int = 2, iters: int = 2
     return {"ms": statistics.median(runs) * 1e3, "k": k, "runs": iters}
 
 
-def compile_jax(fn: Callable, *args, donate_argnums=()) -> tuple[Callable, float]:
+def compile_jax(
+    fn: Callable, *args, donate_argnums=(), compiler_options: dict | None = None
+) -> tuple[Callable, float]:
     """`jax.jit(fn)` (or `fn` itself if already jitted: its shardings and donation kept) compiled
-    ahead of time for `args` (arrays or ShapeDtypeStructs), and the seconds that took."""
+    ahead of time for `args` (arrays or ShapeDtypeStructs), and the seconds that took.
+    `compiler_options`: XLA options for this program only (`split_xla_options`)."""
     import jax
 
     t0 = time.perf_counter()
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn, donate_argnums=donate_argnums)
-    compiled = jitted.lower(*args).compile()
+    compiled = jitted.lower(*args).compile(compiler_options or None)
     return compiled, time.perf_counter() - t0
+
+
+def split_xla_options(overrides: dict) -> tuple[dict, dict]:
+    """(model fields, XLA options) of a variant's overrides: keys starting with "xla_" are XLA
+    options for the compiled programs (`compile_jax`), e.g. `xla_gpu_cublas_fallback=False`, the
+    rest `create_model` fields. An option XLA does not know fails that variant's compile."""
+    xla = {k: v for k, v in overrides.items() if k.startswith("xla_")}
+    return {k: v for k, v in overrides.items() if k not in xla}, xla
 
 
 def jax_repeat(fn: Callable, n: int) -> Callable:

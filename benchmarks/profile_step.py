@@ -283,7 +283,8 @@ def summarize(
 def run_case(spec: str, overrides: dict, args) -> dict:
     name, size, batch = spec.split(":")
     size, batch = int(size), int(batch)
-    model = create_model(name, dtype=jnp.bfloat16, **overrides)
+    fields, xla = harness.split_xla_options(overrides)
+    model = create_model(name, dtype=jnp.bfloat16, **fields)
     key = jax.random.key(0)
     images = jax.random.normal(key, (batch, size, size, 3), jnp.float32)
     labels = jax.random.randint(key, (batch,), 0, model.num_classes)
@@ -312,7 +313,9 @@ def run_case(spec: str, overrides: dict, args) -> dict:
         ("grad", grad, (params, images, labels), ()),
         ("train", train_step, (params, opt_state, images, labels), (0, 1)),
     ]:
-        compiled[label], compile_s[label] = harness.compile_jax(fn, *fargs, donate_argnums=donate)
+        compiled[label], compile_s[label] = harness.compile_jax(
+            fn, *fargs, donate_argnums=donate, compiler_options=xla
+        )
         print(f"  {spec} {label}: compiled in {compile_s[label]:.1f} s", flush=True)
 
     state = [params, opt_state]
@@ -501,7 +504,12 @@ def markdown(result: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--case", action="append", help="model:size:batch (repeatable)")
-    p.add_argument("--override", action="append", default=[], help="create_model key=value")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="create_model key=value; xla_* keys are XLA options of the compiled programs",
+    )
     p.add_argument(
         "--timm",
         action="append",
