@@ -15,7 +15,9 @@ scaled by 1/area from B8 at 1024², floored, at least 1, so every batch holds ab
 
 Both sides bf16, drop path off, the same batch, each (model, size) in a fresh process:
   ViG (JAX)   `create_model(name, dtype=bfloat16)` (float32 params), `--bigla-impl` (pallas), a
-              jitted forward and a jitted AdamW step with the state donated; compiled ahead of time.
+              jitted forward (compiled with `inference_compiler_options()`, as the library's own
+              forward passes are) and a jitted AdamW step with the state donated; both compiled
+              ahead of time.
   DeiT (timm) `timm.create_model("deit_*_patch16_224", img_size=size)` under `torch.compile`,
               attention through SDPA (flash attention for bf16 on the GPU); inference with the
               weights cast to bf16, training with float32 weights under bf16 autocast and fused
@@ -100,7 +102,7 @@ def measure_jax(case: dict, report) -> dict:
     import numpy as np
     import optax
 
-    from vig_jax.models import create_model, uses_bigla
+    from vig_jax.models import create_model, inference_compiler_options, uses_bigla
 
     name, size, b = case["model"], case["size"], case["batch"]
     kwargs, xla = harness.split_xla_options(case["overrides"])
@@ -143,7 +145,8 @@ def measure_jax(case: dict, report) -> dict:
 
     def infer():
         fwd = lambda p, x: model.apply({"params": p}, x, train=False)
-        compiled, seconds = harness.compile_jax(fwd, params, images, compiler_options=xla)
+        options = {**inference_compiler_options(), **xla}  # a variant's xla_* keys win
+        compiled, seconds = harness.compile_jax(fwd, params, images, compiler_options=options)
         return (lambda: compiled(params, images)), seconds
 
     def train():

@@ -57,7 +57,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import harness  # noqa: E402
-from vig_jax.models import create_model  # noqa: E402
+from vig_jax.models import create_model, inference_compiler_options  # noqa: E402
 
 CLASSES = ("bigla", "matmul", "dwconv", "conv", "reduce", "copy", "elementwise", "other")
 DEFAULT_CASES = ("vig_s:224:128", "vig_t:1024:8")
@@ -308,13 +308,14 @@ def run_case(spec: str, overrides: dict, args) -> dict:
         return optax.apply_updates(p, updates), s, loss
 
     compiled, compile_s = {}, {}
-    for label, fn, fargs, donate in [
-        ("infer", infer, (params, images), ()),
-        ("grad", grad, (params, images, labels), ()),
-        ("train", train_step, (params, opt_state, images, labels), (0, 1)),
+    infer_options = {**inference_compiler_options(), **xla}  # as bench_vs_vit compiles it
+    for label, fn, fargs, donate, options in [
+        ("infer", infer, (params, images), (), infer_options),
+        ("grad", grad, (params, images, labels), (), xla),
+        ("train", train_step, (params, opt_state, images, labels), (0, 1), xla),
     ]:
         compiled[label], compile_s[label] = harness.compile_jax(
-            fn, *fargs, donate_argnums=donate, compiler_options=xla
+            fn, *fargs, donate_argnums=donate, compiler_options=options
         )
         print(f"  {spec} {label}: compiled in {compile_s[label]:.1f} s", flush=True)
 

@@ -133,3 +133,21 @@ def test_class_names_from_tfds_metadata():
         == "a.png: Ankle boot 0.750; T-shirt/top 0.250"
     )
     assert format_line("a.png", [(2, 1.0)], None) == "a.png: 2 1.000"
+
+
+def test_inference_compiler_options_are_xla_options_and_predict_uses_them(files, monkeypatch):
+    from vig_jax import models
+
+    options = models.inference_compiler_options("gpu")
+    assert options == {"xla_gpu_enable_triton_gemm": False}
+    assert models.inference_compiler_options("cpu") == {}
+    # The names are options this jaxlib's XLA knows (XLA's options are shared by its backends):
+    # one it did not know would fail every GPU forward pass the library compiles.
+    double = jax.jit(lambda x: 2 * x, compiler_options=options)
+    np.testing.assert_array_equal(double(jnp.ones(3)), 2 * np.ones(3))
+    # predict compiles with them: an unknown option makes it fail.
+    root, paths = files
+    classifier = load_classifier(str(root / "converted"), demo_config())
+    monkeypatch.setattr(models, "inference_compiler_options", lambda *_: {"xla_no_such_option": 1})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        predict(classifier, [paths["png"]], top_k=1, batch_size=1)

@@ -229,3 +229,25 @@ def test_make_trainer_rejects_batch_splits(batch_size, accum, match):
     config = tiny_config(batch_size=batch_size, grad_accum_steps=accum)
     with pytest.raises(ValueError, match=match):
         make_trainer(config, mesh=sharding.make_mesh(), num_classes=NUM_CLASSES, steps_per_epoch=1)
+
+
+def test_eval_step_compiles_with_the_inference_options(monkeypatch):
+    from vig_jax import models
+
+    seen = []
+
+    def options(platform):
+        seen.append(platform)
+        return {"xla_no_such_option": 1}
+
+    monkeypatch.setattr(models, "inference_compiler_options", options)
+    trainer = make_trainer(
+        tiny_config(), mesh=sharding.make_mesh(), num_classes=NUM_CLASSES, steps_per_epoch=1
+    )
+    assert seen == ["cpu"]
+    state = trainer.init(jax.random.PRNGKey(0))
+    batch = random_batch()
+    evaluation = sharding.global_batch({**batch, "mask": np.ones(8, bool)}, trainer.mesh)
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        trainer.eval_step(state.params, evaluation)
+    trainer.train_step(state, sharding.global_batch(batch, trainer.mesh))  # XLA's own options

@@ -181,9 +181,14 @@ def predict(
     Unreadable files are skipped after `on_error(path, message)`. Batches have a fixed size
     (the last is padded), so one program serves every batch.
     """
+    from vig_jax import models
+
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"top_k and batch_size must be >= 1, got {top_k=}, {batch_size=}")
-    fn = jax.jit(lambda x: jax.nn.softmax(classifier.logits_fn()(x), axis=-1))
+    fn = jax.jit(
+        lambda x: jax.nn.softmax(classifier.logits_fn()(x), axis=-1),
+        compiler_options=models.inference_compiler_options(),
+    )
     k = min(top_k, classifier.params["head"]["bias"].shape[-1])
     results: dict[str, list[tuple[int, float]]] = {}
     readable, images = [], []

@@ -16,6 +16,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from vig_jax import models
 from vig_jax.models import create_model
 from vig_jax.train import optim, sharding
 from vig_jax.train.errors import UserError
@@ -144,6 +145,7 @@ def make_trainer(config, *, mesh: Mesh, num_classes: int, steps_per_epoch: int) 
         _traced_under(mesh, make_eval_step(model, config, num_classes)),
         in_shardings=(state_sh.params, batch_sh),
         out_shardings=rep,
+        compiler_options=models.inference_compiler_options(mesh.devices.flat[0].platform),
     )
     return Trainer(
         model=model,
