@@ -1,5 +1,5 @@
-"""Shared test setup: fake CPU devices (sharding tests), a temp TFDS data dir, x64 fixture, golden
-paths, GPU marker."""
+"""Shared test setup: fake CPU devices (sharding tests), a temp TFDS data dir and compilation cache,
+x64 fixture, golden paths, GPU marker."""
 
 import os
 import shutil
@@ -39,6 +39,14 @@ if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("VIG_TESTS_PID")
 ):
     os.environ["VIG_TESTS_PID"] = str(os.getpid())
     os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="vig_tests_tfds_")
+    # One persistent compilation cache for the run, made and removed the same way: the workers and
+    # the subprocesses of one run share the programs any of them compiled (many tests compile the
+    # same tiny models). Measured on 2 cores: test_models, test_gla_layer and test_train_step at
+    # -n 2 took 248 s without, 230 s with it. Tests that need their own cache or none still set or
+    # drop JAX_COMPILATION_CACHE_DIR for their subprocesses.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vig_tests_jax_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import pathlib
 
@@ -64,9 +72,13 @@ def golden_file(name):
 
 
 def pytest_unconfigure(config):
-    tfds_dir = pathlib.Path(os.environ.get("TFDS_DATA_DIR", ""))
-    if not os.environ.get("PYTEST_XDIST_WORKER") and tfds_dir.name.startswith("vig_tests_tfds_"):
-        shutil.rmtree(tfds_dir, ignore_errors=True)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for var, prefix in (("TFDS_DATA_DIR", "vig_tests_tfds_"),
+                        ("JAX_COMPILATION_CACHE_DIR", "vig_tests_jax_cache_")):  # fmt: skip
+        path = pathlib.Path(os.environ.get(var, ""))
+        if path.name.startswith(prefix):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
