@@ -167,7 +167,7 @@ def test_profile_sites_of_a_compiled_step():
 
     model = create_model("vig_t", depth=1, bigla_impl="chunked")
     x = jnp.zeros((1, 32, 32, 3))
-    params = model.init(jax.random.key(0), x, train=False)["params"]
+    params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)["params"]
     loss = lambda p: model.apply({"params": p}, x, train=False).sum()
     sites = set(hlo_sites(jax.jit(jax.grad(loss)).lower(params).compile().as_text()).values())
     for want in ("fwd blocks/mlp/up", "bwd blocks/mlp/up", "fwd blocks/attn/dwconv"):

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pathlib
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -161,18 +162,26 @@ def test_position_table_resize_equals_run_time_resize():
     images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
     kw = dict(embed_dim=32, depth=1, num_heads=2, bigla_impl="reference")
     target = create_model("vig_t", num_classes=3, pos_grid=4, **kw)
-    fresh = target.init(jax.random.PRNGKey(0), images[:1], train=False)["params"]
+
+    # Under jit: op by op, each op of init and apply compiles on its own (slower on CPU).
+    def init(model, seed):
+        return jax.jit(partial(model.init, train=False))(jax.random.PRNGKey(seed), images[:1])
+
+    def apply(model, params):
+        return jax.jit(partial(model.apply, train=False))({"params": params}, images)
+
+    fresh = init(target, 0)["params"]
     for grid in (2, 14):
         src = create_model("vig_t", num_classes=3, pos_grid=grid, **kw)
-        params = src.init(jax.random.PRNGKey(grid), images[:1], train=False)["params"]
+        params = init(src, grid)["params"]
         loaded, notes = init_from.adapt_params(params, fresh, model_name="vig_t")
         assert notes == [
             f"position table resized from {grid}x{grid} to 4x4 (bicubic, as at run time)"
         ]
         adapted = init_from.merge(fresh, loaded)
         assert adapted["pos_embed"].shape == (1, 16, 32)
-        want = src.apply({"params": params}, images, train=False)
-        got = target.apply({"params": adapted}, images, train=False)
+        want = apply(src, params)
+        got = apply(target, adapted)
         assert_close(f"logits from a {grid}x{grid} table", got, want, 1e-6)
 
 

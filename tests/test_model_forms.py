@@ -429,13 +429,19 @@ def _tiny(family, **kw):
     return create_model(name, num_classes=5, bigla_impl="reference", **{**overrides, **kw})
 
 
+def _init(model, images):
+    """The model's params, initialised under jit (op by op, a tiny model's init compiles each op
+    and took 2-3x as long)."""
+    return jax.jit(partial(model.init, train=False))(jax.random.key(0), images)["params"]
+
+
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_remat_gives_same_loss_and_grads(family):
     """float32, training mode with stochastic depth: remat "block" and "full" keep the rng stream,
     so the loss and every gradient match the stored-activation run to float32 rounding."""
     images = _normal((2, 48, 32, 3), jnp.float32, 0)
     plain = _tiny(family)
-    params = plain.init(jax.random.key(0), images, train=False)["params"]
+    params = _init(plain, images)
     want = _loss_and_grads(plain, params, images, train=True)
     for remat in ("block", "full"):
         model = _tiny(family, remat=remat)
@@ -457,7 +463,7 @@ def test_scan_blocks_matches_unrolled(family):
     images = _normal((2, 48, 32, 3), jnp.float32, 0)
     for train, remat, kw in ((False, "none", {}), (True, "block", dict(drop_path_rate=0.0))):
         plain = _tiny(family, **kw)
-        params = plain.init(jax.random.key(0), images, train=False)["params"]
+        params = _init(plain, images)
         want = _loss_and_grads(plain, params, images, train)
         model = _tiny(family, scan_blocks=True, remat=remat, **kw)
         got = _loss_and_grads(model, params, images, train)
@@ -474,13 +480,13 @@ def test_scan_blocks_with_stochastic_depth():
     from the eval output) and differ per dropout key; shapes and finiteness as unrolled."""
     images = _normal((8, 32, 32, 3), jnp.float32, 0)
     model = _tiny("vig", scan_blocks=True, drop_path_rate=0.9)
-    params = model.init(jax.random.key(0), images, train=False)["params"]
+    params = _init(model, images)
 
     @jax.jit
     def forward(key):
         return model.apply({"params": params}, images, train=True, rngs={"dropout": key})
 
-    evaluated = model.apply({"params": params}, images, train=False)
+    evaluated = jax.jit(partial(model.apply, train=False))({"params": params}, images)
     first, second = forward(jax.random.key(1)), forward(jax.random.key(2))
     assert np.isfinite(first).all() and first.shape == evaluated.shape
     assert rel_err(first, evaluated) > 1e-3 and rel_err(first, second) > 1e-3
