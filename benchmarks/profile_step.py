@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py                          # ViG-S 224²/B128 and ViG-T 1024²/B8
     python benchmarks/profile_step.py --case vig_s:224:128 --override fused_proj=True
     python benchmarks/profile_step.py --case vig_s:224:128 --timm deit_s:224:128  # + timm DeiT-S
+    python benchmarks/profile_step.py --case vig_h_s:224:128 --infer-only       # inference alone
     python benchmarks/profile_step.py --smoke                  # CPU check: tiny model, tiny images
 
 For each case (model:size:batch), bf16 compute with float32 params (`create_model(...,
@@ -11,7 +12,8 @@ median of `--iters` runs):
   infer      forward, train=False;
   grad       loss and gradients (forward + backward);
   train      the AdamW step (grad + optimizer update), state donated.
-`train - grad` is the optimizer's share and `grad - infer` (roughly) the backward's. Then `--steps`
+`train - grad` is the optimizer's share and `grad - infer` (roughly) the backward's; `--infer-only`
+compiles the first alone (for ViG cases). Then `--steps`
 train steps (and as many inference steps) run under `jax.profiler.trace`; the device events of the
 trace are joined with the optimized HLO of the program (each event names its HLO op) and summed per
 op class:
@@ -309,11 +311,12 @@ def run_case(spec: str, overrides: dict, args) -> dict:
 
     compiled, compile_s = {}, {}
     infer_options = {**inference_compiler_options(), **xla}  # as bench_vs_vit compiles it
-    for label, fn, fargs, donate, options in [
+    programs = [
         ("infer", infer, (params, images), (), infer_options),
         ("grad", grad, (params, images, labels), (), xla),
         ("train", train_step, (params, opt_state, images, labels), (0, 1), xla),
-    ]:
+    ]
+    for label, fn, fargs, donate, options in programs[: 1 if args.infer_only else 3]:
         compiled[label], compile_s[label] = harness.compile_jax(
             fn, *fargs, donate_argnums=donate, compiler_options=options
         )
@@ -333,16 +336,17 @@ def run_case(spec: str, overrides: dict, args) -> dict:
     ms = {
         label: harness.time_call(call, jax.block_until_ready, warmup=3, iters=args.iters)["ms"]
         for label, call in calls.items()
+        if label in compiled
     }
     profile = {}
+    profiled = [label for label in ("train", "infer") if label in compiled]
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(args.steps):
-                jax.block_until_ready(run_train())
-            for _ in range(args.steps):
-                jax.block_until_ready(compiled["infer"](state[0], images))
+            for label in profiled:
+                for _ in range(args.steps):
+                    jax.block_until_ready(calls[label]())
         events = device_events(trace_dir)
-    for label in ("train", "infer"):
+    for label in profiled:
         hlo = compiled[label].as_text()
         if args.dump_hlo:  # to read the fusions the tables name
             (args.dump_hlo / f"{spec.replace(':', '_')}_{label}.hlo.txt").write_text(hlo)
@@ -359,7 +363,7 @@ def run_case(spec: str, overrides: dict, args) -> dict:
         "overrides": overrides,
         "img_per_s": {k: batch / v * 1e3 for k, v in ms.items()},
         "ms": ms,
-        "optimizer_ms": ms["train"] - ms["grad"],
+        "optimizer_ms": ms["train"] - ms["grad"] if "train" in ms else None,
         "compile_s": compile_s,
         "peak_gb_process": peak,
         "profile": profile,
@@ -443,17 +447,15 @@ def run_timm_case(spec: str, args) -> dict:
 
 def _class_table(prof: dict, classes: tuple[str, ...], label: str) -> list[str]:
     """Markdown rows: device ms per step and share of each class, training and inference."""
-    lines = [f"| {label} | train ms/step | % | infer ms/step | % |", "|---|---|---|---|---|"]
+    modes = [m for m in ("train", "infer") if m in prof]
+    lines = [f"| {label} |" + "".join(f" {m} ms/step | % |" for m in modes)]
+    lines.append("|---|" + "---|---|" * len(modes))
     for c in classes:
-        t, i = prof["train"]["classes"][c], prof["infer"]["classes"][c]
+        cells = [(prof[m]["classes"][c], prof[m]["total_ms"]) for m in modes]
         lines.append(
-            f"| {c} | {t:.2f} | {100 * t / max(prof['train']['total_ms'], 1e-9):.0f} | "
-            f"{i:.2f} | {100 * i / max(prof['infer']['total_ms'], 1e-9):.0f} |"
+            f"| {c} |" + "".join(f" {v:.2f} | {100 * v / max(t, 1e-9):.0f} |" for v, t in cells)
         )
-    lines.append(
-        f"| **device total** | {prof['train']['total_ms']:.2f} | | "
-        f"{prof['infer']['total_ms']:.2f} | |"
-    )
+    lines.append("| **device total** |" + "".join(f" {prof[m]['total_ms']:.2f} | |" for m in modes))
     return lines
 
 
@@ -474,17 +476,19 @@ def markdown_timm(result: dict) -> str:
 
 def markdown(result: dict) -> str:
     ms, prof = result["ms"], result["profile"]
+    wall = ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+    if result["optimizer_ms"] is not None:
+        wall += f" (optimizer ≈ {result['optimizer_ms']:.2f})"
+    img_s = ", ".join(f"{k} {result['img_per_s'][k]:,.0f}" for k in ("infer", "train") if k in ms)
     lines = [
         f"### {result['case']} {result['overrides'] or ''}",
         "",
-        f"wall ms/step: infer {ms['infer']:.2f}, grad {ms['grad']:.2f}, train {ms['train']:.2f} "
-        f"(optimizer ≈ {result['optimizer_ms']:.2f}); img/s infer "
-        f"{result['img_per_s']['infer']:,.0f}, train {result['img_per_s']['train']:,.0f}; "
-        "compile s " + ", ".join(f"{k} {v:.1f}" for k, v in result["compile_s"].items()),
+        f"wall ms/step: {wall}; img/s {img_s}; compile s "
+        + ", ".join(f"{k} {v:.1f}" for k, v in result["compile_s"].items()),
         "",
         *_class_table(prof, CLASSES, "op class"),
     ]
-    for mode in ("train", "infer"):
+    for mode in [m for m in ("train", "infer") if m in prof]:
         lines += [
             "",
             f"| where in the model (op class), {mode} | ms/step | % | MB moved | GB/s |",
@@ -495,10 +499,12 @@ def markdown(result: dict) -> str:
             f"| {w} | {v:.3f} | {100 * v / total:.1f} | {mb:,.0f} | {mb / max(v, 1e-9):,.0f} |"
             for w, v, mb in prof[mode]["sites"]
         ]
-    lines += ["", "| top train ops | class | ms/step |", "|---|---|---|"]
-    lines += [f"| `{op}` | {c} | {v:.3f} |" for op, c, v in prof["train"]["top"]]
-    lines += ["", "| top train ops outside BiGLA | class | where | ms/step |", "|---|---|---|---|"]
-    lines += [f"| `{op}` | {c} | {w} | {v:.3f} |" for op, c, w, v in prof["train"]["top_xla"]]
+    mode = "train" if "train" in prof else "infer"
+    lines += ["", f"| top {mode} ops | class | ms/step |", "|---|---|---|"]
+    lines += [f"| `{op}` | {c} | {v:.3f} |" for op, c, v in prof[mode]["top"]]
+    lines += ["", f"| top {mode} ops outside BiGLA | class | where | ms/step |"]
+    lines += ["|---|---|---|---|"]
+    lines += [f"| `{op}` | {c} | {w} | {v:.3f} |" for op, c, w, v in prof[mode]["top_xla"]]
     return "\n".join(lines) + "\n"
 
 
@@ -523,6 +529,12 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out", default=None, help="folder for profile.{md,json}")
     p.add_argument("--dump-hlo", action="store_true", help="write each optimized HLO to --out")
+    p.add_argument(
+        "--infer-only",
+        action="store_true",
+        help="compile, time and profile the inference program only (models whose training step "
+        "compiles for minutes, e.g. ViG-H)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny CPU run")
     args = p.parse_args(argv)
     overrides = harness.parse_overrides(",".join(args.override))
