@@ -1,7 +1,7 @@
 """Transfer on real data (issue 17): does fine-tuning a pretrained ViG beat training from scratch?
 
     python benchmarks/run_transfer.py --out-dir benchmarks/results   # one GPU, planned ~5 min
-    python benchmarks/run_transfer.py --smoke                        # CPU, ~1-2 min
+    python benchmarks/run_transfer.py --smoke                        # CPU, ~3 min
 
 1. Pretrain `configs/fmnist_transfer_pretrain.py` (a small plain ViG; seed `PRETRAIN_SEED`, not
    one of the fine-tuning seeds) on the Fashion-MNIST training images of classes 0-4 (all 30,000).
@@ -20,7 +20,7 @@
 
 Writes `transfer.json` and `transfer.md` to --out-dir (--smoke: /tmp/vig_transfer_smoke unless
 given). --smoke shrinks everything (a 2-block width-32 model, 4 pretraining epochs, one budget of 30
-steps, 3 seeds, two lrs) to run on CPU in about a minute; tests/test_finetune.py runs it and asserts
+steps, 3 seeds, two lrs) to run on CPU in ~3 min; tests/test_finetune.py runs it and asserts
 that fine-tuning beats scratch (docs/finetuning.md has the numbers and where the margin vanishes).
 Finished runs go to `<name>.partial.json` as they end. The images come from the IDX files of
 Debian's `dataset-fashion-mnist` (or --source-dir / $VIG_FASHION_MNIST_DIR); the loop here feeds the
