@@ -51,9 +51,10 @@ if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("VIG_TESTS_PID")
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from tests.helpers import skip_or_fail_in_ci
+from tests.helpers import lower_for_cuda, skip_or_fail_in_ci
 
 GOLDEN_DIR = pathlib.Path(
     os.environ.get(
@@ -97,3 +98,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def mosaic_lowers():
+    """Skips (naming the error) when this jaxlib cannot cross-lower any Mosaic GPU kernel: then
+    the cross-lowering tests of our Mosaic GPU kernels would say nothing about them."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def toy(x_ref, o_ref, x_smem, barrier):
+        plgpu.copy_gmem_to_smem(x_ref, x_smem, barrier.at[0])
+        plgpu.barrier_wait(barrier.at[0])
+        o_ref[...] = x_smem[...] + 1.0
+
+    x = jax.ShapeDtypeStruct((128,), jnp.float32)
+    call = plgpu.kernel(
+        toy,
+        out_type=x,
+        scratch_types=[plgpu.SMEM((128,), jnp.float32), plgpu.Barrier(num_barriers=1)],
+    )
+    try:
+        lower_for_cuda(call, x)
+    except Exception as error:  # any failure here is the platform's, not the kernel's
+        pytest.skip(f"this jaxlib cannot lower a Mosaic GPU kernel for cuda: {error!r:.200}")

@@ -134,3 +134,8 @@ def skip_or_fail_in_ci(reason):
     if in_ci():
         pytest.fail(f"{reason} [CI=true: a missing input fails instead of skipping]", pytrace=False)
     pytest.skip(reason)
+
+
+def lower_for_cuda(f, *args):
+    """StableHLO text of jit(f) lowered for CUDA on this (CPU) machine."""
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

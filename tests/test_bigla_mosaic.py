@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.bigla.mosaic import MosaicParams, bigla_mosaic
-from tests.helpers import assert_close, run_fast
+from tests.helpers import assert_close, lower_for_cuda, run_fast
 from tests.test_bigla_pallas import check_all, fwd_and_grads, make_inputs, reference64
 
 TOL_O, TOL_GRAD = 1e-2, 2e-2  # bf16 q, k, v (fp32 accumulation), as GPU_TOL[bfloat16]
@@ -34,34 +34,6 @@ def shapes(B, N, H, K, V):
     return [jax.ShapeDtypeStruct((B, N, H, d), dt) for d, dt in ((K, bf16),) * 2 + ((V, bf16),)] + [
         jax.ShapeDtypeStruct((B, N, H, K), f32)
     ] * 2
-
-
-def lower_for_cuda(f, *args):
-    """StableHLO text of jit(f) lowered for CUDA on this (CPU) machine."""
-    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
-@pytest.fixture(scope="module")
-def mosaic_lowers():
-    """Skips (naming the error) when this jaxlib cannot cross-lower any Mosaic GPU kernel: then
-    the tests below would say nothing about ours."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    def toy(x_ref, o_ref, x_smem, barrier):
-        plgpu.copy_gmem_to_smem(x_ref, x_smem, barrier.at[0])
-        plgpu.barrier_wait(barrier.at[0])
-        o_ref[...] = x_smem[...] + 1.0
-
-    x = jax.ShapeDtypeStruct((128,), jnp.float32)
-    call = plgpu.kernel(
-        toy,
-        out_type=x,
-        scratch_types=[plgpu.SMEM((128,), jnp.float32), plgpu.Barrier(num_barriers=1)],
-    )
-    try:
-        lower_for_cuda(call, x)
-    except Exception as error:  # any failure here is the platform's, not the kernel's
-        pytest.skip(f"this jaxlib cannot lower a Mosaic GPU kernel for cuda: {error!r:.200}")
 
 
 @pytest.mark.parametrize(

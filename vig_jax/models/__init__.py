@@ -67,10 +67,10 @@ def create_model(
         dims=(32, 64, 128, 256) for ViG-H, bigla_interpret=True. Execution forms that keep the
         parameters (ViG and ViG-H; see the model docstrings): fused_proj=True, dwconv="shift",
         fp32_mix=True, gates_in_kernel=True, compact_gates=False, mix_apart=False,
-        mlp_split_up=True, split_proj=True, save_states=False, bigla_chunk=32,
-        packed_bigla=False, stem_impl="patches" or "blocks", scan_blocks=True (packed_bigla,
-        compact_gates and mix_apart are on by default; plain ViG also has fp32_mix, mlp_split_up
-        and stem_impl="blocks" on);
+        mlp_split_up=True, mlp_mosaic_up=True (ViG), split_proj=True, save_states=False,
+        bigla_chunk=32, packed_bigla=False, stem_impl="patches" or "blocks", scan_blocks=True
+        (packed_bigla, compact_gates and mix_apart are on by default; plain ViG also has fp32_mix,
+        mlp_split_up and stem_impl="blocks" on);
         remat="none" | "block" | "full" (also DeiT).
 
     Raises:

@@ -215,6 +215,15 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(acc) + bias.astype(acc)).astype(self.dtype)
 
 
+def _mosaic_up_applies(D: int, hidden: int, dtype) -> bool:
+    """Whether `SwiGLU.mosaic_up` runs its kernel: bf16 inputs on a GPU, widths it takes."""
+    if dtype != jnp.bfloat16 or jax.default_backend() != "gpu":
+        return False
+    from pallas_kernels import swiglu_mosaic
+
+    return swiglu_mosaic.supports(D, hidden)
+
+
 def swiglu_hidden(dim: int, multiple_of: int) -> int:
     """Hidden width I of the SwiGLU MLP: int(dim * 4 * 2/3) rounded up to `multiple_of`."""
     hidden = int(dim * 4 * 2 / 3)
@@ -228,19 +237,31 @@ class SwiGLU(nn.Module):
     The plain form's one matmul makes the backward concatenate da and db into d[a | b] before the
     two matmuls that read it; XLA on GPU writes that [..., 2I] array as separate passes (twice
     over, at ViG-S 224² on an H200: 24 concatenations of 103 MB per training step).
+
+    `mosaic_up` (experimental): with `inference=True`, bf16, on a GPU and at widths the kernel
+    takes, SiLU(a) * b comes from `pallas_kernels.swiglu_mosaic.swiglu_up` (one Mosaic GPU kernel
+    writing only the product; same parameters); otherwise the XLA forms above.
     """
 
     hidden: int
     kernel_init: Initializer
     dtype: jnp.dtype = jnp.float32
     split_up: bool = False
+    mosaic_up: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, inference: bool = False) -> jax.Array:
         """x: [..., D] -> [..., D]."""
         dense = lambda features, name: nn.Dense(
             features, use_bias=False, kernel_init=self.kernel_init, dtype=self.dtype, name=name
         )
+        if self.mosaic_up and inference and _mosaic_up_applies(x.shape[-1], self.hidden, x.dtype):
+            from pallas_kernels import swiglu_mosaic
+
+            w_up, _ = DenseParams(2 * self.hidden, False, self.kernel_init, name="up")(x.shape[-1])
+            with jax.named_scope("up"):
+                h = swiglu_mosaic.swiglu_up(x, w_up)
+            return dense(x.shape[-1], "down")(h)
         if self.split_up:
             w_up, _ = DenseParams(2 * self.hidden, False, self.kernel_init, name="up")(x.shape[-1])
             with jax.named_scope("up"):  # the matmuls' place in profiles, as the plain form's

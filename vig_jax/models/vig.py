@@ -41,6 +41,7 @@ class ViGBlock(nn.Module):
     dtype: jnp.dtype
     gla: FrozenDict = FrozenDict()  # GatedLinearAttention fields of gla.LAYER_FORMS
     mlp_split_up: bool = True
+    mlp_mosaic_up: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -59,7 +60,10 @@ class ViGBlock(nn.Module):
         x = x + drop_path(y, train=train)
         y = RMSNorm(NORM_EPS, self.dtype, name="mlp_norm")(x)
         hidden = swiglu_hidden(x.shape[-1], 256)
-        y = SwiGLU(hidden, LINEAR_INIT, self.dtype, self.mlp_split_up, name="mlp")(y)
+        mlp = SwiGLU(
+            hidden, LINEAR_INIT, self.dtype, self.mlp_split_up, self.mlp_mosaic_up, name="mlp"
+        )
+        y = mlp(y, inference=not train)
         return x + drop_path(y, train=train)
 
 
@@ -86,6 +90,9 @@ class ViG(nn.Module):
         same call), and so is mix_apart.
       mlp_split_up: the MLP's up projection as two matmuls (`SwiGLU.split_up`), same parameters;
         on by default here (training 2% faster at ViG-S 224², 7% at ViG-T 1024² on an H200).
+      mlp_mosaic_up: experimental, off: in the forward pass without training (bf16, on a GPU),
+        the MLP's up projection and SiLU gate as one Mosaic GPU kernel (`SwiGLU.mosaic_up`),
+        same parameters; not yet run on a GPU.
       split_proj: q, k, v and the two gates' logits as separate matmuls (see
         `GatedLinearAttention`), same parameters; not with fused_proj.
       save_states: BiGLA's pallas kernels keep the forward's chunk states for the backward
@@ -125,6 +132,7 @@ class ViG(nn.Module):
     compact_gates: bool = True
     mix_apart: bool = True
     mlp_split_up: bool = True
+    mlp_mosaic_up: bool = False
     split_proj: bool = False
     save_states: bool = True
     bigla_chunk: int | None = None
@@ -155,6 +163,7 @@ class ViG(nn.Module):
                 self.dtype,
                 layer_forms(self),
                 self.mlp_split_up,
+                self.mlp_mosaic_up,
             )
             for rate in rates
         ]
