@@ -61,6 +61,11 @@ def check_stem(doc):
     assert all(r["fwd_ms"] > 0 and r["dkernel_ms"] > 0 for r in doc["rows"]), doc["rows"]
 
 
+def check_swiglu(doc):
+    (row,) = doc["rows"]
+    assert row["form"] == "xla" and row["ms"] > 0 and row["tflops"] > 0, row
+
+
 SMOKES = {
     "bench_vs_vit": (["--variant", "a", "--variant", "b:use_out_act=False"], check_vs_vit),
     "bench_bigla": (
@@ -70,6 +75,7 @@ SMOKES = {
     "bench_models": ([], check_models),
     "bench_scaling": (["--devices", "1", "2"], check_scaling),
     "bench_stem": ([], check_stem),
+    "bench_swiglu": ([], check_swiglu),
 }
 
 
